@@ -1,0 +1,127 @@
+"""Checkpoints: plain tensors and Python values, written atomically, read with ``weights_only=True``.
+
+A checkpoint is a dict::
+
+    {"format_version": 1, "kind": "pretrain", "config": {...}, "model": state_dict,
+     "optimizer": ..., "scaler": ..., "step": int, "epoch": int, "rng": {...}}
+
+Nothing in it is a pickled object, so loading one from a stranger can never run code.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import SimmimError
+
+FORMAT_VERSION = 1
+CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)\.pth$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint-{step:08d}.pth"
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """Writes to a temporary file in the same folder, then renames: a crash never leaves half a checkpoint."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({"format_version": FORMAT_VERSION, **state}, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Reads a checkpoint without unpickling arbitrary objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise SimmimError(f"checkpoint {path} not found")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise SimmimError(f"refusing to load {path}: it holds Python objects other than tensors and plain values, "
+                          "which could run code; only load checkpoints saved as plain state dicts") from error
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        raise SimmimError(f"{path} is not a readable PyTorch checkpoint ({str(error).splitlines()[0]}); "
+                          "it may be truncated or corrupt") from error
+    if not isinstance(checkpoint, dict):
+        raise SimmimError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
+    return checkpoint
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Numbered checkpoints in a run directory, oldest first."""
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    checkpoints = list_checkpoints(directory)
+    return checkpoints[-1] if checkpoints else None
+
+
+def prune_checkpoints(directory: Path, keep: int) -> None:
+    """Deletes all but the newest ``keep`` numbered checkpoints."""
+    for path in list_checkpoints(directory)[:-keep]:
+        path.unlink(missing_ok=True)
+
+
+def newest_run_checkpoint(runs_root: Path, command: str) -> Path | None:
+    """The newest checkpoint of any ``runs/<command>-*`` directory (by file time)."""
+    candidates = [c for run in runs_root.glob(f"{command}-*") if (c := latest_checkpoint(run)) is not None]
+    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random generator the training process uses, as plain values."""
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": _numpy_state_to_plain(np.random.get_state()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_to_tuple(state["python"]))
+    np.random.set_state(_numpy_state_from_plain(state["numpy"]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _numpy_state_to_plain(state: tuple) -> list:
+    name, keys, pos, has_gauss, cached = state
+    return [name, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(cached)]
+
+
+def _numpy_state_from_plain(state: list) -> tuple:
+    name, keys, pos, has_gauss, cached = state
+    return name, np.asarray(keys.numpy(), dtype=np.uint32), pos, has_gauss, cached
+
+
+def _to_tuple(value: Any) -> Any:
+    """Python's random state is nested tuples; a round trip may turn them into lists."""
+    return tuple(_to_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Removes wrappers' prefixes (DDP's ``module.``, torch.compile's ``_orig_mod.``)."""
+    cleaned = {}
+    for key, value in state_dict.items():
+        for prefix in ("module.", "_orig_mod."):
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        cleaned[key.replace("._orig_mod.", ".")] = value
+    return cleaned

@@ -1,0 +1,178 @@
+"""Run configurations: dataclass defaults, YAML recipes on top, explicit command-line options on top of those."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from .errors import SimmimError
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+SCHEDULES = ("cosine", "multistep")
+DEVICES = ("auto", "cuda", "cpu")
+
+
+@dataclass
+class TrainConfig:
+    """What every training command shares. Defaults follow the official SimMIM code."""
+
+    # data
+    data: str | None = None
+    epoch_size: int | None = None  # samples per epoch when the shards do not say
+    workers: int = 8  # loader processes per training process
+    # model
+    model: str = "vit_base_patch16_224"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    img_size: int = 224
+    drop_path: float = 0.0
+    grad_checkpointing: bool = False
+    # optimisation
+    epochs: int = 100
+    batch_size: int = 128  # per process
+    base_lr: float = 2e-4  # per 512 images: lr = base_lr × global batch / 512
+    warmup_epochs: float = 10.0
+    warmup_lr: float = 1e-6  # per 512 images, like base_lr
+    min_lr: float = 1e-5  # per 512 images, like base_lr
+    weight_decay: float = 0.05
+    clip_grad: float = 5.0  # 0 turns clipping off
+    grad_accum: int = 1
+    schedule: str = "cosine"
+    lr_milestones: list[int] = field(default_factory=list)  # epochs, for the multistep schedule
+    precision: str = "auto"
+    compile: bool = False
+    # run
+    seed: int = 0
+    output: str | None = None
+    resume: str | None = None  # "auto", or a checkpoint path
+    force: bool = False
+    log_every: int = 10  # steps
+    save_every: int = 0  # steps; 0 saves at the end of every epoch only
+    keep: int = 3  # checkpoints kept (the newest)
+    max_steps: int = 0  # stop after this many optimizer steps (the schedule is unchanged); 0 = no limit
+    device: str = "auto"
+    # distributed
+    gpus: int = 0
+    nproc: int = 0
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    dist_timeout: float = 30.0  # minutes a collective may wait before the job fails
+
+    command = "train"
+
+    def validate(self) -> None:
+        positive = ["workers", "epochs", "batch_size", "grad_accum", "log_every", "keep", "img_size", "nnodes"]
+        for name in positive:
+            value = getattr(self, name)
+            if value < (0 if name == "workers" else 1):
+                raise SimmimError(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'workers' else '> 0'}, "
+                                  f"got {value}")
+        for name, choices in (("precision", PRECISIONS), ("schedule", SCHEDULES), ("device", DEVICES)):
+            if getattr(self, name) not in choices:
+                raise SimmimError(f"--{name} must be one of {', '.join(choices)}, got '{getattr(self, name)}'")
+        for name in ("base_lr", "warmup_lr", "min_lr", "weight_decay", "clip_grad", "drop_path", "warmup_epochs"):
+            if getattr(self, name) < 0:
+                raise SimmimError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.warmup_epochs >= self.epochs:
+            raise SimmimError(f"--warmup-epochs {self.warmup_epochs:g} must be below --epochs {self.epochs}; "
+                              f"give a shorter warmup, e.g. --warmup-epochs {self.epochs / 10:g}")
+        if self.schedule == "multistep" and not self.lr_milestones:
+            raise SimmimError("the multistep schedule needs --lr-milestones (epochs, e.g. 700)")
+        if self.gpus and self.nproc:
+            raise SimmimError("give either --gpus N (one process per GPU) or --nproc N (e.g. CPU processes), not both")
+        if self.gpus and self.device == "cpu":
+            raise SimmimError("--gpus asks for GPUs but --device is cpu; use --nproc N --device cpu for CPU processes")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise SimmimError(f"--node-rank {self.node_rank} must be below --nnodes {self.nnodes}")
+        if not isinstance(self.model_kwargs, dict):
+            raise SimmimError("--model-kwargs must be a JSON object, e.g. '{\"embed_dim\": 192, \"depth\": 6}'")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    """``simmim pretrain``: SimMIM masking on top of the shared training settings."""
+
+    mask_patch_size: int = 32
+    mask_ratio: float = 0.6
+    demo: bool = False
+
+    command = "pretrain"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.data is None and not self.demo:
+            raise SimmimError("no training data: pass --data SHARDS (made with simmim make-shards), "
+                              "or --demo to try the built-in image set")
+        if self.data is not None and self.demo:
+            raise SimmimError("--demo brings its own images; drop --data or drop --demo")
+
+
+C = TypeVar("C", bound=TrainConfig)
+
+
+def field_names(config_class: type[TrainConfig]) -> set[str]:
+    return {f.name for f in dataclasses.fields(config_class)}
+
+
+def from_dict(config_class: type[C], values: dict[str, Any], strict: bool = True, source: str = "config") -> C:
+    """Builds a config; unknown keys are an error when ``strict`` (recipes), skipped otherwise (old checkpoints)."""
+    known = field_names(config_class)
+    unknown = sorted(set(values) - known)
+    if unknown and strict:
+        raise SimmimError(f"{source} has keys that `simmim {config_class.command}` does not know: "
+                          f"{', '.join(unknown)}; see simmim {config_class.command} --help for the options")
+    return config_class(**{k: v for k, v in values.items() if k in known})
+
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    """A YAML recipe: a mapping of option names (with underscores or dashes) to values."""
+    path = Path(path)
+    if not path.is_file():
+        raise SimmimError(f"recipe {path} not found; the recipes/ folder of simmim-cli has examples")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise SimmimError(f"recipe {path} is not valid YAML: {str(error).splitlines()[0]}") from error
+    if not isinstance(values, dict):
+        raise SimmimError(f"recipe {path} must be a mapping of option names to values")
+    return {str(k).replace("-", "_"): v for k, v in values.items()}
+
+
+def parse_model_kwargs(text: str | dict | None) -> dict[str, Any]:
+    """``--model-kwargs`` JSON text → dict."""
+    if text is None or isinstance(text, dict):
+        return dict(text or {})
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise SimmimError(f"--model-kwargs is not valid JSON ({error.msg}); "
+                          "write it like '{\"embed_dim\": 192, \"depth\": 6}'") from error
+    if not isinstance(value, dict):
+        raise SimmimError("--model-kwargs must be a JSON object, e.g. '{\"embed_dim\": 192, \"depth\": 6}'")
+    return value
+
+
+def resolve_config(config_class: type[C], cli_values: dict[str, Any], explicit: set[str]) -> C:
+    """Dataclass defaults < ``--recipe`` file < options given on the command line; then validated."""
+    values = {k: v for k, v in cli_values.items() if k in field_names(config_class)}
+    recipe = cli_values.get("recipe")
+    if recipe:
+        from_recipe = load_recipe(recipe)
+        from_dict(config_class, from_recipe, strict=True, source=f"recipe {recipe}")  # reject unknown keys
+        values.update({k: v for k, v in from_recipe.items() if k not in explicit})
+    values["model_kwargs"] = parse_model_kwargs(values.get("model_kwargs"))
+    config = from_dict(config_class, values)
+    config.validate()
+    return config

@@ -1,0 +1,181 @@
+"""Processes and devices: launching workers with torch's elastic launcher, joining a process group, rank-0 helpers.
+
+``--gpus N`` (or ``--nproc N``) on one machine starts N workers through ``torch.distributed.launcher``, the
+machinery behind torchrun. A process started by torchrun or SLURM already knows its rank and joins that group.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .errors import SimmimError
+
+
+@dataclass
+class Context:
+    """Where this process runs: its rank in the job and its device."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def launched_env() -> dict[str, int] | None:
+    """Rank variables when a launcher (torchrun, SLURM's srun, our own) started this process, else None."""
+    env = os.environ
+    if "WORLD_SIZE" in env and "RANK" in env:
+        return {"rank": int(env["RANK"]), "world_size": int(env["WORLD_SIZE"]),
+                "local_rank": int(env.get("LOCAL_RANK", 0)),
+                "local_world_size": int(env.get("LOCAL_WORLD_SIZE", 1))}
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
+        return {"rank": int(env["SLURM_PROCID"]), "world_size": int(env["SLURM_NTASKS"]),
+                "local_rank": int(env.get("SLURM_LOCALID", 0)),
+                "local_world_size": int(env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])}
+    return None
+
+
+def procs_per_node(config: Any) -> int:
+    return max(config.gpus, config.nproc, 1)
+
+
+def needs_launch(config: Any) -> bool:
+    """True when this command should start worker processes itself."""
+    return launched_env() is None and (procs_per_node(config) > 1 or config.nnodes > 1)
+
+
+def pick_device(requested: str, local_rank: int = 0) -> torch.device:
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise SimmimError("CUDA was requested (--device cuda or --gpus) but torch sees no GPU; "
+                          "use --device cpu (and --nproc N for several CPU processes)")
+    if local_rank >= torch.cuda.device_count():
+        raise SimmimError(f"local rank {local_rank} has no GPU: this machine has {torch.cuda.device_count()}; "
+                          "lower --gpus")
+    return torch.device("cuda", local_rank)
+
+
+def setup(config: Any) -> Context:
+    """Joins the process group when there is one (NCCL on GPUs, gloo on CPUs) and picks this process's device."""
+    env = launched_env()
+    if env is None:
+        device = pick_device("cuda" if config.gpus else config.device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        return Context(device=device)
+    device = pick_device("cuda" if config.gpus else config.device, env["local_rank"])
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        # share the machine's cores between the processes instead of oversubscribing them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // env["local_world_size"]))
+    if env["world_size"] > 1 and not dist.is_initialized():
+        if "MASTER_ADDR" not in os.environ:  # SLURM without torchrun
+            os.environ.setdefault("MASTER_ADDR", config.master_addr)
+            os.environ.setdefault("MASTER_PORT", str(config.master_port))
+        dist.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo",
+            rank=env["rank"], world_size=env["world_size"],
+            timeout=datetime.timedelta(minutes=config.dist_timeout),
+            device_id=device if device.type == "cuda" else None,
+        )
+    return Context(device=device, **env)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def launch(entrypoint: Callable[..., Any], config: Any, *args: Any) -> None:
+    """Runs ``entrypoint(config, *args)`` in ``--gpus``/``--nproc`` processes per node on ``--nnodes`` nodes.
+
+    A worker that fails stops the whole job; the error names the rank and its message.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
+    nproc = procs_per_node(config)
+    launch_config = LaunchConfig(
+        min_nodes=config.nnodes,
+        max_nodes=config.nnodes,
+        nproc_per_node=nproc,
+        run_id="simmim",
+        # torchrun's rendezvous when given --master-addr: fixed node ranks, a TCP store on the master node
+        rdzv_backend="static",
+        rdzv_endpoint=f"{config.master_addr}:{config.master_port}",
+        rdzv_configs={"rank": config.node_rank},
+        max_restarts=0,
+        monitor_interval=0.5,
+        start_method="spawn",
+    )
+    try:
+        elastic_launch(launch_config, _worker)(entrypoint, config, *args)
+    except ChildFailedError as error:
+        rank, failure = min(error.failures.items())
+        message = _failure_message(failure)
+        raise SimmimError(f"worker rank {rank} failed: {message}") from None
+
+
+def _worker(entrypoint: Callable[..., Any], config: Any, *args: Any) -> None:
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    record(entrypoint)(config, *args)
+
+
+def _failure_message(failure: Any) -> str:
+    data = failure.error_file_data or {}
+    message = data.get("message", {})
+    if isinstance(message, dict):
+        text = message.get("message", "") or failure.message
+    else:
+        text = str(message) or failure.message
+    lines = [line for line in str(text).strip().splitlines() if line.strip()]
+    # the error file holds "ErrorType: text" plus the traceback; keep the error line
+    return lines[0] if lines else f"exit code {failure.exitcode}"
+
+
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sums plain numbers over all ranks (one collective)."""
+    if not dist.is_initialized():
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's value on every rank."""
+    if not dist.is_initialized():
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]

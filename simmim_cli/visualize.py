@@ -1,0 +1,60 @@
+"""Reconstruction panels: original | masked input | reconstruction | reconstruction with visible patches pasted back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from .data import denormalize
+from .models import pixel_mask
+
+COLUMNS = ("original", "masked input", "reconstruction", "visible + reconstruction")
+MIN_TILE = 160  # small images are enlarged (nearest neighbour) so patches stay visible
+
+
+def recon_panel(
+    images: torch.Tensor,
+    mask: torch.Tensor,
+    reconstruction: torch.Tensor,
+    patch_size: int,
+    captions: list[str] | None = None,
+) -> Image.Image:
+    """One row per image. ``images`` and ``reconstruction`` are normalised (B, 3, H, W); ``mask`` is the bool
+    token mask (B, H/p, W/p)."""
+    images, reconstruction = images.detach().float().cpu(), reconstruction.detach().float().cpu()
+    weight = pixel_mask(mask.detach().cpu(), patch_size).float()  # (B, 1, H, W), 1 = masked
+    original = denormalize(images)
+    grey = torch.full_like(original, 0.5)
+    masked_input = original * (1 - weight) + grey * weight
+    predicted = denormalize(reconstruction)
+    pasted = original * (1 - weight) + predicted * weight
+    rows = torch.stack([original, masked_input, predicted, pasted], dim=1)  # (B, 4, 3, H, W)
+
+    batch, _, _, height, width = rows.shape
+    zoom = max(1, -(-MIN_TILE // max(height, width)))
+    tile_h, tile_w = height * zoom, width * zoom
+    font = ImageFont.load_default(size=14)
+    header, caption_h, gap = 22, 20 if captions else 0, 4
+    panel = Image.new("RGB", (4 * tile_w + 5 * gap, header + batch * (tile_h + caption_h + gap) + gap), "white")
+    draw = ImageDraw.Draw(panel)
+    for column, title in enumerate(COLUMNS):
+        draw.text((gap + column * (tile_w + gap), 4), title, fill="black", font=font)
+    for row in range(batch):
+        top = header + row * (tile_h + caption_h + gap)
+        for column in range(4):
+            array = (rows[row, column].permute(1, 2, 0).numpy() * 255 + 0.5).astype("uint8")
+            tile = Image.fromarray(array).resize((tile_w, tile_h), Image.NEAREST)
+            panel.paste(tile, (gap + column * (tile_w + gap), top))
+        if captions:
+            draw.text((gap, top + tile_h + 2), captions[row], fill="black", font=font)
+    return panel
+
+
+def save_png(image: Image.Image, path: Path) -> None:
+    """Atomic PNG write."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    tmp.replace(path)

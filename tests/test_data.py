@@ -1,0 +1,319 @@
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from simmim_cli.data import (
+    ShardStream,
+    decode_image,
+    decode_tensor,
+    make_loader,
+    pretrain_transform,
+    resolve_shards,
+    to_rgb,
+    write_shards,
+)
+from simmim_cli.errors import SimmimError
+from simmim_cli.masking import MaskGenerator
+
+
+def tar_samples(path: Path) -> dict[str, dict[str, bytes]]:
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path) as tar:
+        for member in tar:
+            key, ext = member.name.split(".", 1)
+            samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    return samples
+
+
+# ---------------------------------------------------------------------------------------------- make-shards
+
+
+def test_labelled_folder_gives_labels_and_class_names(labelled_folder, tmp_path):
+    info = write_shards(labelled_folder, tmp_path / "shards", maxcount=7)
+    assert info["classes"] == ["class0", "class1", "class2"]
+    split = info["splits"]["train"]
+    assert split["num_samples"] == sum(split["shard_lengths"]) == len(list(labelled_folder.rglob("*.png")))
+    assert all(n <= 7 for n in split["shard_lengths"]) and len(split["filenames"]) > 1
+    on_disk = json.loads((tmp_path / "shards" / "_info.json").read_text())
+    assert on_disk["splits"]["train"]["filenames"] == split["filenames"]
+    labels_seen = set()
+    for name in split["filenames"]:
+        for key, sample in tar_samples(tmp_path / "shards" / name).items():
+            label = int(sample["cls"])
+            labels_seen.add(label)
+            assert key.startswith(f"class{label}/")  # the class folder decides the label
+    assert labels_seen == {0, 1, 2}
+
+
+def test_original_bytes_are_kept_and_other_formats_stored_losslessly(tmp_path):
+    source = tmp_path / "images"
+    source.mkdir()
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(source / "a.jpg", quality=83)
+    Image.fromarray(pixels).save(source / "b.png")
+    Image.fromarray(pixels).save(source / "c.bmp")
+    write_shards(source, tmp_path / "out", shuffle=False)
+    samples = tar_samples(tmp_path / "out" / "train-000000.tar")
+    assert samples["a"]["jpg"] == (source / "a.jpg").read_bytes()
+    assert samples["b"]["png"] == (source / "b.png").read_bytes()
+    assert "png" in samples["c"] and "cls" not in samples["c"]
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(samples["c"]["png"]))), pixels)
+
+
+def test_unreadable_files_are_reported_and_skipped(photo_folder, tmp_path):
+    source = tmp_path / "mixed"
+    source.mkdir()
+    for path in list(photo_folder.iterdir())[:4]:
+        (source / path.name).write_bytes(path.read_bytes())
+    good = (source / sorted(p.name for p in source.iterdir())[0]).read_bytes()
+    (source / "truncated.jpg").write_bytes(good[: len(good) // 2] if good[:2] == b"\xff\xd8" else b"\xff\xd8junk")
+    (source / "not_an_image.png").write_bytes(b"this is text")
+    reported = []
+    info = write_shards(source, tmp_path / "out", on_skip=lambda path, reason: reported.append(path.name))
+    assert sorted(reported) == ["not_an_image.png", "truncated.jpg"]
+    assert info["splits"]["train"]["num_samples"] == 4
+    assert len(info["skipped"]) == 2
+
+
+def test_existing_shards_need_force(photo_folder, tmp_path):
+    write_shards(photo_folder, tmp_path / "out")
+    with pytest.raises(SimmimError, match="--force"):
+        write_shards(photo_folder, tmp_path / "out")
+    write_shards(photo_folder, tmp_path / "out", force=True, maxcount=5)
+    assert len(list((tmp_path / "out").glob("train-*.tar"))) > 1
+
+
+def test_a_folder_mixing_images_and_class_folders_is_refused(labelled_folder, tmp_path):
+    source = tmp_path / "mixed"
+    (source / "cats").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(source / "cats" / "a.png")
+    Image.new("RGB", (8, 8)).save(source / "loose.png")
+    with pytest.raises(SimmimError, match="both images and class folders"):
+        write_shards(source, tmp_path / "out")
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "CMYK", "P", "LA", "I;16", "1"])
+def test_every_mode_decodes_to_rgb(mode):
+    base = Image.fromarray(np.linspace(0, 255, 64 * 64).reshape(64, 64).astype(np.uint8))
+    image = base.convert(mode) if mode != "I;16" else Image.fromarray(
+        (np.linspace(0, 65535, 64 * 64).reshape(64, 64)).astype(np.uint16))
+    buffer = io.BytesIO()
+    image.save(buffer, format="TIFF" if mode == "CMYK" else "PNG")
+    rgb = decode_image(buffer.getvalue())
+    assert rgb.mode == "RGB" and rgb.size == (64, 64)
+    array = np.asarray(rgb)
+    assert array.max() > 200 and array.min() < 60  # the range survives, not clipped to white or black
+
+
+def test_sixteen_bit_grey_is_scaled_not_clipped():
+    image = Image.fromarray(np.full((4, 4), 32768, dtype=np.uint16))
+    assert np.asarray(to_rgb(image))[0, 0].tolist() == [128, 128, 128]
+
+
+def test_transparent_pixels_become_white():
+    image = Image.new("RGBA", (4, 4), (10, 20, 30, 0))
+    assert np.asarray(to_rgb(image))[0, 0].tolist() == [255, 255, 255]
+
+
+def test_reduced_jpeg_decoding_keeps_at_least_the_size_asked_for():
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (400, 600, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG")
+    small = decode_image(buffer.getvalue(), min_size=96)
+    assert min(small.size) >= 96 and small.size[0] < 600
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
+def test_the_fast_tensor_decoder_agrees_with_pil(mode):
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=95)
+    tensor = decode_tensor(buffer.getvalue())
+    reference = np.asarray(decode_image(buffer.getvalue())).transpose(2, 0, 1).astype(int)
+    assert tensor.dtype == torch.uint8 and tensor.shape == (3, 40, 60)
+    assert np.abs(tensor.numpy().astype(int) - reference).mean() < 2.0  # libjpeg-turbo vs PIL's IDCT rounding
+
+
+def test_the_tensor_decoder_reduces_large_jpegs_and_reads_pngs():
+    big = Image.fromarray(np.random.default_rng(0).integers(0, 255, (800, 1000, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    big.save(buffer, format="JPEG")
+    reduced = decode_tensor(buffer.getvalue(), min_size=300)
+    assert reduced.shape == (3, 400, 500)  # half scale still keeps both sides >= 300
+    buffer = io.BytesIO()
+    Image.new("RGBA", (5, 7), (0, 0, 0, 0)).save(buffer, format="PNG")
+    assert decode_tensor(buffer.getvalue()).shape == (3, 7, 5)
+    with pytest.raises((OSError, ValueError)):
+        decode_tensor(b"\xff\xd8\xff\xe0 not a jpeg")
+
+
+# ---------------------------------------------------------------------------------------------- finding shards
+
+
+def test_shards_from_a_folder_a_brace_pattern_and_a_list_file(photo_folder, tmp_path):
+    info = write_shards(photo_folder, tmp_path / "shards", maxcount=6)
+    total = info["splits"]["train"]["num_samples"]
+    count = len(info["splits"]["train"]["filenames"])
+    from_folder = resolve_shards(str(tmp_path / "shards"))
+    assert from_folder.num_samples == total and len(from_folder.urls) == count
+    pattern = str(tmp_path / "shards" / f"train-{{000000..{count - 1:06d}}}.tar")
+    assert resolve_shards(pattern).num_samples == total
+    listing = tmp_path / "shards.txt"
+    listing.write_text("\n".join(f"shards/{name}" for name in info["splits"]["train"]["filenames"][:2]) + "\n")
+    two = resolve_shards(str(listing))
+    assert two.num_samples == sum(info["splits"]["train"]["shard_lengths"][:2])
+    (tmp_path / "shards" / "_info.json").unlink()
+    assert resolve_shards(str(tmp_path / "shards")).num_samples == total  # counted from the tar headers
+
+
+def test_missing_data_is_a_clear_error(tmp_path):
+    with pytest.raises(SimmimError, match="no .tar shards"):
+        resolve_shards(str(tmp_path))
+    with pytest.raises(SimmimError, match="shard not found"):
+        resolve_shards(str(tmp_path / "train-{000000..000003}.tar"))
+
+
+# ---------------------------------------------------------------------------------------------- streaming
+
+
+def numbered_shards(folder: Path, lengths: list[int]) -> Path:
+    """Shards of solid images whose pixel values encode a sample number (to check coverage)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    number = 0
+    filenames = []
+    for shard, length in enumerate(lengths):
+        name = f"train-{shard:06d}.tar"
+        with wds.TarWriter(str(folder / name)) as writer:
+            for _ in range(length):
+                pixels = np.zeros((8, 8, 3), dtype=np.uint8)
+                pixels[..., 0], pixels[..., 1] = number % 256, number // 256
+                buffer = io.BytesIO()
+                Image.fromarray(pixels).save(buffer, format="PNG")
+                writer.write({"__key__": f"s{number:05d}", "png": buffer.getvalue(), "cls": number % 3})
+                number += 1
+        filenames.append(name)
+    info = {"splits": {"train": {"name": "train", "num_samples": number, "filenames": filenames,
+                                 "shard_lengths": lengths}}}
+    (folder / "_info.json").write_text(json.dumps(info))
+    return folder
+
+
+def identity(image: Image.Image) -> dict[str, torch.Tensor]:
+    return {"image": torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)}
+
+
+def numbers(batch) -> list[int]:
+    return (batch["image"][:, 0, 0, 0].long() + 256 * batch["image"][:, 1, 0, 0].long()).tolist()
+
+
+def stream(folder, **kwargs) -> ShardStream:
+    defaults = {"batch_size": 4, "seed": 0, "shuffle_buffer": 8}
+    return ShardStream(resolve_shards(str(folder)), identity, **{**defaults, **kwargs})
+
+
+def epoch_numbers(dataset: ShardStream, epoch: int = 0, skip: int = 0) -> list[list[int]]:
+    dataset.set_epoch(epoch, skip)
+    return [numbers(batch) for batch in make_loader(dataset)]
+
+
+def test_every_rank_gets_the_same_number_of_batches_with_uneven_shards(tmp_path):
+    folder = numbered_shards(tmp_path / "uneven", [10, 3, 7, 1, 9])
+    counts = []
+    for rank in range(3):
+        dataset = stream(folder, rank=rank, world_size=3, workers=0)
+        batches = epoch_numbers(dataset)
+        counts.append(len(batches))
+        assert len(batches) == dataset.batches_per_epoch == 3  # ceil(30 / (3 ranks × 4)) batches each
+        assert all(len(b) == 4 for b in batches)
+    assert len(set(counts)) == 1
+
+
+def test_fewer_shards_than_consumers_splits_samples_without_repeats(tmp_path):
+    folder = numbered_shards(tmp_path / "one", [32])
+    seen = []
+    for rank in range(2):
+        dataset = stream(folder, rank=rank, world_size=2, workers=2)
+        batches = epoch_numbers(dataset)
+        assert len(batches) == dataset.batches_per_epoch == 4  # 2 per worker, 2 workers
+        seen += [n for batch in batches for n in batch]
+    assert sorted(seen) == list(range(32))  # 4 consumers × 8 samples from one shard: each sample once
+
+
+def test_shard_split_sees_every_sample_once_when_counts_divide(tmp_path):
+    folder = numbered_shards(tmp_path / "even", [8, 8, 8, 8])
+    seen = []
+    for rank in range(2):
+        seen += [n for b in epoch_numbers(stream(folder, rank=rank, world_size=2, workers=2)) for n in b]
+    assert sorted(seen) == list(range(32))
+
+
+def test_order_depends_on_seed_and_epoch_only(tmp_path):
+    folder = numbered_shards(tmp_path / "order", [12, 12])
+    first = epoch_numbers(stream(folder, workers=2))
+    assert epoch_numbers(stream(folder, workers=2)) == first
+    assert epoch_numbers(stream(folder, workers=2), epoch=1) != first
+    assert epoch_numbers(stream(folder, workers=2, seed=5)) != first
+
+
+def test_skipping_batches_resumes_exactly_where_the_epoch_was(tmp_path):
+    folder = numbered_shards(tmp_path / "resume", [12, 12, 12])
+    full = epoch_numbers(stream(folder, workers=2), epoch=1)
+    for skip in (1, 2, 3, 5):
+        assert epoch_numbers(stream(folder, workers=2), epoch=1, skip=skip) == full[skip:]
+
+
+def test_augmentation_and_masks_follow_the_sample_not_the_worker(photo_folder, tmp_path):
+    write_shards(photo_folder, tmp_path / "shards", maxcount=8)
+    masks = MaskGenerator(32, 16, 8, 0.6)
+    transform = pretrain_transform(32, masks)
+
+    def run(workers):
+        dataset = ShardStream(resolve_shards(str(tmp_path / "shards")), transform, batch_size=4, workers=workers,
+                              seed=3, decode=decode_tensor)
+        dataset.set_epoch(0)
+        return [b for b in make_loader(dataset)]
+
+    batches = run(2)
+    assert batches[0]["image"].dtype == torch.uint8 and batches[0]["image"].shape == (4, 3, 32, 32)
+    assert batches[0]["mask"].shape == (4, 4, 4) and (batches[0]["mask"].sum(dim=(1, 2)) == 4 * 3).all()
+    again = run(2)
+    assert all(torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+               for a, b in zip(batches, again, strict=True))
+
+
+def test_bad_samples_are_skipped_counted_and_batches_stay_full(tmp_path):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    with wds.TarWriter(str(folder / "train-000000.tar")) as writer:
+        for index in range(10):
+            buffer = io.BytesIO()
+            Image.new("RGB", (8, 8), (index, 0, 0)).save(buffer, format="PNG")
+            data = buffer.getvalue() if index not in (2, 7) else b"\x89PNG broken"
+            writer.write({"__key__": f"k{index}", "png": data})
+    dataset = ShardStream(resolve_shards(str(folder)), identity, batch_size=4, shuffle_buffer=1)
+    dataset.set_epoch(0)
+    batches = list(make_loader(dataset))
+    assert len(batches) == dataset.batches_per_epoch == 3
+    assert all(b["image"].shape[0] == 4 for b in batches)
+    skipped = [s for b in batches for s in b["skipped"]]
+    assert len(skipped) >= 2 and all("k2" in s or "k7" in s for s in skipped)
+
+
+def test_labels_come_with_the_images(tmp_path):
+    folder = numbered_shards(tmp_path / "labels", [9])
+    dataset = stream(folder, labels=True, batch_size=3)
+    dataset.set_epoch(0)
+    for batch in make_loader(dataset):
+        assert batch["label"].tolist() == [n % 3 for n in numbers(batch)]

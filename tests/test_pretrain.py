@@ -1,0 +1,210 @@
+"""make-shards → pretrain, end to end on tiny shards, through the command line and the library."""
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+import webdataset as wds
+from conftest import TINY_MODELS
+from PIL import Image
+from typer.testing import CliRunner
+
+from simmim_cli import checkpoints, engine, tasks
+from simmim_cli.cli import app
+from simmim_cli.config import PretrainConfig
+from simmim_cli.errors import SimmimError
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def shards(photo_folder, tmp_path_factory) -> Path:
+    """Shards from real photos plus a grayscale image, with one corrupt sample written in by hand."""
+    source = tmp_path_factory.mktemp("source")
+    for path in photo_folder.iterdir():
+        (source / path.name).write_bytes(path.read_bytes())
+    Image.open(next(photo_folder.glob("*.jpg"))).convert("L").save(source / "grey.jpg")
+    (source / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    out = tmp_path_factory.mktemp("shards")
+    result = runner.invoke(app, ["make-shards", str(source), str(out), "--maxcount", "9"])
+    assert result.exit_code == 0, result.output
+    assert "skipped unreadable" in result.output and "broken.jpg" in result.output
+    # a sample that is corrupt inside the shard, which only the training pipeline can find
+    with wds.TarWriter(str(out / "train-000099.tar")) as writer:
+        writer.write({"__key__": "corrupt", "jpg": b"\xff\xd8\xff\xe0 garbage"})
+    info = json.loads((out / "_info.json").read_text())
+    info["splits"]["train"]["filenames"].append("train-000099.tar")
+    info["splits"]["train"]["shard_lengths"].append(1)
+    info["splits"]["train"]["num_samples"] += 1
+    (out / "_info.json").write_text(json.dumps(info))
+    return out
+
+
+def tiny_args(family: str = "vit") -> list[str]:
+    name, kwargs, size = TINY_MODELS[family]
+    return ["--model", name, "--model-kwargs", json.dumps(kwargs), "--img-size", str(size), "--mask-patch-size", "16",
+            "--batch-size", "4", "--warmup-epochs", "1", "--base-lr", "0.01", "--log-every", "2"]
+
+
+def test_make_shards_then_pretrain_writes_a_complete_run(shards, tmp_path):
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["pretrain", "--data", str(shards), "--output", str(run), "--epochs", "2",
+                                 "--workers", "2", *tiny_args()])
+    assert result.exit_code == 0, result.output
+    assert "lr = 0.01 × 4/512" in result.output and "skipped a bad sample" in result.output
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert {"step", "epoch", "loss", "lr", "img_per_s"} <= set(train_rows[0])
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in train_rows)
+    assert train_rows[-1]["skipped_samples"] >= 1  # the corrupt sample was found and counted
+    steps_per_epoch = 2 * -(-26 // (2 * 4))  # 25 images + 1 corrupt sample; 2 workers × ceil(26 / 8) batches
+    assert train_rows[-1]["step"] == 2 * steps_per_epoch
+    assert [p.name for p in checkpoints.list_checkpoints(run)] == [
+        f"checkpoint-{steps_per_epoch:08d}.pth", f"checkpoint-{2 * steps_per_epoch:08d}.pth"]
+    previews = sorted(run.glob("preview-*.png"))
+    assert len(previews) == 2 and Image.open(previews[-1]).size[0] > 4 * 32
+    saved = checkpoints.load_checkpoint(checkpoints.latest_checkpoint(run))
+    assert saved["kind"] == "pretrain" and saved["config"]["model"] == TINY_MODELS["vit"][0]
+    assert all(torch.is_tensor(v) for v in saved["model"].values())
+    assert "encoder.mask_token" in saved["model"] and "decoder.0.weight" in saved["model"]
+    assert (run / "config.yaml").read_text().startswith("data:")
+
+
+@pytest.mark.parametrize("family", ["beit", "swin", "swinv2"])
+def test_every_family_pretrains_from_shards(shards, tmp_path, family):
+    result = runner.invoke(app, ["pretrain", "--data", str(shards), "--output", str(tmp_path / family),
+                                 "--epochs", "2", "--max-steps", "3", "--workers", "0", *tiny_args(family)])
+    assert result.exit_code == 0, result.output
+    assert checkpoints.latest_checkpoint(tmp_path / family).name == "checkpoint-00000003.pth"
+
+
+def test_an_existing_run_needs_resume_or_force(shards, tmp_path):
+    arguments = ["pretrain", "--data", str(shards), "--output", str(tmp_path / "run"), "--epochs", "2",
+                 "--max-steps", "1", "--workers", "0", *tiny_args()]
+    assert runner.invoke(app, arguments).exit_code == 0
+    before = (tmp_path / "run" / "checkpoint-00000001.pth").read_bytes()
+    result = runner.invoke(app, arguments)
+    assert result.exit_code == 2 and "--resume auto" in result.output and "--force" in result.output
+    assert (tmp_path / "run" / "checkpoint-00000001.pth").read_bytes() == before
+    assert runner.invoke(app, [*arguments, "--force"]).exit_code == 0
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    return checkpoints.load_checkpoint(checkpoints.latest_checkpoint(run))["model"]
+
+
+def test_an_interrupted_and_resumed_run_ends_with_the_same_weights(shards, tmp_path):
+    common = ["pretrain", "--data", str(shards), "--epochs", "3", "--workers", "2", "--precision", "fp32",
+              "--drop-path", "0.1", *tiny_args()]
+    # 8 steps per epoch: stop mid-epoch 2 (step 10), then resume to step 17 (mid-epoch 3)
+    straight = runner.invoke(app, [*common, "--output", str(tmp_path / "straight"), "--max-steps", "17"])
+    assert straight.exit_code == 0, straight.output
+    first = runner.invoke(app, [*common, "--output", str(tmp_path / "resumed"), "--max-steps", "10"])
+    assert first.exit_code == 0, first.output
+    second = runner.invoke(app, [*common, "--output", str(tmp_path / "resumed"), "--max-steps", "17",
+                                 "--resume", "auto"])
+    assert second.exit_code == 0, second.output
+    assert "resumed from" in second.output and "checkpoint-00000010.pth" in second.output
+    expected, actual = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        assert torch.equal(expected[key], actual[key]), key
+    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps)  # no step logged twice
+
+
+def library_config(shards: Path, output: Path, **overrides) -> PretrainConfig:
+    name, kwargs, size = TINY_MODELS["vit"]
+    values = dict(data=str(shards), output=str(output), model=name, model_kwargs=kwargs, img_size=size,
+                  mask_patch_size=16, batch_size=4, epochs=3, warmup_epochs=1, workers=0, log_every=1)
+    values.update(overrides)
+    config = PretrainConfig(**values)
+    config.validate()
+    return config
+
+
+def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(shards, tmp_path, monkeypatch):
+    tasks.pretrain(library_config(shards, tmp_path / "run", max_steps=2))
+    good = tmp_path / "run" / "checkpoint-00000002.pth"
+    before = good.read_bytes()
+    original = tasks.PretrainTask.training_step
+    monkeypatch.setattr(tasks.PretrainTask, "training_step",
+                        lambda self, model, batch: {"loss": original(self, model, batch)["loss"] * float("nan")})
+    with pytest.raises(engine.TrainingDiverged, match=f"{engine.MAX_NONFINITE_IN_A_ROW} steps in a row"):
+        tasks.pretrain(library_config(shards, tmp_path / "run", resume="auto", epochs=20, save_every=5))
+    assert good.read_bytes() == before
+    assert checkpoints.list_checkpoints(tmp_path / "run") == [good]  # nothing was saved from the bad steps
+
+
+def test_a_stop_request_saves_a_checkpoint_to_resume_from(shards, tmp_path, monkeypatch):
+    original = engine.Trainer._report_skipped
+
+    def request_stop_at_third_batch(self, batch, reporter):
+        self.batches_seen = getattr(self, "batches_seen", 0) + 1
+        if self.batches_seen == 3:
+            self.stop_requested = True  # what Ctrl-C or SIGTERM does
+        return original(self, batch, reporter)
+
+    monkeypatch.setattr(engine.Trainer, "_report_skipped", request_stop_at_third_batch)
+    with pytest.raises(engine.Interrupted, match="--resume auto"):
+        tasks.pretrain(library_config(shards, tmp_path / "run"))
+    assert checkpoints.latest_checkpoint(tmp_path / "run").name == "checkpoint-00000003.pth"
+
+
+def test_resuming_another_kind_of_checkpoint_is_refused(shards, tmp_path):
+    tasks.pretrain(library_config(shards, tmp_path / "run", max_steps=1))
+    path = checkpoints.latest_checkpoint(tmp_path / "run")
+    state = checkpoints.load_checkpoint(path)
+    state["kind"] = "finetune"
+    checkpoints.save_checkpoint(state, tmp_path / "other.pth")
+    with pytest.raises(SimmimError, match="finetune checkpoint"):
+        tasks.pretrain(library_config(shards, tmp_path / "run2", resume=str(tmp_path / "other.pth")))
+
+
+def test_gradient_accumulation_counts_optimizer_steps(shards, tmp_path):
+    state_rows = tmp_path / "run" / "metrics.jsonl"
+    tasks.pretrain(library_config(shards, tmp_path / "run", grad_accum=2, epochs=2, warmup_epochs=0.5))
+    steps = [json.loads(line)["step"] for line in state_rows.read_text().splitlines() if "loss" in line]
+    assert steps[-1] == 2 * (7 // 2)  # 7 batches per epoch → 3 steps of 2 batches
+
+
+def read_tar_names(path: Path) -> list[str]:
+    with tarfile.open(path) as tar:
+        return tar.getnames()
+
+
+def test_demo_builds_its_own_shards(tmp_path, monkeypatch):
+    from simmim_cli import demo
+
+    monkeypatch.setattr(demo, "make_demo_images",
+                        lambda folder, count=640, size=128, seed=0: _small_demo(folder))
+    result = runner.invoke(app, ["pretrain", "--demo", "--output", str(tmp_path / "demo"), "--max-steps", "2",
+                                 "--batch-size", "4", "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "demo" / "demo-shards" / "_info.json").is_file()
+    assert list((tmp_path / "demo").glob("preview-*.png")) and checkpoints.latest_checkpoint(tmp_path / "demo")
+
+
+def _small_demo(folder: Path) -> Path:
+    from simmim_cli.demo import make_demo_images as real
+
+    return real.__wrapped__(folder) if hasattr(real, "__wrapped__") else _crops(folder)
+
+
+def _crops(folder: Path) -> Path:
+    from simmim_cli.demo import photo_paths
+
+    folder.mkdir(parents=True, exist_ok=True)
+    photo = Image.open(photo_paths()[0]).convert("RGB")
+    for index in range(12):
+        photo.crop((index * 20, 0, index * 20 + 128, 128)).save(folder / f"c{index}.jpg")
+    return folder
+
+
+def test_png_bytes_helper_roundtrip():
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buffer, format="PNG")
+    assert buffer.getvalue()[:4] == b"\x89PNG"
