@@ -31,11 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from simmim_cli.data import (  # noqa: E402
     MEAN,
     STD,
+    PretrainTransform,
     ShardStream,
     decode_tensor,
     make_loader,
     pretrain_decode_size,
-    pretrain_transform,
     resolve_shards,
     write_shards,
 )
@@ -78,7 +78,7 @@ def torchvision_baseline(blobs: list[bytes], img_size: int, rounds: int) -> floa
 
 def shard_stream(shards: Path, img_size: int, rounds: int, batch_size: int = 32) -> float:
     """The pretraining pipeline: tar reading, shuffling, decoding, crop, flip, mask, uint8 batches."""
-    dataset = ShardStream(resolve_shards(str(shards)), pretrain_transform(img_size, MaskGenerator(img_size, 32, 16)),
+    dataset = ShardStream(resolve_shards(str(shards)), PretrainTransform(img_size, MaskGenerator(img_size, 32, 16)),
                           batch_size, workers=1, decode=partial(decode_tensor, min_size=pretrain_decode_size(img_size)))
     images = 0
     start = cpu_seconds()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -12,7 +11,7 @@ import typer
 
 from . import __version__
 from .config import PRECISIONS, SCHEDULES, PretrainConfig, resolve_config
-from .errors import SimmimError
+from .errors import SimmimError, debug_enabled, set_debug
 
 DATA, MODEL, MASKING, OPTIM, RUN, DIST = "Data", "Model", "Masking", "Optimisation", "Run", "Distributed"
 D = PretrainConfig()  # the defaults shown in --help
@@ -29,13 +28,6 @@ app = typer.Typer(
 # ---------------------------------------------------------------------------------------------- errors
 
 
-_debug_flag = {"on": False}  # set by --debug on every invocation
-
-
-def _debug() -> bool:
-    return _debug_flag["on"] or os.environ.get("SIMMIM_DEBUG", "") not in ("", "0")
-
-
 def handle_errors(command):
     """User errors → one line on stderr and their exit code (2 for bad input); --debug shows tracebacks."""
 
@@ -44,10 +36,10 @@ def handle_errors(command):
         try:
             return command(*args, **kwargs)
         except SimmimError as error:
-            if _debug():
+            if debug_enabled():
                 raise
             typer.echo(f"error: {error}", err=True)
-            raise typer.Exit(getattr(error, "exit_code", 2)) from None
+            raise typer.Exit(error.exit_code) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
@@ -68,7 +60,7 @@ def main(
                                           help="Print the version and exit.")] = False,
 ) -> None:
     """SimMIM (Xie et al., CVPR 2022): mask 32×32 patches, regress their pixels, learn a ViT/Swin encoder."""
-    _debug_flag["on"] = debug
+    set_debug(debug)
 
 
 # ---------------------------------------------------------------------------------------------- shared options

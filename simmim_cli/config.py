@@ -88,6 +88,8 @@ class TrainConfig:
             raise SimmimError("give either --gpus N (one process per GPU) or --nproc N (e.g. CPU processes), not both")
         if self.gpus and self.device == "cpu":
             raise SimmimError("--gpus asks for GPUs but --device is cpu; use --nproc N --device cpu for CPU processes")
+        if self.nnodes > 1 and not self.output:
+            raise SimmimError("a multi-node run needs --output: one run folder on storage every node can reach")
         if not 0 <= self.node_rank < self.nnodes:
             raise SimmimError(f"--node-rank {self.node_rank} must be below --nnodes {self.nnodes}")
         if not isinstance(self.model_kwargs, dict):
@@ -117,6 +119,8 @@ class PretrainConfig(TrainConfig):
                               "or --demo to try the built-in image set")
         if self.data is not None and self.demo:
             raise SimmimError("--demo brings its own images; drop --data or drop --demo")
+        if self.demo and self.nnodes > 1:
+            raise SimmimError("--demo runs on one machine; drop --nnodes")
 
 
 C = TypeVar("C", bound=TrainConfig)

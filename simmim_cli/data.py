@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import math
+import multiprocessing as mp
 import os
 import random
 import tarfile
@@ -367,19 +368,22 @@ PRETRAIN_SCALE = (0.67, 1.0)  # RandomResizedCrop area fraction, as in the paper
 PRETRAIN_RATIO = (3 / 4, 4 / 3)
 
 
-def pretrain_transform(img_size: int, masks: MaskGenerator) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
+class PretrainTransform:
     """The paper's augmentation (RandomResizedCrop 0.67–1, ratio 3/4–4/3, horizontal flip) of a uint8 tensor
-    from :func:`decode_tensor`, plus the sample's SimMIM mask."""
+    from :func:`decode_tensor`, plus the sample's SimMIM mask. A class, so loader workers can be spawned."""
 
-    def transform(image: torch.Tensor) -> dict[str, torch.Tensor]:
+    def __init__(self, img_size: int, masks: MaskGenerator):
+        self.img_size = img_size
+        self.masks = masks
+
+    def __call__(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         top, left, height, width = RandomResizedCrop.get_params(image, list(PRETRAIN_SCALE), list(PRETRAIN_RATIO))
         # antialiased bilinear on uint8: torch's vectorised kernel, several times faster than PIL's resize
-        image = T.functional.resized_crop(image, top, left, height, width, [img_size, img_size], antialias=True)
+        size = [self.img_size, self.img_size]
+        image = T.functional.resized_crop(image, top, left, height, width, size, antialias=True)
         if torch.rand(1).item() < 0.5:
             image = image.flip(-1)
-        return {"image": image, "mask": masks(1)[0]}
-
-    return transform
+        return {"image": image, "mask": self.masks(1)[0]}
 
 
 def pretrain_decode_size(img_size: int) -> int:
@@ -547,10 +551,8 @@ def make_loader(dataset: ShardStream, pin_memory: bool = False) -> DataLoader:
         # (samples are seeded by position, not by worker seeds)
         generator=torch.Generator().manual_seed(0),
         prefetch_factor=4 if dataset.workers > 0 else None,
+        # fork where there is fork: processes started by torch's launcher would spawn loader workers, and
+        # spawning means importing torch in every worker at every epoch
+        multiprocessing_context="fork" if dataset.workers and "fork" in mp.get_all_start_methods() else None,
     )
-
-
-def describe(shards: ShardSet) -> str:
-    classes = f", {shards.num_classes} classes" if shards.classes else ""
-    return f"{len(shards.urls)} shard(s), {shards.num_samples} samples{classes}"
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import sys
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .errors import SimmimError
+from .errors import Interrupted, SimmimError, debug_enabled
 
 
 @dataclass
@@ -65,7 +67,7 @@ def pick_device(requested: str, local_rank: int = 0) -> torch.device:
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise SimmimError("CUDA was requested (--device cuda or --gpus) but torch sees no GPU; "
+        raise SimmimError("CUDA was requested (--gpus or --device cuda) but torch sees no GPU; "
                           "use --device cpu (and --nproc N for several CPU processes)")
     if local_rank >= torch.cuda.device_count():
         raise SimmimError(f"local rank {local_rank} has no GPU: this machine has {torch.cuda.device_count()}; "
@@ -113,7 +115,6 @@ def launch(entrypoint: Callable[..., Any], config: Any, *args: Any) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
     nproc = procs_per_node(config)
     launch_config = LaunchConfig(
         min_nodes=config.nnodes,
@@ -128,18 +129,33 @@ def launch(entrypoint: Callable[..., Any], config: Any, *args: Any) -> None:
         monitor_interval=0.5,
         start_method="spawn",
     )
+    quiet = not debug_enabled()
+    if quiet:  # the agent logs each failed worker's traceback; the one-line error below says what matters
+        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
         elastic_launch(launch_config, _worker)(entrypoint, config, *args)
     except ChildFailedError as error:
-        rank, failure = min(error.failures.items())
+        rank, failure = min(error.failures.items(), key=lambda item: (item[1].exitcode == 130, item[0]))
         message = _failure_message(failure)
-        raise SimmimError(f"worker rank {rank} failed: {message}") from None
+        if failure.exitcode == Interrupted.exit_code:
+            raise Interrupted(message) from None
+        hint = " (run with --debug for the traceback)" if failure.exitcode != SimmimError.exit_code and quiet else ""
+        raise SimmimError(f"worker rank {rank} failed: {message}{hint}",
+                          exit_code=failure.exitcode if failure.exitcode > 0 else 1) from None
 
 
 def _worker(entrypoint: Callable[..., Any], config: Any, *args: Any) -> None:
-    from torch.distributed.elastic.multiprocessing.errors import record
+    """Runs in each launched process: errors go to the launcher through torchelastic's error file, and on
+    screen only with --debug."""
+    from torch.distributed.elastic.multiprocessing.errors import get_error_handler
 
-    record(entrypoint)(config, *args)
+    try:
+        entrypoint(config, *args)
+    except Exception as error:
+        get_error_handler().record_exception(error)
+        if debug_enabled():
+            traceback.print_exc()
+        sys.exit(error.exit_code if isinstance(error, SimmimError) else 1)
 
 
 def _failure_message(failure: Any) -> str:
@@ -150,8 +166,11 @@ def _failure_message(failure: Any) -> str:
     else:
         text = str(message) or failure.message
     lines = [line for line in str(text).strip().splitlines() if line.strip()]
-    # the error file holds "ErrorType: text" plus the traceback; keep the error line
-    return lines[0] if lines else f"exit code {failure.exitcode}"
+    # the error file holds "ErrorType: text" plus the traceback; keep the error line, without our own type names
+    line = lines[0] if lines else f"exit code {failure.exitcode}"
+    for name in ("SimmimError", "TrainingDiverged", "Interrupted"):
+        line = line.removeprefix(f"{name}: ")
+    return line
 
 
 def is_main() -> bool:
@@ -170,6 +189,25 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """Every rank's value, in rank order (on every rank)."""
+    if not dist.is_initialized():
+        return [value]
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def check_devices(config: Any) -> None:
+    """Fails early, in the launching process, when the GPUs asked for are not there."""
+    if config.gpus or config.device == "cuda":
+        if not torch.cuda.is_available():
+            raise SimmimError("CUDA was requested (--gpus or --device cuda) but torch sees no GPU; "
+                              "use --device cpu (and --nproc N for several CPU processes)")
+        if config.gpus > torch.cuda.device_count():
+            raise SimmimError(f"--gpus {config.gpus} but this machine has {torch.cuda.device_count()} GPU(s)")
 
 
 def broadcast_object(value: Any) -> Any:

@@ -14,6 +14,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,23 +26,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoints, distributed
 from .config import TrainConfig
-from .errors import SimmimError
+from .errors import Interrupted, SimmimError, TrainingDiverged
 from .models import set_fused_attention
 from .optim import build_scheduler, lr_scale_for_batch
 
 MAX_NONFINITE_IN_A_ROW = 25  # fp16 loss scaling may skip a few steps at the start; 25 in a row is divergence
-
-
-class TrainingDiverged(SimmimError):
-    """The loss stayed non-finite; the last good checkpoint is intact."""
-
-    exit_code = 1
-
-
-class Interrupted(SimmimError):
-    """Stopped by a signal after saving a checkpoint."""
-
-    exit_code = 130
 
 
 class Task(Protocol):
@@ -210,8 +199,12 @@ class Trainer:
         if self.config.compile:
             train_model = torch.compile(train_model)
         if self.context.distributed:
+            # The head's 1×1 conv gets gradients whose strides differ from the bucket's only on size-1 axes:
+            # the same memory layout, so DDP's warning about it is a false alarm.
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            train_model = DistributedDataParallel(train_model, device_ids=device_ids)
+            # gradients live in the all-reduce buckets: no copy in and out, less memory
+            train_model = DistributedDataParallel(train_model, device_ids=device_ids, gradient_as_bucket_view=True)
         return train_model
 
     def _install_signal_handlers(self) -> dict:
@@ -228,7 +221,7 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------------
 
-    def _state(self, state: TrainState) -> dict[str, Any]:
+    def _state(self, state: TrainState, rng_states: list[dict[str, Any]]) -> dict[str, Any]:
         return {
             "kind": self.task.kind,
             "config": self.config.to_dict(),
@@ -240,7 +233,7 @@ class Trainer:
             "world_size": self.context.world_size,
             "nonfinite_steps": state.nonfinite_steps,
             "skipped_samples": state.skipped_samples,
-            "rng": checkpoints.rng_state(),
+            "rng": rng_states,  # one per rank, so that ranks keep drawing different numbers after a resume
         }
 
     def _save(self, state: TrainState, log) -> Path:
@@ -250,8 +243,9 @@ class Trainer:
             return path
         if state.nonfinite_in_a_row:  # never let a diverging stretch push the last good checkpoint out
             return checkpoints.latest_checkpoint(self.output) or path
+        rng_states = distributed.gather_objects(checkpoints.rng_state())
         if self.context.is_main:
-            checkpoints.save_checkpoint(self._state(state), path)
+            checkpoints.save_checkpoint(self._state(state, rng_states), path)
             checkpoints.prune_checkpoints(self.output, self.config.keep)
             figures = self.task.after_checkpoint(self.output, state.step) or {}
             if figures:
@@ -276,11 +270,13 @@ class Trainer:
         state.nonfinite_steps = checkpoint.get("nonfinite_steps", 0)
         state.skipped_samples = checkpoint.get("skipped_samples", 0)
         if checkpoint.get("world_size", 1) == self.context.world_size:
-            checkpoints.set_rng_state(checkpoint["rng"])
+            checkpoints.set_rng_state(checkpoint["rng"][self.context.rank])
         else:
+            torch.manual_seed(self.config.seed + 1000 * state.step + self.context.rank)
             reporter.print(f"note: {path.name} was written by {checkpoint.get('world_size')} process(es), this run "
-                           f"has {self.context.world_size}: the rest of the epoch is dealt out anew (some samples of "
-                           "this epoch are seen twice or not at all) and the random streams restart")
+                           f"has {self.context.world_size}: the global batch and so the learning rate change with "
+                           "the process count, the rest of the epoch is dealt out anew (some of its samples are seen "
+                           "twice or not at all), and the random streams restart")
         reporter.print(f"resumed from {path} at step {state.step}")
 
     # -- training ---------------------------------------------------------------------------------
@@ -321,13 +317,16 @@ class Trainer:
                 self._truncate_metrics(state.step)
         reporter.update(state.step, "")
         parameters = [p for p in model.parameters() if p.requires_grad]
+        count = sum(p.numel() for p in parameters)
         reporter.print(
-            f"{self.task.kind}: {config.model} ({sum(p.numel() for p in parameters) / 1e6:.1f}M trainable "
+            f"{self.task.kind}: {config.model} ({f'{count / 1e6:.1f}M' if count >= 1e5 else f'{count:,}'} trainable "
             f"parameters) on {context.world_size}× {self.device.type}, precision {self.precision}\n"
             f"batch {dataset.batch_size} per process × {context.world_size} process(es) × {config.grad_accum} "
             f"accumulation = {global_batch} images per step; lr = {config.base_lr:g} × {global_batch}/512 = "
             f"{config.base_lr * lr_factor:.3g}; {steps_per_epoch} steps per epoch, {total_steps} in all\n"
-            f"output: {self.output}"
+            + (f"process group: {torch.distributed.get_backend()}, {context.world_size} ranks, collectives time out "
+               f"after {config.dist_timeout:g} min\n" if context.distributed else "")
+            + f"output: {self.output}"
         )
         loader = make_loader(dataset, pin_memory=self.device.type == "cuda")
         previous_handlers = self._install_signal_handlers()

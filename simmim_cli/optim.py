@@ -7,6 +7,7 @@ layer-wise lr decay as an ``lr_scale`` per group, which timm's schedulers apply 
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -49,6 +50,8 @@ def build_scheduler(
 
     ``milestones`` are steps counted from the start of training (warmup included).
     """
+    # a one-step cosine (tiny smoke runs) makes timm log a warning about it; nothing is wrong then
+    logging.getLogger("timm.scheduler.cosine_lr").setLevel(logging.ERROR)
     if schedule == "multistep":
         return MultiStepLRScheduler(optimizer, decay_t=list(milestones or []), decay_rate=0.1, warmup_t=warmup_steps,
                                     warmup_lr_init=warmup_lr, warmup_prefix=False, t_in_epochs=False)

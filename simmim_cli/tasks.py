@@ -13,11 +13,11 @@ from torch import nn
 from . import distributed
 from .config import PretrainConfig
 from .data import (
+    PretrainTransform,
     ShardStream,
     decode_tensor,
     normalize,
     pretrain_decode_size,
-    pretrain_transform,
     resolve_shards,
     write_shards,
 )
@@ -91,8 +91,13 @@ def _check_model(config: PretrainConfig) -> None:
 
 
 def prepare_pretrain(config: PretrainConfig) -> None:
-    """Fixes the run folder and checks data and model, so that mistakes surface before any worker starts."""
-    resolve_run_paths(config)
+    """Fixes the run folder and checks data and model, so that mistakes surface before any worker starts.
+
+    On the other nodes of a multi-node job the run folder is node 0's business (its rank 0 hands its paths to
+    every rank when training starts)."""
+    distributed.check_devices(config)
+    if config.node_rank == 0:
+        resolve_run_paths(config)
     if config.demo:
         Path(config.output).mkdir(parents=True, exist_ok=True)
         _prepare_demo(config)
@@ -117,18 +122,18 @@ def run_pretrain(config: PretrainConfig, prepare: bool = False) -> None:
     run and the others take its paths."""
     context = distributed.setup(config)
     try:
-        if prepare:
-            if context.is_main:
-                prepare_pretrain(config)
-            config.output, config.resume, config.data = distributed.broadcast_object(
-                (config.output, config.resume, config.data))
+        if prepare and context.is_main:
+            prepare_pretrain(config)
+        # every rank takes rank 0's run folder, checkpoint and data (other nodes did not resolve them)
+        config.output, config.resume, config.data = distributed.broadcast_object(
+            (config.output, config.resume, config.data))
         shards = resolve_shards(config.data, epoch_size=config.epoch_size)
         torch.manual_seed(config.seed)  # the same initial weights on every rank
         model = build_simmim(config.model, config.img_size, config.model_kwargs, config.drop_path)
         torch.manual_seed(config.seed + context.rank)  # different drop-path draws per rank
         masks = MaskGenerator(config.img_size, config.mask_patch_size, model.patch_size, config.mask_ratio)
         dataset = ShardStream(
-            shards, pretrain_transform(config.img_size, masks), config.batch_size, workers=config.workers,
+            shards, PretrainTransform(config.img_size, masks), config.batch_size, workers=config.workers,
             rank=context.rank, world_size=context.world_size, seed=config.seed,
             decode=functools.partial(decode_tensor, min_size=pretrain_decode_size(config.img_size)),
         )

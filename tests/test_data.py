@@ -10,11 +10,11 @@ import webdataset as wds
 from PIL import Image
 
 from simmim_cli.data import (
+    PretrainTransform,
     ShardStream,
     decode_image,
     decode_tensor,
     make_loader,
-    pretrain_transform,
     resolve_shards,
     to_rgb,
     write_shards,
@@ -277,7 +277,7 @@ def test_skipping_batches_resumes_exactly_where_the_epoch_was(tmp_path):
 def test_augmentation_and_masks_follow_the_sample_not_the_worker(photo_folder, tmp_path):
     write_shards(photo_folder, tmp_path / "shards", maxcount=8)
     masks = MaskGenerator(32, 16, 8, 0.6)
-    transform = pretrain_transform(32, masks)
+    transform = PretrainTransform(32, masks)
 
     def run(workers):
         dataset = ShardStream(resolve_shards(str(tmp_path / "shards")), transform, batch_size=4, workers=workers,

@@ -12,7 +12,7 @@ from conftest import TINY_MODELS
 from PIL import Image
 from typer.testing import CliRunner
 
-from simmim_cli import checkpoints, engine, tasks
+from simmim_cli import checkpoints, engine, errors, tasks
 from simmim_cli.cli import app
 from simmim_cli.config import PretrainConfig
 from simmim_cli.errors import SimmimError
@@ -133,7 +133,7 @@ def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(shards
     original = tasks.PretrainTask.training_step
     monkeypatch.setattr(tasks.PretrainTask, "training_step",
                         lambda self, model, batch: {"loss": original(self, model, batch)["loss"] * float("nan")})
-    with pytest.raises(engine.TrainingDiverged, match=f"{engine.MAX_NONFINITE_IN_A_ROW} steps in a row"):
+    with pytest.raises(errors.TrainingDiverged, match=f"{engine.MAX_NONFINITE_IN_A_ROW} steps in a row"):
         tasks.pretrain(library_config(shards, tmp_path / "run", resume="auto", epochs=20, save_every=5))
     assert good.read_bytes() == before
     assert checkpoints.list_checkpoints(tmp_path / "run") == [good]  # nothing was saved from the bad steps
@@ -149,7 +149,7 @@ def test_a_stop_request_saves_a_checkpoint_to_resume_from(shards, tmp_path, monk
         return original(self, batch, reporter)
 
     monkeypatch.setattr(engine.Trainer, "_report_skipped", request_stop_at_third_batch)
-    with pytest.raises(engine.Interrupted, match="--resume auto"):
+    with pytest.raises(errors.Interrupted, match="--resume auto"):
         tasks.pretrain(library_config(shards, tmp_path / "run"))
     assert checkpoints.latest_checkpoint(tmp_path / "run").name == "checkpoint-00000003.pth"
 
