@@ -14,6 +14,7 @@ import os
 import pickle
 import random
 import re
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -38,22 +39,53 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
+class PickledConfig:
+    """Stands in for a configuration object that a published checkpoint pickled next to its weights (the
+    official SimMIM checkpoints hold a yacs ``CfgNode``, others an ``argparse.Namespace``): unpickling makes an
+    inert OrderedDict instead (its items and attributes are the config's data), so no code of the original
+    class ever runs, and torch's weights-only unpickler accepts it."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> OrderedDict:  # type: ignore[misc]
+        return OrderedDict()
+
+
+# classes that may appear in published checkpoints and are read as PickledConfig; anything else is refused
+TOLERATED_GLOBALS = ("yacs.config.CfgNode", "argparse.Namespace")
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Reads a checkpoint without unpickling arbitrary objects."""
+    """Reads a checkpoint without unpickling arbitrary objects (``torch.load(weights_only=True)``)."""
     path = Path(path)
     if not path.is_file():
         raise SimmimError(f"checkpoint {path} not found")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        try:
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError:
+            unsafe = _unsafe_globals(path)
+            if not unsafe or not set(unsafe) <= set(TOLERATED_GLOBALS):
+                raise
+            with torch.serialization.safe_globals([(PickledConfig, name) for name in unsafe]):
+                checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        raise SimmimError(f"refusing to load {path}: it holds Python objects other than tensors and plain values, "
-                          "which could run code; only load checkpoints saved as plain state dicts") from error
+        names = _unsafe_globals(path)
+        what = f" ({', '.join(names[:3])})" if names else ""
+        raise SimmimError(f"refusing to load {path}: it holds Python objects other than tensors and plain "
+                          f"values{what}, which could run code; only load checkpoints saved as plain state dicts"
+                          ) from error
     except (RuntimeError, EOFError, OSError, ValueError) as error:
         raise SimmimError(f"{path} is not a readable PyTorch checkpoint ({str(error).splitlines()[0]}); "
                           "it may be truncated or corrupt") from error
     if not isinstance(checkpoint, dict):
         raise SimmimError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
     return checkpoint
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # legacy (non-zip) files cannot be listed
+        return []
 
 
 def list_checkpoints(directory: Path) -> list[Path]:

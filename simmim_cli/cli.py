@@ -10,11 +10,22 @@ from typing import Annotated, Any
 import typer
 
 from . import __version__
-from .config import PRECISIONS, SCHEDULES, PretrainConfig, resolve_config
+from .config import (
+    PRECISIONS,
+    SCHEDULES,
+    EvaluateConfig,
+    FinetuneConfig,
+    LinearProbeConfig,
+    PretrainConfig,
+    resolve_config,
+)
 from .errors import SimmimError, debug_enabled, set_debug
 
 DATA, MODEL, MASKING, OPTIM, RUN, DIST = "Data", "Model", "Masking", "Optimisation", "Run", "Distributed"
 D = PretrainConfig()  # the defaults shown in --help
+FT = FinetuneConfig()
+LP = LinearProbeConfig()
+EV = EvaluateConfig()
 
 app = typer.Typer(
     name="simmim",
@@ -38,13 +49,22 @@ def handle_errors(command):
         except SimmimError as error:
             if debug_enabled():
                 raise
-            typer.echo(f"error: {error}", err=True)
+            typer.echo(f"error: {one_line(error)}", err=True)
             raise typer.Exit(error.exit_code) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def one_line(error: Exception) -> str:
+    """The message of an error; one raised in a data loader worker arrives wrapped in its traceback."""
+    text = str(error)
+    if "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if last.startswith("simmim_cli.errors.") else last
+    return text
 
 
 def _version(value: bool) -> None:
@@ -134,6 +154,27 @@ MasterAddr = Annotated[str, typer.Option(help="Address of node 0, reachable from
 MasterPort = Annotated[int, typer.Option(help="Free TCP port on node 0.", rich_help_panel=DIST)]
 DistTimeout = Annotated[float, typer.Option(
     help="Minutes a collective may wait for the other ranks before the job fails.", rich_help_panel=DIST)]
+Pretrained = Annotated[str | None, typer.Option(
+    help="Start from this checkpoint: a simmim pretrain checkpoint, an official SimMIM release, or a timm state "
+         "dict. Its architecture is used unless --model/--model-kwargs say otherwise.",
+    rich_help_panel=MODEL, show_default=False)]
+AllowMissing = Annotated[bool, typer.Option(
+    "--allow-missing", help="Load even when backbone keys are missing or left over (they are listed).",
+    rich_help_panel=MODEL)]
+ValData = Annotated[str | None, typer.Option(
+    help="Labelled validation shards, evaluated (top-1/top-5) after every epoch.", rich_help_panel=DATA,
+    show_default=False)]
+LabelledData = Annotated[str | None, typer.Option(
+    help="Labelled training shards (from class sub-folders; class names come from _info.json).",
+    rich_help_panel=DATA, show_default=False)]
+ClassifierModel = Annotated[str | None, typer.Option(
+    "--model", help="timm model name [default: the --pretrained checkpoint's].", rich_help_panel=MODEL,
+    show_default=False)]
+ClassifierImgSize = Annotated[int | None, typer.Option(
+    "--img-size", help="Input size [default: the --pretrained checkpoint's, else 224]; position tables are resized.",
+    rich_help_panel=MODEL, show_default=False)]
+CropPct = Annotated[float, typer.Option(
+    help="Evaluation crop: resize to img-size / crop-pct, then centre-crop.", rich_help_panel=DATA)]
 
 
 def config_from_context(config_class: type, ctx: typer.Context) -> Any:
@@ -254,10 +295,212 @@ def pretrain(
     run(config_from_context(PretrainConfig, ctx))
 
 
+FINETUNE_EPILOG = (
+    "Examples:\n\n"
+    "  simmim finetune --pretrained runs/pretrain-X/checkpoint-00012345.pth --data train/ --val-data val/ --gpus 8\n\n"
+    "  simmim finetune --recipe recipes/finetune_vit_base_224_100ep.yaml --pretrained simmim_vit_base.pth "
+    "--data train/ --val-data val/"
+)
+
+
+@app.command(epilog=FINETUNE_EPILOG)
+@handle_errors
+def finetune(
+    ctx: typer.Context,
+    data: LabelledData = None,
+    val_data: ValData = None,
+    epoch_size: EpochSize = None,
+    workers: Workers = FT.workers,
+    auto_augment: Annotated[str | None, typer.Option(
+        help="timm RandAugment policy; 'none' turns it off.", rich_help_panel=DATA)] = FT.auto_augment,
+    color_jitter: Annotated[float, typer.Option(help="Colour jitter (used when RandAugment is off).",
+                                                rich_help_panel=DATA)] = FT.color_jitter,
+    min_crop_scale: Annotated[float, typer.Option(
+        help="RandomResizedCrop keeps at least this fraction of the image area (raise it for small images).",
+        rich_help_panel=DATA)] = FT.min_crop_scale,
+    hflip: Annotated[float, typer.Option(help="Horizontal flip probability (0 for text, digits, anything handed).",
+                                         rich_help_panel=DATA)] = FT.hflip,
+    reprob: Annotated[float, typer.Option(help="Random erasing probability.", rich_help_panel=DATA)] = FT.reprob,
+    mixup: Annotated[float, typer.Option(help="Mixup alpha (0 = off).", rich_help_panel=DATA)] = FT.mixup,
+    cutmix: Annotated[float, typer.Option(help="CutMix alpha (0 = off).", rich_help_panel=DATA)] = FT.cutmix,
+    crop_pct: CropPct = FT.crop_pct,
+    pretrained: Pretrained = None,
+    allow_missing: AllowMissing = False,
+    model: ClassifierModel = None,
+    model_kwargs: ModelKwargs = None,
+    img_size: ClassifierImgSize = None,
+    drop_path: DropPath = FT.drop_path,
+    global_pool: Annotated[str | None, typer.Option(
+        help="Pooling of the classifier: avg | token [default: the model's own].", rich_help_panel=MODEL,
+        show_default=False)] = None,
+    grad_checkpointing: GradCheckpointing = FT.grad_checkpointing,
+    model_ema: Annotated[bool, typer.Option(help="Keep an exponential moving average of the weights; it is the "
+                                            "one evaluated and saved.", rich_help_panel=MODEL)] = FT.model_ema,
+    model_ema_decay: Annotated[float, typer.Option(help="EMA decay per step.",
+                                                   rich_help_panel=MODEL)] = FT.model_ema_decay,
+    epochs: Epochs = FT.epochs,
+    batch_size: BatchSize = FT.batch_size,
+    base_lr: BaseLr = FT.base_lr,
+    layer_decay: Annotated[float | None, typer.Option(
+        help="Layer-wise lr decay [default: 0.65 for ViT/BEiT, 0.9 for Swin, as the official recipes].",
+        rich_help_panel=OPTIM, show_default=False)] = None,
+    label_smoothing: Annotated[float, typer.Option(help="Label smoothing.",
+                                                   rich_help_panel=OPTIM)] = FT.label_smoothing,
+    warmup_epochs: WarmupEpochs = FT.warmup_epochs,
+    warmup_lr: WarmupLr = FT.warmup_lr,
+    min_lr: MinLr = FT.min_lr,
+    weight_decay: WeightDecay = FT.weight_decay,
+    clip_grad: ClipGrad = FT.clip_grad,
+    grad_accum: GradAccum = FT.grad_accum,
+    schedule: Schedule = FT.schedule,
+    lr_milestones: LrMilestones = None,
+    precision: Precision = FT.precision,
+    compile: Compile = FT.compile,
+    recipe: Recipe = None,
+    seed: Seed = FT.seed,
+    output: Output = None,
+    resume: Resume = None,
+    force: Force = False,
+    log_every: LogEvery = FT.log_every,
+    save_every: SaveEvery = FT.save_every,
+    keep: Keep = FT.keep,
+    max_steps: MaxSteps = FT.max_steps,
+    device: Device = FT.device,
+    gpus: Gpus = FT.gpus,
+    nproc: Nproc = FT.nproc,
+    nnodes: Nnodes = FT.nnodes,
+    node_rank: NodeRank = FT.node_rank,
+    master_addr: MasterAddr = FT.master_addr,
+    master_port: MasterPort = FT.master_port,
+    dist_timeout: DistTimeout = FT.dist_timeout,
+) -> None:
+    """Fine-tune a pretrained encoder on labelled shards; evaluates every epoch, keeps best.pth and last.pth."""
+    from .tasks import finetune as run
+
+    config = config_from_context(FinetuneConfig, ctx)
+    if config.auto_augment in ("", "none"):
+        config.auto_augment = None
+    run(config)
+
+
+PROBE_EPILOG = (
+    "Examples:\n\n"
+    "  simmim linear-probe --pretrained runs/pretrain-X/checkpoint-00012345.pth --data train/ --val-data val/\n\n"
+    "  simmim linear-probe --model vit_base_patch16_224 --data train/ --val-data val/   # random-init baseline\n\n"
+    "  simmim linear-probe --pretrained ckpt.pth --data train/ --val-data val/ --cache-features --layer 8"
+)
+
+
+@app.command("linear-probe", epilog=PROBE_EPILOG)
+@handle_errors
+def linear_probe(
+    ctx: typer.Context,
+    data: LabelledData = None,
+    val_data: ValData = None,
+    epoch_size: EpochSize = None,
+    workers: Workers = LP.workers,
+    crop_pct: CropPct = LP.crop_pct,
+    cache_features: Annotated[bool, typer.Option(
+        help="Extract features once (centre crops, no augmentation) and train on them: fast repeated probes.",
+        rich_help_panel=DATA)] = LP.cache_features,
+    cache_dir: Annotated[str | None, typer.Option(
+        help="Folder of cached features, reused when encoder, layer, pooling and data match "
+             "[default: <output>/features].", rich_help_panel=DATA, show_default=False)] = None,
+    pretrained: Annotated[str | None, typer.Option(
+        help="Encoder checkpoint (simmim, official SimMIM or timm); without it a randomly initialised encoder is "
+             "probed, the baseline to compare against.", rich_help_panel=MODEL, show_default=False)] = None,
+    allow_missing: AllowMissing = False,
+    model: ClassifierModel = None,
+    model_kwargs: ModelKwargs = None,
+    img_size: ClassifierImgSize = None,
+    layer: Annotated[int, typer.Option(
+        help="Block (ViT/BEiT) or stage (Swin) to probe; negative counts from the end.",
+        rich_help_panel=MODEL)] = LP.layer,
+    pool: Annotated[str, typer.Option(help="mean (patch tokens) | cls (class token).",
+                                      rich_help_panel=MODEL)] = LP.pool,
+    optimizer: Annotated[str, typer.Option(help="lars | sgd (momentum 0.9).", rich_help_panel=OPTIM)] = LP.optimizer,
+    epochs: Epochs = LP.epochs,
+    batch_size: BatchSize = LP.batch_size,
+    base_lr: BaseLr = LP.base_lr,
+    warmup_epochs: WarmupEpochs = LP.warmup_epochs,
+    warmup_lr: WarmupLr = LP.warmup_lr,
+    min_lr: MinLr = LP.min_lr,
+    weight_decay: WeightDecay = LP.weight_decay,
+    clip_grad: ClipGrad = LP.clip_grad,
+    grad_accum: GradAccum = LP.grad_accum,
+    schedule: Schedule = LP.schedule,
+    lr_milestones: LrMilestones = None,
+    precision: Precision = LP.precision,
+    recipe: Recipe = None,
+    seed: Seed = LP.seed,
+    output: Output = None,
+    resume: Resume = None,
+    force: Force = False,
+    log_every: LogEvery = LP.log_every,
+    save_every: SaveEvery = LP.save_every,
+    keep: Keep = LP.keep,
+    max_steps: MaxSteps = LP.max_steps,
+    device: Device = LP.device,
+    gpus: Gpus = LP.gpus,
+    nproc: Nproc = LP.nproc,
+    nnodes: Nnodes = LP.nnodes,
+    node_rank: NodeRank = LP.node_rank,
+    master_addr: MasterAddr = LP.master_addr,
+    master_port: MasterPort = LP.master_port,
+    dist_timeout: DistTimeout = LP.dist_timeout,
+) -> None:
+    """Train a linear classifier (BatchNorm without affine + linear, MAE's protocol) on frozen features."""
+    from .tasks import linear_probe as run
+
+    run(config_from_context(LinearProbeConfig, ctx))
+
+
+@app.command(epilog="Example: simmim evaluate --checkpoint runs/finetune-X/best.pth --data val/ --output report/")
+@handle_errors
+def evaluate(
+    ctx: typer.Context,
+    checkpoint: Annotated[str | None, typer.Option(
+        help="best.pth or last.pth of a finetune or linear-probe run [default: the newest under runs/].",
+        show_default=False)] = None,
+    data: Annotated[str | None, typer.Option(
+        help="Labelled shards, or a folder with one sub-folder per class.", show_default=False)] = None,
+    output: Annotated[str | None, typer.Option(
+        help="Folder for metrics.json, confusion.json and confusion.png [default: runs/evaluate-<time>].",
+        show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = EV.batch_size,
+    workers: Annotated[int, typer.Option(help="Data loader processes.")] = EV.workers,
+    crop_pct: Annotated[float | None, typer.Option(
+        help="Centre-crop fraction [default: the checkpoint's].", show_default=False)] = None,
+    device: Device = EV.device,
+    precision: Precision = EV.precision,
+    force: Annotated[bool, typer.Option("--force", help="Replace an evaluation in --output.")] = False,
+) -> None:
+    """Top-1/top-5 of a classifier checkpoint, with per-class accuracy and a confusion matrix (JSON and PNG)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .tasks import evaluate as run
+
+    result = run(config_from_context(EvaluateConfig, ctx))
+    console = Console()
+    console.print(f"{result['checkpoint']}: top-1 {result['val_top1']:.2f}%  top-5 {result['val_top5']:.2f}%  "
+                  f"({result['count']} images" + (f", {len(result['skipped'])} unreadable skipped"
+                                                 if result["skipped"] else "") + ")")
+    confusion, classes = result["confusion"], result["classes"]
+    if len(classes) <= 30:
+        table = Table("class", "images", "accuracy")
+        for i, name in enumerate(classes):
+            support = int(confusion[i].sum())
+            table.add_row(name, str(support), f"{100 * int(confusion[i, i]) / support:.1f}%" if support else "-")
+        console.print(table)
+    console.print(f"wrote {result['paths']['metrics']}, {result['paths']['confusion']} and "
+                  f"{result['paths']['confusion_png']}")
+
+
 def _not_yet(name: str, issue: str):
     def command(args: Annotated[list[str] | None, typer.Argument(hidden=True)] = None) -> None:
         typer.echo(f"error: `simmim {name}` is not implemented yet ({issue}); "
-                   "pretrain and make-shards work today", err=True)
+                   "make-shards, pretrain, finetune, linear-probe and evaluate work today", err=True)
         raise typer.Exit(2)
 
     command.__doc__ = f"(not implemented yet) {issue[0].upper()}{issue[1:]}."
@@ -265,9 +508,6 @@ def _not_yet(name: str, issue: str):
 
 
 for _name, _what in {
-    "finetune": "fine-tune a pretrained encoder on labelled shards",
-    "linear-probe": "train a linear classifier on frozen features",
-    "evaluate": "top-1/top-5 and a confusion matrix of a checkpoint",
     "visualize-recon": "reconstruction panels for images",
     "export": "ONNX export of a checkpoint",
     "predict": "classify images with an ONNX model or a checkpoint",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,7 +25,7 @@ class TrainConfig:
     # data
     data: str | None = None
     epoch_size: int | None = None  # samples per epoch when the shards do not say
-    workers: int = 8  # loader processes per training process
+    workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))  # loader processes per process
     # model
     model: str = "vit_base_patch16_224"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -70,7 +71,7 @@ class TrainConfig:
         positive = ["workers", "epochs", "batch_size", "grad_accum", "log_every", "keep", "img_size", "nnodes"]
         for name in positive:
             value = getattr(self, name)
-            if value < (0 if name == "workers" else 1):
+            if value is not None and value < (0 if name == "workers" else 1):
                 raise SimmimError(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'workers' else '> 0'}, "
                                   f"got {value}")
         for name, choices in (("precision", PRECISIONS), ("schedule", SCHEDULES), ("device", DEVICES)):
@@ -123,10 +124,125 @@ class PretrainConfig(TrainConfig):
             raise SimmimError("--demo runs on one machine; drop --nnodes")
 
 
+@dataclass
+class FinetuneConfig(TrainConfig):
+    """``simmim finetune``: the official SimMIM fine-tuning recipe as defaults."""
+
+    model: str | None = None  # taken from --pretrained when not given
+    img_size: int | None = None  # likewise; 224 from scratch
+    pretrained: str | None = None
+    allow_missing: bool = False
+    val_data: str | None = None
+    global_pool: str | None = None  # the model's own pooling unless given (avg, token)
+    layer_decay: float | None = None  # None: 0.65 for ViT/BEiT, 0.9 for Swin
+    drop_path: float = 0.1
+    label_smoothing: float = 0.1
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
+    color_jitter: float = 0.4
+    min_crop_scale: float = 0.08  # RandomResizedCrop keeps at least this fraction of the image's area
+    hflip: float = 0.5  # horizontal flip probability (0 for text, digits, anything handed)
+    reprob: float = 0.25  # random erasing probability
+    crop_pct: float = 0.875  # evaluation: resize to img_size / crop_pct, center crop
+    model_ema: bool = False
+    model_ema_decay: float = 0.9999
+    epochs: int = 100
+    warmup_epochs: float = 20.0
+    base_lr: float = 1.25e-3
+    warmup_lr: float = 2.5e-7
+    min_lr: float = 2.5e-7
+
+    command = "finetune"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.data is None:
+            raise SimmimError("no training data: pass --data SHARDS made by simmim make-shards from class folders")
+        if self.model is None and self.pretrained is None:
+            raise SimmimError("no model: give --pretrained CHECKPOINT (its model is used) or --model NAME")
+        for name in ("mixup", "cutmix", "label_smoothing", "reprob", "color_jitter"):
+            if getattr(self, name) < 0:
+                raise SimmimError(f"--{name.replace('_', '-')} must be >= 0")
+        if not 0 < self.min_crop_scale <= 1 or not 0 <= self.hflip <= 1:
+            raise SimmimError("--min-crop-scale must be in (0, 1] and --hflip in [0, 1]")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise SimmimError(f"--layer-decay must be in (0, 1], got {self.layer_decay}")
+        if (self.mixup or self.cutmix) and self.batch_size % 2:
+            raise SimmimError("mixup/cutmix pair up images: use an even --batch-size, or --mixup 0 --cutmix 0")
+
+
+@dataclass
+class LinearProbeConfig(TrainConfig):
+    """``simmim linear-probe``: a BatchNorm (no affine) and a linear layer on frozen features (MAE's protocol)."""
+
+    model: str | None = None
+    img_size: int | None = None
+    pretrained: str | None = None  # none: a randomly initialised encoder, the baseline
+    allow_missing: bool = False
+    val_data: str | None = None
+    layer: int = -1  # block (ViT/BEiT) or stage (Swin) whose output is probed; negative counts from the end
+    pool: str = "mean"  # mean | cls
+    optimizer: str = "lars"  # lars | sgd
+    cache_features: bool = False  # extract features once (centre crops), then train on them: fast repeated probes
+    cache_dir: str | None = None  # where cached features live; default <output>/features
+    crop_pct: float = 0.875
+    drop_path: float = 0.0
+    epochs: int = 90
+    warmup_epochs: float = 10.0
+    batch_size: int = 256
+    base_lr: float = 0.2  # per 512 images like every other command: MAE's 0.1 per 256
+    warmup_lr: float = 0.0
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    clip_grad: float = 0.0
+
+    command = "linear-probe"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.data is None:
+            raise SimmimError("no training data: pass --data SHARDS made by simmim make-shards from class folders")
+        if self.model is None and self.pretrained is None:
+            raise SimmimError("no encoder: give --pretrained CHECKPOINT, or --model NAME to probe a random one")
+        if self.pool not in ("mean", "cls"):
+            raise SimmimError(f"--pool must be mean or cls, got '{self.pool}'")
+        if self.optimizer not in ("lars", "sgd"):
+            raise SimmimError(f"--optimizer must be lars or sgd, got '{self.optimizer}'")
+
+
+@dataclass
+class EvaluateConfig:
+    """``simmim evaluate``: accuracy, per-class accuracy and a confusion matrix of a classifier checkpoint."""
+
+    checkpoint: str | None = None
+    data: str | None = None
+    output: str | None = None
+    batch_size: int = 64
+    workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
+    crop_pct: float | None = None  # the checkpoint's own unless given
+    device: str = "auto"
+    precision: str = "auto"
+    force: bool = False
+
+    command = "evaluate"
+
+    def validate(self) -> None:
+        if self.data is None:
+            raise SimmimError("give --data: labelled shards or a folder with one sub-folder per class")
+        if self.batch_size < 1 or self.workers < 0:
+            raise SimmimError("--batch-size must be > 0 and --workers >= 0")
+        if self.precision not in PRECISIONS:
+            raise SimmimError(f"--precision must be one of {', '.join(PRECISIONS)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 C = TypeVar("C", bound=TrainConfig)
 
 
-def field_names(config_class: type[TrainConfig]) -> set[str]:
+def field_names(config_class: type) -> set[str]:
     return {f.name for f in dataclasses.fields(config_class)}
 
 
@@ -176,7 +292,8 @@ def resolve_config(config_class: type[C], cli_values: dict[str, Any], explicit: 
         from_recipe = load_recipe(recipe)
         from_dict(config_class, from_recipe, strict=True, source=f"recipe {recipe}")  # reject unknown keys
         values.update({k: v for k, v in from_recipe.items() if k not in explicit})
-    values["model_kwargs"] = parse_model_kwargs(values.get("model_kwargs"))
+    if "model_kwargs" in field_names(config_class):
+        values["model_kwargs"] = parse_model_kwargs(values.get("model_kwargs"))
     config = from_dict(config_class, values)
     config.validate()
     return config

@@ -392,6 +392,18 @@ def pretrain_decode_size(img_size: int) -> int:
     return math.ceil(img_size / math.sqrt(PRETRAIN_SCALE[0] * PRETRAIN_RATIO[0]))
 
 
+def sample_label(sample: dict, num_classes: int | None) -> int:
+    """The sample's ``.cls`` label, checked against the number of classes."""
+    if "cls" not in sample:
+        raise SimmimError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no label (.cls); "
+                          "make labelled shards from a folder with one sub-folder per class")
+    label = int(sample["cls"])
+    if num_classes is not None and not 0 <= label < num_classes:
+        raise SimmimError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has label {label}, outside "
+                          f"0..{num_classes - 1} ({num_classes} classes in _info.json); re-create the shards")
+    return label
+
+
 def _image_bytes(sample: dict) -> bytes:
     for key in SAMPLE_IMAGE_KEYS:
         if key in sample:
@@ -422,6 +434,7 @@ class ShardStream(IterableDataset):
         labels: bool = False,
         shuffle_buffer: int = 2000,
         decode: Callable[[bytes], Any] = decode_image,
+        num_classes: int | None = None,
     ):
         self.shards = shards
         self.transform = transform
@@ -433,6 +446,7 @@ class ShardStream(IterableDataset):
         self.labels = labels
         self.shuffle_buffer = shuffle_buffer
         self.decode = decode
+        self.num_classes = num_classes
         self.num_consumers = world_size * max(workers, 1)
         self.batches_per_consumer = max(1, math.ceil(shards.num_samples / (self.num_consumers * batch_size)))
         self.epoch = 0
@@ -510,7 +524,7 @@ class ShardStream(IterableDataset):
             position += 1
             try:
                 image = self.decode(_image_bytes(sample))
-                label = int(sample["cls"]) if self.labels else None
+                label = sample_label(sample, self.num_classes) if self.labels else None
             except (OSError, ValueError, KeyError, SyntaxError, RuntimeError, Image.DecompressionBombError) as error:
                 skipped.append(f"{sample.get('__url__')}:{sample.get('__key__')}: {type(error).__name__}: {error}")
                 bad_slots.append(position)
@@ -555,4 +569,139 @@ def make_loader(dataset: ShardStream, pin_memory: bool = False) -> DataLoader:
         # spawning means importing torch in every worker at every epoch
         multiprocessing_context="fork" if dataset.workers and "fork" in mp.get_all_start_methods() else None,
     )
+
+
+class EvalStream(IterableDataset):
+    """Every sample exactly once, for evaluation: shards (or image files) split over ranks and loader workers,
+    nothing shuffled or repeated, the last batch of each worker possibly short. Batches are
+    ``{"image": uint8, "label": int64, "skipped": [...]}``.
+
+    ``source`` is a :class:`ShardSet` or a list of ``(image path, label)`` pairs (a class-folder tree).
+    """
+
+    def __init__(
+        self,
+        source: ShardSet | list[tuple[Path, int]],
+        transform: Callable[[Any], dict[str, torch.Tensor]],
+        batch_size: int,
+        workers: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        decode: Callable[[bytes], Any] = decode_image,
+        num_classes: int | None = None,
+    ):
+        self.source = source
+        self.transform = transform
+        self.batch_size = batch_size
+        self.workers = workers
+        self.rank = rank
+        self.world_size = world_size
+        self.decode = decode
+        self.num_classes = num_classes
+
+    def _records(self, consumer: int, consumers: int, skipped: list[str]) -> Iterator[tuple[bytes, int, str]]:
+        if isinstance(self.source, ShardSet):
+            urls = self.source.urls
+            by_shard = len(urls) >= consumers
+
+            def on_error(error: Exception) -> bool:
+                skipped.append(f"{type(error).__name__}: {error}")
+                return True
+
+            mine = urls[consumer::consumers] if by_shard else urls
+            samples = wds.tariterators.tarfile_samples(iter([{"url": u} for u in mine]), handler=on_error)
+            for index, sample in enumerate(samples):
+                if by_shard or index % consumers == consumer:
+                    name = f"{sample.get('__url__')}:{sample.get('__key__')}"
+                    try:
+                        yield _image_bytes(sample), sample_label(sample, self.num_classes), name
+                    except ValueError as error:
+                        skipped.append(f"{name}: {error}")
+        else:
+            for path, label in self.source[consumer::consumers]:
+                yield path.read_bytes(), label, str(path)
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        skipped: list[str] = []
+        images, labels = [], []
+        for data, label, name in self._records(self.rank * workers + worker, self.world_size * workers, skipped):
+            try:
+                images.append(self.transform(self.decode(data))["image"])
+                labels.append(label)
+            except (OSError, ValueError, SyntaxError, RuntimeError, Image.DecompressionBombError) as error:
+                skipped.append(f"{name}: {type(error).__name__}: {error}")
+            if len(images) == self.batch_size:
+                yield {"image": torch.stack(images), "label": torch.tensor(labels), "skipped": list(skipped)}
+                images, labels = [], []
+                skipped.clear()
+        if images or skipped:
+            yield {"image": torch.stack(images) if images else torch.empty(0, dtype=torch.uint8),
+                   "label": torch.tensor(labels, dtype=torch.long), "skipped": list(skipped)}
+
+
+def _posterize_any_bits(image: Image.Image, bits_to_keep: int, **kwargs: Any) -> Image.Image:
+    """timm's posterize op, where 0 bits gives a black image as Pillow < 13 did; Pillow 13 refuses 0 bits, which
+    RandAugment's ``inc1`` policies draw at the top magnitude."""
+    from timm.data.auto_augment import posterize
+
+    if bits_to_keep <= 0:
+        return Image.new(image.mode, image.size)
+    return posterize(image, bits_to_keep, **kwargs)
+
+
+def _patch_timm_posterize() -> None:
+    from timm.data import auto_augment
+
+    for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+        if auto_augment.NAME_TO_OP.get(name) is auto_augment.posterize:
+            auto_augment.NAME_TO_OP[name] = _posterize_any_bits
+
+
+class ClassifierTrainTransform:
+    """timm's ImageNet training augmentation (RandomResizedCrop, flip, RandAugment or colour jitter) up to a uint8
+    tensor; normalisation and random erasing follow on the training device."""
+
+    def __init__(self, img_size: int, auto_augment: str | None, color_jitter: float, min_crop_scale: float = 0.08,
+                 hflip: float = 0.5, interpolation: str = "bicubic"):
+        from timm.data import create_transform
+
+        _patch_timm_posterize()
+        primary, secondary, _ = create_transform(img_size, is_training=True, auto_augment=auto_augment,
+                                                 color_jitter=color_jitter, interpolation=interpolation,
+                                                 scale=(min_crop_scale, 1.0), hflip=hflip, re_prob=0.0,
+                                                 separate=True)
+        self.augment = T.Compose([primary, secondary])
+
+    def __call__(self, image: Image.Image) -> dict[str, torch.Tensor]:
+        return {"image": T.functional.pil_to_tensor(self.augment(image))}
+
+
+class CropTransform:
+    """Evaluation (and linear-probe) views: resize to ``img_size / crop_pct`` and centre-crop, or with
+    ``random=True`` a RandomResizedCrop and flip; to a uint8 tensor."""
+
+    def __init__(self, img_size: int, crop_pct: float = 0.875, random: bool = False):
+        bicubic = T.InterpolationMode.BICUBIC
+        if random:
+            self.view = T.Compose([T.RandomResizedCrop(img_size, interpolation=bicubic), T.RandomHorizontalFlip()])
+        else:
+            self.view = T.Compose([T.Resize(int(img_size / crop_pct), interpolation=bicubic), T.CenterCrop(img_size)])
+
+    def __call__(self, image: Image.Image) -> dict[str, torch.Tensor]:
+        return {"image": T.functional.pil_to_tensor(self.view(image))}
+
+
+def labelled_source(data: str) -> tuple[ShardSet | list[tuple[Path, int]], list[str] | None, int]:
+    """``--data`` for evaluation: labelled shards, or a folder with one sub-folder per class.
+    Returns (source, class names or None, sample count)."""
+    path = Path(data)
+    if path.is_dir() and not list(path.glob("*.tar")) and not (path / INFO_FILE).exists():
+        files, classes = find_images(path)
+        if classes is None:
+            raise SimmimError(f"{path} has no class sub-folders; evaluation needs labels")
+        return files, classes, len(files)
+    shards = resolve_shards(data)
+    return shards, shards.classes, shards.num_samples
 

@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,29 +33,44 @@ from .optim import build_scheduler, lr_scale_for_batch
 MAX_NONFINITE_IN_A_ROW = 25  # fp16 loss scaling may skip a few steps at the start; 25 in a row is divergence
 
 
-class Task(Protocol):
-    """What the engine needs from a training task."""
+class Task:
+    """What a training command trains and how; the engine calls these hooks. Subclasses set ``kind`` and
+    ``model`` and implement :meth:`build_optimizer` and :meth:`training_step`; the other hooks do nothing."""
 
     kind: str
     model: nn.Module
 
-    def build_optimizer(self, lr: float) -> torch.optim.Optimizer: ...
+    def build_optimizer(self, lr: float) -> torch.optim.Optimizer:
+        raise NotImplementedError
 
     def training_step(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Returns at least ``{"loss": scalar}``; ``model`` is the (compiled, DDP-wrapped) training module."""
-        ...
-
-    def after_checkpoint(self, output: Path, step: int) -> dict[str, float]:
-        """Rank-0 work after a checkpoint (previews, evaluation); returns figures to log."""
-        ...
+        raise NotImplementedError
 
     def observe_batch(self, batch: dict[str, Any]) -> None:
-        """Sees each training batch (e.g. to keep a few images for previews)."""
-        ...
+        """Sees each training batch on the CPU (e.g. to keep a few images for previews)."""
+
+    def after_optimizer_step(self, step: int) -> None:
+        """After each optimizer step, on every rank (e.g. to update an EMA of the weights)."""
+
+    def after_checkpoint(self, output: Path, step: int) -> dict[str, float]:
+        """Rank-0 work after a checkpoint (previews); returns figures to log."""
+        return {}
+
+    def after_epoch(self, output: Path, epoch: int, step: int) -> dict[str, float]:
+        """At each epoch's end, on every rank (evaluation); returns figures to log."""
+        return {}
 
     def set_grad_checkpointing(self) -> None:
         """Recompute activations in the backward pass to save memory."""
-        ...
+        self.model.set_grad_checkpointing(True)
+
+    def extra_state(self) -> dict[str, Any]:
+        """More to save in checkpoints (plain values and tensors only)."""
+        return {}
+
+    def load_extra_state(self, checkpoint: dict[str, Any]) -> None:
+        """Takes back what :meth:`extra_state` saved."""
 
 
 # ---------------------------------------------------------------------------------------------- precision
@@ -234,6 +249,7 @@ class Trainer:
             "nonfinite_steps": state.nonfinite_steps,
             "skipped_samples": state.skipped_samples,
             "rng": rng_states,  # one per rank, so that ranks keep drawing different numbers after a resume
+            **self.task.extra_state(),
         }
 
     def _save(self, state: TrainState, log) -> Path:
@@ -265,6 +281,7 @@ class Trainer:
             raise SimmimError(f"{path} does not fit this model (--model {self.config.model}, --img-size "
                               f"{self.config.img_size}): {str(error).splitlines()[1].strip()}") from error
         self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.task.load_extra_state(checkpoint)
         self.scaler.load_state_dict(checkpoint["scaler"])
         state.step = state.last_saved_step = checkpoint["step"]
         state.nonfinite_steps = checkpoint.get("nonfinite_steps", 0)
@@ -338,6 +355,12 @@ class Trainer:
                 dataset.set_epoch(epoch, skip_batches=offset * config.grad_accum)
                 self._train_epoch(train_model, loader, parameters, scheduler, state, window, epoch,
                                   min(stop_at, (epoch + 1) * steps_per_epoch), reporter, log)
+                if state.step % steps_per_epoch == 0:  # a whole epoch: evaluate (all ranks), then save
+                    figures = self.task.after_epoch(self.output, state.step // steps_per_epoch, state.step)
+                    if figures:
+                        log({"step": state.step, "epoch": state.step // steps_per_epoch, **figures})
+                        reporter.print(f"epoch {state.step // steps_per_epoch}: "
+                                       + "  ".join(f"{k} {v:.4g}" for k, v in figures.items()))
                 self._save(state, log)  # at every epoch's end, and where max_steps stops
         finally:
             reporter.close()
@@ -364,7 +387,7 @@ class Trainer:
                     outputs = self.task.training_step(train_model, batch)
                 loss = outputs["loss"]
                 self.scaler.scale(loss / accum).backward()
-            window.add(loss.detach(), batch["image"].shape[0])
+            window.add(loss.detach(), len(batch["label"] if "label" in batch else batch["image"]))
             if not last_micro:
                 continue
 
@@ -375,6 +398,7 @@ class Trainer:
             finite = bool(torch.isfinite(grad_norm))
             if finite:
                 self.scaler.step(self.optimizer)
+                self.task.after_optimizer_step(state.step + 1)
                 state.nonfinite_in_a_row = 0
             else:
                 state.nonfinite_steps += 1

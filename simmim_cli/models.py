@@ -27,7 +27,7 @@ FAMILIES = {
 }
 
 # kwargs that make a headless encoder apply its final norm to every token (SimMIM regresses from all tokens)
-_PRETRAIN_KWARGS = {"vit": {"fc_norm": False}, "beit": {"use_fc_norm": False}, "swin": {}, "swinv2": {}}
+_NORM_ALL_TOKENS = {"vit": {"fc_norm": False}, "beit": {"use_fc_norm": False}, "swin": {}, "swinv2": {}}
 
 
 def model_family(model_name: str) -> str:
@@ -52,15 +52,18 @@ def create_backbone(
     model_kwargs: dict[str, Any] | None = None,
     drop_path_rate: float | None = None,
     num_classes: int = 0,
-    pretraining: bool = True,
+    norm_all_tokens: bool = True,
 ) -> nn.Module:
-    """A timm model, never with downloaded weights. ``model_kwargs`` win over everything we set."""
+    """A timm model, never with downloaded weights. ``model_kwargs`` win over everything we set.
+
+    ``norm_all_tokens`` keeps the final norm on every token (a SimMIM encoder, a probed backbone) rather than
+    on pooled features only (timm's choice for mean-pooling classifiers)."""
     family = model_family(model_name)
     kwargs: dict[str, Any] = {"num_classes": num_classes, "img_size": img_size}
     if drop_path_rate is not None:
         kwargs["drop_path_rate"] = drop_path_rate
-    if pretraining:
-        kwargs.update(_PRETRAIN_KWARGS[family])
+    if norm_all_tokens:
+        kwargs.update(_NORM_ALL_TOKENS[family])
     kwargs.update(model_kwargs or {})
     try:
         return timm.create_model(model_name, pretrained=False, **kwargs)
@@ -184,6 +187,39 @@ def masked_l1_per_image(
     return (error * weight).sum(dim=(1, 2, 3)) / (weight.sum(dim=(1, 2, 3)) + 1e-5) / images.shape[1]
 
 
+class FeatureExtractor(nn.Module):
+    """Pooled features ``(B, C)`` from one block (ViT, BEiT) or stage (Swin) of a timm backbone.
+
+    ``pool`` is ``mean`` (patch tokens / spatial positions) or ``cls`` (the class token). The last block's
+    output goes through the model's final norm, as in MAE's linear probing; earlier ones are taken raw.
+    """
+
+    def __init__(self, backbone: nn.Module, layer: int = -1, pool: str = "mean"):
+        super().__init__()
+        self.backbone = backbone
+        units = len(backbone.blocks) if hasattr(backbone, "blocks") else len(backbone.layers)
+        if not -units <= layer < units:
+            what = "blocks" if hasattr(backbone, "blocks") else "stages"
+            raise SimmimError(f"--layer {layer} is out of range: this encoder has {units} {what} "
+                              f"(0..{units - 1}, or -1 for the last)")
+        self.index = layer % units
+        self.last = self.index == units - 1
+        self.tokens = hasattr(backbone, "blocks")  # ViT/BEiT: tokens with a class token; Swin: feature maps
+        if pool == "cls" and not (self.tokens and getattr(backbone, "num_prefix_tokens", 0)):
+            raise SimmimError("--pool cls needs a class token; this encoder has none: use --pool mean")
+        self.pool = pool
+        self.num_features = backbone.feature_info[self.index]["num_chs"]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        kwargs = {"return_prefix_tokens": True} if self.tokens else {}
+        (output,) = self.backbone.forward_intermediates(images, indices=[self.index], norm=self.last,
+                                                        intermediates_only=True, **kwargs)
+        if self.tokens:
+            spatial, prefix = output  # (B, C, H, W), (B, P, C)
+            return prefix[:, 0] if self.pool == "cls" else spatial.mean(dim=(2, 3))
+        return output.mean(dim=(2, 3))
+
+
 def set_fused_attention(model: nn.Module, enabled: bool) -> int:
     """Switches timm's attention modules between ``F.scaled_dot_product_attention`` and the explicit
     ``softmax(q @ kᵀ) @ v``. Fused kernels win on GPUs; on CPUs under bf16 the explicit form runs about twice
@@ -201,5 +237,5 @@ def build_simmim(
 ) -> SimMIM:
     """A SimMIM model around a fresh timm encoder."""
     family = model_family(model_name)
-    backbone = create_backbone(model_name, img_size, model_kwargs, drop_path_rate, pretraining=True)
+    backbone = create_backbone(model_name, img_size, model_kwargs, drop_path_rate, norm_all_tokens=True)
     return SimMIM(MaskedEncoder(backbone, family))

@@ -58,3 +58,36 @@ def save_png(image: Image.Image, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     image.save(tmp, format="PNG")
     tmp.replace(path)
+
+
+def confusion_png(confusion: torch.Tensor, classes: list[str]) -> Image.Image:
+    """A confusion matrix as a picture: rows are true classes, columns predictions, each row normalised (its
+    diagonal cell is the class's accuracy). Names and percentages are drawn when there are few classes."""
+    counts = confusion.double()
+    rates = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
+    n = len(classes)
+    cell = max(2, min(40, 900 // max(n, 1)))
+    labelled = cell >= 24
+    font = ImageFont.load_default(size=max(9, min(14, cell // 3)))
+    margin = (max(len(f"{i} {c}") for i, c in enumerate(classes)) * 7 + 10 if labelled else 10)
+    size = margin + n * cell + 10
+    image = Image.new("RGB", (size, size + 24), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((4, 4), "rows: true class, columns: predicted class (% of the row)", fill="black", font=font)
+    top = 24 + (margin if labelled else 10) - 10
+    for i in range(n):
+        for j in range(n):
+            value = float(rates[i, j])
+            shade = int(255 * (1 - value))
+            colour = (shade, shade, 255) if i != j else (shade, 255, shade)
+            x, y = margin + j * cell, top + i * cell
+            draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill=colour)
+            if labelled and counts[i, j] > 0:
+                draw.text((x + 2, y + cell // 3), f"{100 * value:.0f}", fill="black" if value < 0.6 else "white",
+                          font=font)
+        if labelled:
+            draw.text((4, top + i * cell + cell // 3), f"{i} {classes[i]}", fill="black", font=font)
+    if labelled:  # columns by index: names rarely fit above a cell
+        for j in range(n):
+            draw.text((margin + j * cell + 2, top - 14), str(j), fill="black", font=font)
+    return image.crop((0, 0, size, top + n * cell + 10))

@@ -1,0 +1,212 @@
+"""Pretrained weights: what a checkpoint holds, which model it fits, and loading it into that model.
+
+Reads this toolkit's checkpoints (pretrain, finetune, linear-probe), the official SimMIM releases (a dict with
+``model``; ``encoder.*``/``decoder.*`` keys; the ViT is timm's BEiT, the Swin is timm's Swin V1 in its old
+layout) and plain timm state dicts. Tables and position embeddings are resized with timm's own checkpoint
+filters (torch interpolation) when the image or window size changes.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import checkpoints
+from .errors import SimmimError
+from .models import model_family
+
+# keys that are allowed to be absent from a checkpoint: a classifier's new head (and its norm)
+HEAD_PREFIXES = ("head.", "fc_norm.")
+
+
+@dataclass
+class Weights:
+    """The parts of a checkpoint, keyed as timm names them."""
+
+    encoder: dict[str, torch.Tensor]  # timm backbone keys (with the classifier head when there is one)
+    source: str  # "simmim-cli pretrain", "simmim-cli finetune", "official SimMIM", "timm"
+    path: Path
+    kind: str | None = None  # a simmim-cli checkpoint's kind: pretrain, finetune, linear-probe
+    decoder: dict[str, torch.Tensor] | None = None  # the SimMIM head's "0.weight", "0.bias"
+    mask_token: torch.Tensor | None = None
+    config: dict[str, Any] | None = None  # the run config of a simmim-cli checkpoint
+    classes: list[str] | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def read_weights(path: str | Path) -> Weights:
+    """Any supported checkpoint → :class:`Weights`."""
+    path = Path(path)
+    checkpoint = checkpoints.load_checkpoint(path)
+    if "format_version" in checkpoint and "kind" in checkpoint:  # this toolkit
+        state = checkpoint["model"]
+        if checkpoint["kind"] == "pretrain":
+            return Weights(
+                encoder=_take(state, "encoder.backbone."), decoder=_take(state, "decoder.") or None,
+                mask_token=state.get("encoder.mask_token"), source="simmim-cli pretrain", path=path,
+                kind="pretrain", config=checkpoint.get("config"),
+            )
+        return Weights(encoder=dict(state), source=f"simmim-cli {checkpoint['kind']}", path=path,
+                       kind=checkpoint["kind"], config=checkpoint.get("config"), classes=checkpoint.get("classes"),
+                       metrics=checkpoint.get("metrics") or {})
+    state = checkpoint
+    for wrapper in ("model", "state_dict", "module"):
+        if isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    state = checkpoints.strip_prefixes({k: v for k, v in state.items() if torch.is_tensor(v)})
+    if not state:
+        raise SimmimError(f"{path} holds no tensors; is it a model checkpoint?")
+    if any(k.startswith("encoder.") for k in state):  # the official SimMIM layout
+        return Weights(encoder=_take(state, "encoder."), decoder=_take(state, "decoder.") or None,
+                       mask_token=state.get("encoder.mask_token"), source="official SimMIM", path=path)
+    return Weights(encoder=state, source="timm", path=path)
+
+
+def _take(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and k != "encoder.mask_token"}
+
+
+# ---------------------------------------------------------------------------------------------- architecture
+
+
+def infer_architecture(encoder: dict[str, torch.Tensor]) -> tuple[str, dict[str, Any], int | None]:
+    """(timm model name, create_model kwargs, image size or None) read off the tensors.
+
+    What the tensors do not show (the head count of a plain ViT, the image size of a Swin) falls back to the
+    usual values; ``--model``, ``--model-kwargs`` and ``--img-size`` override everything.
+    """
+    if "patch_embed.proj.weight" not in encoder:
+        raise SimmimError("cannot tell the architecture of these weights (no patch_embed.proj.weight); "
+                          "give --model and --model-kwargs")
+    embed_dim, _, patch, _ = encoder["patch_embed.proj.weight"].shape
+    if any(k.startswith("layers.") for k in encoder):
+        stages = sorted({int(k.split(".")[1]) for k in encoder if k.startswith("layers.")})
+        depths = [len({k.split(".")[3] for k in encoder if k.startswith(f"layers.{s}.blocks.")}) for s in stages]
+        tables = [encoder.get(f"layers.{s}.blocks.0.attn.relative_position_bias_table") for s in stages]
+        if any(t is None for t in tables):
+            raise SimmimError("these Swin weights have no relative position tables (Swin V2?); give --model and "
+                              "--model-kwargs")
+        window = (math.isqrt(tables[0].shape[0]) + 1) // 2
+        kwargs = {"embed_dim": embed_dim, "depths": depths, "num_heads": [t.shape[1] for t in tables],
+                  "window_size": window, "patch_size": patch}
+        return "swin_base_patch4_window7_224", kwargs, None
+    depth = len({k.split(".")[1] for k in encoder if k.startswith("blocks.")})
+    mlp_ratio = encoder["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim
+    beit = any("rel_pos_bias" in k or "gamma_1" in k or k.endswith("q_bias") for k in encoder)
+    if beit:
+        shared = encoder.get("rel_pos_bias.relative_position_bias_table")
+        block = encoder.get("blocks.0.attn.relative_position_bias_table")
+        table = shared if shared is not None else block
+        heads = table.shape[1] if table is not None else max(1, embed_dim // 64)
+        kwargs = {"embed_dim": embed_dim, "depth": depth, "num_heads": heads, "patch_size": patch,
+                  "mlp_ratio": mlp_ratio, "use_abs_pos_emb": "pos_embed" in encoder,
+                  "use_shared_rel_pos_bias": shared is not None, "use_rel_pos_bias": block is not None,
+                  "init_values": 0.1 if "blocks.0.gamma_1" in encoder else None}
+        img_size = None
+        if table is not None:
+            grid = (math.isqrt(table.shape[0] - 3) + 1) // 2
+            img_size = grid * patch
+        return "beit_base_patch16_224", kwargs, img_size
+    kwargs = {"embed_dim": embed_dim, "depth": depth, "num_heads": max(1, embed_dim // 64), "patch_size": patch,
+              "mlp_ratio": mlp_ratio, "class_token": "cls_token" in encoder}
+    img_size = None
+    if "pos_embed" in encoder:
+        tokens = encoder["pos_embed"].shape[1] - (1 if "cls_token" in encoder else 0)
+        img_size = math.isqrt(tokens) * patch
+    return "vit_base_patch16_224", kwargs, img_size
+
+
+def classifier_kwargs(model_name: str, pretrain_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The official fine-tuning variant of a pretraining encoder: a BEiT pretrained with one shared relative
+    position bias is fine-tuned with a bias per block (each starting from the shared one)."""
+    kwargs = dict(pretrain_kwargs)
+    if model_family(model_name) == "beit" and kwargs.get("use_shared_rel_pos_bias"):
+        kwargs.update(use_shared_rel_pos_bias=False, use_rel_pos_bias=True)
+    return kwargs
+
+
+def architecture_of(weights: Weights) -> tuple[str, dict[str, Any], int | None]:
+    """The encoder a checkpoint was trained with: from its config when it has one, else from its tensors."""
+    if weights.config and weights.config.get("model"):
+        config = weights.config
+        return config["model"], dict(config.get("model_kwargs") or {}), config.get("img_size")
+    return infer_architecture(weights.encoder)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+@dataclass
+class LoadReport:
+    missing: list[str]
+    unexpected: list[str]
+    adapted: list[str]  # what was changed to fit (resized tables, copied shared bias, ...)
+
+
+def adapt_state(encoder: dict[str, torch.Tensor], model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Makes checkpoint tensors fit ``model``: shared → per-block relative bias, final norm → pooled norm, and
+    timm's checkpoint filter of the model's family (relative tables, position embeddings, patch embedding
+    resized by interpolation; old Swin layout converted)."""
+    import timm.models.beit as beit
+    import timm.models.swin_transformer as swin
+    import timm.models.swin_transformer_v2 as swinv2
+    import timm.models.vision_transformer as vit
+
+    state = dict(encoder)
+    notes: list[str] = []
+    names = set(model.state_dict())
+    shared = state.get("rel_pos_bias.relative_position_bias_table")
+    if shared is not None and "blocks.0.attn.relative_position_bias_table" in names \
+            and "blocks.0.attn.relative_position_bias_table" not in state:
+        for index in range(len(model.blocks)):
+            state[f"blocks.{index}.attn.relative_position_bias_table"] = shared.clone()
+        state = {k: v for k, v in state.items() if not k.startswith("rel_pos_bias.")}
+        notes.append("copied the shared relative position bias into every block")
+    if "norm.weight" in state and "norm.weight" not in names and "fc_norm.weight" in names \
+            and "fc_norm.weight" not in state:
+        state["fc_norm.weight"], state["fc_norm.bias"] = state.pop("norm.weight"), state.pop("norm.bias")
+        notes.append("the final norm initialises the pooled-feature norm (fc_norm)")
+    family = model_family(model.pretrained_cfg["architecture"])
+    filters = {"vit": vit.checkpoint_filter_fn, "beit": beit.checkpoint_filter_fn,
+               "swin": swin.checkpoint_filter_fn, "swinv2": swinv2.checkpoint_filter_fn}
+    before = {k: tuple(v.shape) for k, v in state.items()}
+    with warnings.catch_warnings():  # timm's table interpolation trips over torch deprecation notices
+        warnings.simplefilter("ignore", UserWarning)
+        state = filters[family](state, model)
+    resized = sorted(k for k, v in state.items() if k in before and tuple(v.shape) != before[k])
+    if resized:
+        notes.append(f"resized {len(resized)} tensor(s) to the model's size ({resized[0]}, ...)")
+    return state, notes
+
+
+def load_encoder(model: nn.Module, weights: Weights, allow_missing: bool = False) -> LoadReport:
+    """Loads ``weights.encoder`` into a timm model. Backbone keys that are missing or left over fail the load
+    unless ``allow_missing``; the classifier head may differ (a new head is expected)."""
+    state, notes = adapt_state(weights.encoder, model)
+    own = model.state_dict()
+    mismatched = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
+    for key in mismatched:
+        if not key.startswith(HEAD_PREFIXES):
+            raise SimmimError(
+                f"{weights.path} does not fit this model: {key} is {tuple(state[key].shape)} in the checkpoint "
+                f"and {tuple(own[key].shape)} in the model; choose the --model/--model-kwargs it was trained with")
+        del state[key]  # a head for another number of classes
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(HEAD_PREFIXES)]
+    unexpected = [k for k in result.unexpected_keys if not k.startswith(HEAD_PREFIXES)]
+    if (missing or unexpected) and not allow_missing:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected ({', '.join(unexpected[:3])}"
+                         f"{', ...' if len(unexpected) > 3 else ''})")
+        raise SimmimError(f"{weights.path} does not fit this model: {' and '.join(parts)} backbone keys; "
+                          "choose the --model/--model-kwargs it was trained with, or pass --allow-missing")
+    return LoadReport(missing=missing, unexpected=unexpected, adapted=notes)
