@@ -14,9 +14,12 @@ from .config import (
     PRECISIONS,
     SCHEDULES,
     EvaluateConfig,
+    ExportConfig,
     FinetuneConfig,
     LinearProbeConfig,
+    PredictConfig,
     PretrainConfig,
+    VisualizeConfig,
     resolve_config,
 )
 from .errors import SimmimError, debug_enabled, set_debug
@@ -497,23 +500,140 @@ def evaluate(
                   f"{result['paths']['confusion_png']}")
 
 
-def _not_yet(name: str, issue: str):
-    def command(args: Annotated[list[str] | None, typer.Argument(hidden=True)] = None) -> None:
-        typer.echo(f"error: `simmim {name}` is not implemented yet ({issue}); "
-                   "make-shards, pretrain, finetune, linear-probe and evaluate work today", err=True)
-        raise typer.Exit(2)
+@app.command("visualize-recon", epilog=(
+    "Examples:\n\n  simmim visualize-recon photo.jpg                       # the newest pretrain checkpoint\n\n"
+    "  simmim visualize-recon photos/ --checkpoint simmim_swin_base_800ep.pth --seed 3 --output swin.png\n\n"
+    "  simmim visualize-recon shards/ --limit 8 --mask my_mask.npy --save-arrays recon.npz"))
+@handle_errors
+def visualize_recon(
+    ctx: typer.Context,
+    images: Annotated[list[str], typer.Argument(help="Image files, folders of images, or shards.",
+                                                show_default=False)],
+    checkpoint: Annotated[str | None, typer.Option(
+        help="Pretrain checkpoint (this toolkit's or an official SimMIM release) [default: the newest under runs/].",
+        show_default=False)] = None,
+    output: Annotated[str, typer.Option(help="PNG panel to write.")] = "recon.png",
+    force: Annotated[bool, typer.Option("--force", help="Replace --output and --save-arrays files.")] = False,
+    mask_ratio: Annotated[float | None, typer.Option(
+        help="Fraction of cells masked [default: the checkpoint's, else 0.6].", show_default=False)] = None,
+    mask_patch_size: Annotated[int | None, typer.Option(
+        help="Masked cell size in pixels [default: the checkpoint's, else 32].", show_default=False)] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the random masks: same seed, same masks.")] = 0,
+    mask: Annotated[str | None, typer.Option(
+        help="A .npy 0/1 array on the mask-patch or model-patch grid (1 = masked), used for every image.",
+        show_default=False)] = None,
+    save_arrays: Annotated[str | None, typer.Option(
+        help="Also write input, mask, reconstruction (normalised) and per-image loss to this .npz.",
+        show_default=False)] = None,
+    model: Annotated[str | None, typer.Option(
+        help="timm model name, when the checkpoint has no config (official releases: usually read off the "
+             "weights).", show_default=False)] = None,
+    model_kwargs: ModelKwargs = None,
+    img_size: Annotated[int | None, typer.Option(help="Input size [default: the checkpoint's].",
+                                                 show_default=False)] = None,
+    limit: Annotated[int, typer.Option(help="At most this many images in the panel.")] = 16,
+    device: Device = "auto",
+) -> None:
+    """Reconstruction panels: original | masked input | reconstruction | reconstruction with visible patches."""
+    from .visualize import visualize_recon as run
 
-    command.__doc__ = f"(not implemented yet) {issue[0].upper()}{issue[1:]}."
-    return command
+    result = run(config_from_context(VisualizeConfig, ctx))
+    for line in result["notes"]:
+        typer.echo(line, err=True)
+    for line in result["skipped"]:
+        typer.echo(f"warning: skipped unreadable {line}", err=True)
+    losses = result["losses"]
+    typer.echo(f"wrote {result['output']} ({len(losses)} image(s), mean masked L1 {sum(losses) / len(losses):.4f})"
+               + (f" and {result['arrays']}" if result["arrays"] else ""))
 
 
-for _name, _what in {
-    "visualize-recon": "reconstruction panels for images",
-    "export": "ONNX export of a checkpoint",
-    "predict": "classify images with an ONNX model or a checkpoint",
-}.items():
-    app.command(_name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(
-        _not_yet(_name, _what))
+@app.command(epilog=(
+    "Examples:\n\n  simmim export --onnx                                   # the newest finetune run's best.pth\n\n"
+    "  simmim export --onnx --checkpoint runs/finetune-X/best.pth --output vit.onnx --fp16\n\n"
+    "  simmim export --onnx --checkpoint runs/pretrain-X/checkpoint-00012345.pth --what features"))
+@handle_errors
+def export(
+    ctx: typer.Context,
+    onnx: Annotated[bool, typer.Option("--onnx/--no-onnx", help="Write an ONNX file.")] = True,
+    checkpoint: Annotated[str | None, typer.Option(
+        help="Checkpoint to export [default: the newest finetune/linear-probe run's best.pth, else the newest "
+             "pretrain checkpoint].", show_default=False)] = None,
+    what: Annotated[str | None, typer.Option(
+        help="classifier (logits) | features (pooled) | reconstruction (images + mask → pixels) "
+             "[default: classifier for classifier checkpoints, features for pretrain ones].",
+        show_default=False)] = None,
+    output: Annotated[str | None, typer.Option(help="ONNX file [default: <what>.onnx].", show_default=False)] = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset.")] = 18,
+    exporter: Annotated[str, typer.Option(
+        help="auto (dynamo, falling back to TorchScript with a note) | dynamo | torchscript.")] = "auto",
+    fp16: Annotated[bool, typer.Option("--fp16", help="Half-precision model (float32 inputs and outputs), "
+                                       "verified by top-1 agreement.")] = False,
+    torchscript: Annotated[bool, typer.Option("--torchscript", help="Also write a TorchScript file (.pt).")] = False,
+    verify: Annotated[bool, typer.Option(help="Compare onnxruntime with PyTorch on real images; fail above "
+                                         "--tolerance.")] = True,
+    tolerance: Annotated[float, typer.Option(help="Largest accepted absolute difference (fp32).")] = 1e-4,
+    force: Annotated[bool, typer.Option("--force", help="Replace existing files.")] = False,
+) -> None:
+    """Export a checkpoint to ONNX (dynamic batch, fixed image size, preprocessing in the metadata), verified."""
+    from .export import export as run
+
+    result = run(config_from_context(ExportConfig, ctx))
+    check = result.get("verification")
+    if check:
+        agreement = f", top-1 agreement {100 * check['top1_agreement']:.0f}%" if "top1_agreement" in check else ""
+        typer.echo(f"verified with onnxruntime on real images: max |onnx - torch| = {check['max_abs_diff']:.2e}"
+                   + agreement)
+    exporter_note = f" (exporter: {result['exporter']})" if "exporter" in result else ""
+    typer.echo(f"wrote {', '.join(map(str, result['files']))}: {result['what']} of {result['checkpoint']}"
+               + exporter_note)
+
+
+@app.command(epilog=(
+    "Examples:\n\n  simmim predict model.onnx photo.jpg photos/\n\n"
+    "  simmim predict runs/finetune-X/best.pth shards/val --json --top-k 3 > predictions.json"))
+@handle_errors
+def predict(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Argument(help="An .onnx file from simmim export, or a classifier checkpoint.",
+                                         show_default=False)],
+    images: Annotated[list[str], typer.Argument(help="Image files, folders or shards.", show_default=False)],
+    top_k: Annotated[int, typer.Option(help="Classes per image.")] = 5,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
+    provider: Annotated[str, typer.Option(
+        help="auto (CUDA when onnxruntime can use it, else CPU with a note) | cuda | tensorrt | cpu.")] = "auto",
+    json_output: Annotated[bool, typer.Option("--json", help="Print a JSON list instead of a table.")] = False,
+    img_size: Annotated[int | None, typer.Option(help="Check the model takes this size.",
+                                                 show_default=False)] = None,
+    limit: Annotated[int | None, typer.Option(help="At most this many images.", show_default=False)] = None,
+) -> None:
+    """Top-k classes of images, with names, from an ONNX model (onnxruntime, GPU when available) or a checkpoint."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from .export import predict as run
+
+    values = dict(ctx.params)
+    values["json"] = values.pop("json_output")
+    config = PredictConfig(**values)
+    config.validate()
+    result = run(config)
+    errors = Console(stderr=True)
+    for line in result["notes"]:
+        errors.print(line, markup=False, highlight=False)
+    for line in result["skipped"]:
+        errors.print(f"warning: skipped unreadable {line}", markup=False, highlight=False)
+    if config.json:
+        typer.echo(json.dumps(result["results"], indent=2))
+    else:
+        table = Table("image", "top-1", "probability", f"top-{config.top_k}")
+        for entry in result["results"]:
+            table.add_row(entry["image"], entry["top1"], f"{entry['topk'][0]['prob']:.3f}",
+                          ", ".join(f"{e['label']} {e['prob']:.2f}" for e in entry["topk"][1:]))
+        Console().print(table)
+    errors.print(f"{len(result['results'])} image(s) with {result['runtime']}: "
+                 f"{result['images_per_second']:.1f} images/s", markup=False, highlight=False)
 
 
 def run() -> None:

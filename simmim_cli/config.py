@@ -239,6 +239,93 @@ class EvaluateConfig:
         return dataclasses.asdict(self)
 
 
+@dataclass
+class VisualizeConfig:
+    """``simmim visualize-recon``: reconstruction panels for images."""
+
+    images: list[str] = field(default_factory=list)
+    checkpoint: str | None = None
+    output: str = "recon.png"
+    force: bool = False
+    mask_ratio: float | None = None  # the checkpoint's unless given
+    mask_patch_size: int | None = None
+    seed: int = 0
+    mask: str | None = None  # a .npy 0/1 array on the mask-patch or model-patch grid
+    save_arrays: str | None = None
+    model: str | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    img_size: int | None = None
+    limit: int = 16
+    device: str = "auto"
+
+    command = "visualize-recon"
+
+    def validate(self) -> None:
+        if not self.images:
+            raise SimmimError("give images: files, folders or shards, e.g. simmim visualize-recon photo.jpg")
+        if self.limit < 1:
+            raise SimmimError("--limit must be at least 1")
+        if self.mask_ratio is not None and not 0 < self.mask_ratio < 1:
+            raise SimmimError(f"--mask-ratio {self.mask_ratio} is outside (0, 1)")
+        if self.save_arrays and not self.save_arrays.endswith(".npz"):
+            raise SimmimError("--save-arrays takes a .npz file name")
+
+
+@dataclass
+class ExportConfig:
+    """``simmim export``: ONNX (and TorchScript) files for deployment."""
+
+    checkpoint: str | None = None
+    onnx: bool = True
+    what: str | None = None  # classifier | features | reconstruction; by the checkpoint's kind unless given
+    output: str | None = None
+    opset: int = 18
+    exporter: str = "auto"  # auto | dynamo | torchscript
+    fp16: bool = False
+    torchscript: bool = False
+    verify: bool = True
+    tolerance: float = 1e-4
+    force: bool = False
+
+    command = "export"
+
+    def validate(self) -> None:
+        if self.what not in (None, "classifier", "features", "reconstruction"):
+            raise SimmimError(f"--what must be classifier, features or reconstruction, got '{self.what}'")
+        if self.exporter not in ("auto", "dynamo", "torchscript"):
+            raise SimmimError(f"--exporter must be auto, dynamo or torchscript, got '{self.exporter}'")
+        if not self.onnx and not self.torchscript:
+            raise SimmimError("nothing to export: give --onnx and/or --torchscript")
+        if self.opset < 17:
+            raise SimmimError(f"--opset {self.opset} is too old for these models; use 17 or newer (default 18)")
+
+
+@dataclass
+class PredictConfig:
+    """``simmim predict``: top-k classes of images from an ONNX model or a checkpoint."""
+
+    model: str | None = None
+    images: list[str] = field(default_factory=list)
+    top_k: int = 5
+    batch_size: int = 32
+    provider: str = "auto"  # auto | cuda | tensorrt | cpu (ONNX); the torch device for checkpoints
+    json: bool = False
+    img_size: int | None = None
+    limit: int | None = None
+
+    command = "predict"
+
+    def validate(self) -> None:
+        if not self.model:
+            raise SimmimError("give a model: simmim predict model.onnx IMAGE... (or a best.pth checkpoint)")
+        if not self.images:
+            raise SimmimError("give images: files, folders or shards after the model")
+        if self.provider not in ("auto", "cuda", "tensorrt", "cpu"):
+            raise SimmimError(f"--provider must be auto, cuda, tensorrt or cpu, got '{self.provider}'")
+        if self.top_k < 1 or self.batch_size < 1:
+            raise SimmimError("--top-k and --batch-size must be at least 1")
+
+
 C = TypeVar("C", bound=TrainConfig)
 
 

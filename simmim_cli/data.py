@@ -705,3 +705,29 @@ def labelled_source(data: str) -> tuple[ShardSet | list[tuple[Path, int]], list[
     shards = resolve_shards(data)
     return shards, shards.classes, shards.num_samples
 
+
+def collect_images(inputs: list[str], limit: int | None = None) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of the images named by ``inputs``: image files, folders of images (searched recursively),
+    shard folders, .tar files or brace patterns of shards. Stops after ``limit`` images."""
+    count = 0
+    for item in inputs:
+        path = Path(item)
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+            entries: Iterator[tuple[str, bytes]] = iter([(str(path), path.read_bytes())])
+        elif path.is_dir() and not list(path.glob("*.tar")):
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                raise SimmimError(f"no images in {path}")
+            entries = ((str(p), p.read_bytes()) for p in files)
+        elif path.is_dir() or path.suffix == ".tar" or "{" in item:
+            shards = resolve_shards(item)
+            samples = wds.tariterators.tarfile_samples(iter([{"url": u} for u in shards.urls]))
+            entries = ((f"{s['__url__']}:{s['__key__']}", _image_bytes(s)) for s in samples)
+        else:
+            raise SimmimError(f"{item}: not an image file, a folder of images or shards")
+        for entry in entries:
+            yield entry
+            count += 1
+            if limit is not None and count >= limit:
+                return
+

@@ -210,3 +210,33 @@ def load_encoder(model: nn.Module, weights: Weights, allow_missing: bool = False
         raise SimmimError(f"{weights.path} does not fit this model: {' and '.join(parts)} backbone keys; "
                           "choose the --model/--model-kwargs it was trained with, or pass --allow-missing")
     return LoadReport(missing=missing, unexpected=unexpected, adapted=notes)
+
+
+def load_simmim(
+    path: str | Path,
+    model_name: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    img_size: int | None = None,
+) -> tuple[nn.Module, Weights, LoadReport]:
+    """A whole SimMIM model (encoder, mask token, pixel head) from a pretrain checkpoint of this toolkit or an
+    official release; ``model_name``/``model_kwargs``/``img_size`` fill in what the checkpoint does not say.
+    Without decoder weights in the checkpoint the head stays randomly initialised (see ``Weights.decoder``)."""
+    from .models import build_simmim
+
+    weights = read_weights(path)
+    name, kwargs, size = architecture_of(weights)
+    kwargs = {**kwargs, **(model_kwargs or {})}
+    model = build_simmim(model_name or name, img_size or size or 224, kwargs, 0.0)
+    report = load_encoder(model.encoder.backbone, weights)
+    if weights.mask_token is not None:
+        if weights.mask_token.shape != model.encoder.mask_token.shape:
+            raise SimmimError(f"{path}: its mask token is {tuple(weights.mask_token.shape)}, the model's "
+                              f"{tuple(model.encoder.mask_token.shape)}; give the --model-kwargs it was trained with")
+        model.encoder.mask_token.data.copy_(weights.mask_token)
+    if weights.decoder:
+        try:
+            model.decoder.load_state_dict(weights.decoder)
+        except RuntimeError as error:
+            raise SimmimError(f"{path}: the pixel head does not fit this model ({str(error).splitlines()[-1]}); "
+                              "give the --model-kwargs and --img-size it was trained with") from error
+    return model.eval(), weights, report

@@ -46,12 +46,6 @@ def test_help_lists_every_command_and_option_group():
         assert option in result.output
 
 
-@pytest.mark.parametrize("command", ["visualize-recon", "export", "predict"])
-def test_commands_of_later_releases_say_so(command):
-    line = one_line_error(runner.invoke(app, [command, "anything", "--onnx"]))
-    assert "not implemented yet" in line
-
-
 def test_options_reach_the_config(captured):
     result = runner.invoke(app, ["pretrain", "--data", "shards/", "--model", "swin_tiny_patch4_window7_224",
                                  "--model-kwargs", '{"window_size": 6}', "--img-size", "192", "--mask-ratio", "0.5",

@@ -1,0 +1,244 @@
+"""visualize-recon, ONNX export + onnxruntime parity, predict."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import TINY_MODELS
+from PIL import Image
+from test_weights import official_checkpoint
+from typer.testing import CliRunner
+
+from simmim_cli import checkpoints
+from simmim_cli.cli import app
+from simmim_cli.config import FinetuneConfig
+from simmim_cli.data import CropTransform, decode_image, normalize
+from simmim_cli.models import build_simmim
+from simmim_cli.tasks import _make_classifier, load_classifier, save_model_file
+from simmim_cli.visualize import MIN_TILE
+from simmim_cli.weights import load_simmim
+
+runner = CliRunner()
+CLASSES = ["cat", "dog", "fish"]
+
+
+def ok(result):
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def one_line_error(result) -> str:
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: ") and "Traceback" not in result.output, result.output
+    return lines[-1]
+
+
+@pytest.fixture(scope="module")
+def pretrain_checkpoint(tmp_path_factory) -> Path:
+    name, kwargs, size = TINY_MODELS["vit"]
+    torch.manual_seed(0)
+    model = build_simmim(name, size, kwargs, 0.0)
+    path = tmp_path_factory.mktemp("pre") / "checkpoint-00000010.pth"
+    checkpoints.save_checkpoint({"kind": "pretrain", "model": model.state_dict(), "step": 10,
+                                 "config": {"model": name, "model_kwargs": kwargs, "img_size": size,
+                                            "mask_patch_size": 16, "mask_ratio": 0.6}}, path)
+    return path
+
+
+def classifier_checkpoint(folder: Path, family: str) -> Path:
+    name, kwargs, size = TINY_MODELS[family]
+    if family == "swin":
+        kwargs = {**kwargs, "window_size": 4}
+    config = FinetuneConfig(data="x", model=name, model_kwargs=kwargs, img_size=size, drop_path=0.0)
+    torch.manual_seed(1)
+    model = _make_classifier(config, len(CLASSES), probe=False)
+    path = folder / f"{family}-best.pth"
+    save_model_file(path, "finetune", model, config, CLASSES, {"val_top1": 0.0})
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- visualize-recon
+
+
+def test_the_panel_shows_every_image_in_four_columns(pretrain_checkpoint, photo_folder, tmp_path):
+    output = tmp_path / "panel.png"
+    result = ok(runner.invoke(app, ["visualize-recon", str(photo_folder), "--checkpoint", str(pretrain_checkpoint),
+                                    "--output", str(output), "--limit", "3"]))
+    assert "3 image(s)" in result.output
+    panel = Image.open(output)
+    tile = 32 * -(-MIN_TILE // 32)  # 32-pixel images enlarged to at least MIN_TILE
+    assert panel.width == 4 * tile + 5 * 4
+    assert panel.height > 3 * tile
+    assert runner.invoke(app, ["visualize-recon", str(photo_folder), "--checkpoint", str(pretrain_checkpoint),
+                               "--output", str(output)]).exit_code == 2  # no overwriting without --force
+
+
+def test_same_seed_same_masks_and_the_arrays_are_the_models_output(pretrain_checkpoint, photo_folder, tmp_path):
+    def run(seed, name):
+        ok(runner.invoke(app, ["visualize-recon", str(photo_folder), "--checkpoint", str(pretrain_checkpoint),
+                               "--output", str(tmp_path / f"{name}.png"), "--save-arrays",
+                               str(tmp_path / f"{name}.npz"), "--seed", str(seed), "--limit", "4"]))
+        return np.load(tmp_path / f"{name}.npz")
+
+    first, again, other = run(7, "a"), run(7, "b"), run(8, "c")
+    assert np.array_equal(first["mask"], again["mask"]) and not np.array_equal(first["mask"], other["mask"])
+    assert first["mask"].shape == (4, 4, 4) and (first["mask"].reshape(4, -1)[:, ::1].sum(1) == 12).all()
+    model, _, _ = load_simmim(pretrain_checkpoint)
+    with torch.no_grad():
+        loss, reconstruction = model(torch.from_numpy(first["input"]), torch.from_numpy(first["mask"]))
+    assert np.allclose(first["reconstruction"], reconstruction.numpy(), atol=1e-6)
+    assert first["loss"].shape == (4,) and np.isclose(first["loss"].mean(), loss.item(), rtol=1e-4)
+
+
+def test_a_given_mask_is_used_for_every_image(pretrain_checkpoint, photo_folder, tmp_path):
+    coarse = np.array([[1, 0], [0, 1]], dtype=np.uint8)  # on the 16-pixel mask-patch grid of a 32-pixel image
+    np.save(tmp_path / "mask.npy", coarse)
+    ok(runner.invoke(app, ["visualize-recon", str(photo_folder), "--checkpoint", str(pretrain_checkpoint),
+                           "--mask", str(tmp_path / "mask.npy"), "--output", str(tmp_path / "m.png"),
+                           "--save-arrays", str(tmp_path / "m.npz"), "--limit", "2"]))
+    expected = coarse.repeat(2, 0).repeat(2, 1).astype(bool)  # model patch 8: 2×2 tokens per cell
+    assert all(np.array_equal(mask, expected) for mask in np.load(tmp_path / "m.npz")["mask"])
+    np.save(tmp_path / "bad.npy", np.ones((3, 3)))
+    assert "3x3" in one_line_error(runner.invoke(app, ["visualize-recon", str(photo_folder), "--checkpoint",
+                                                       str(pretrain_checkpoint), "--mask", str(tmp_path / "bad.npy"),
+                                                       "--output", str(tmp_path / "n.png")]))
+
+
+def test_unreadable_images_are_named_and_the_rest_rendered(pretrain_checkpoint, photo_folder, tmp_path):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff not a jpeg")
+    good = sorted(photo_folder.glob("*.jpg"))[0]
+    result = ok(runner.invoke(app, ["visualize-recon", str(broken), str(good), "--checkpoint",
+                                    str(pretrain_checkpoint), "--output", str(tmp_path / "p.png")]))
+    assert "skipped unreadable" in result.output and "broken.jpg" in result.output and "1 image(s)" in result.output
+
+
+def test_official_checkpoints_reconstruct_and_missing_decoders_are_flagged(photo_folder, tmp_path):
+    name, kwargs, size = TINY_MODELS["beit"]
+    model = build_simmim(name, size, kwargs, 0.0)
+    official_checkpoint(tmp_path / "official.pth", model)
+    result = ok(runner.invoke(app, ["visualize-recon", str(photo_folder), "--checkpoint",
+                                    str(tmp_path / "official.pth"), "--output", str(tmp_path / "o.png"),
+                                    "--mask-patch-size", "16", "--limit", "2"]))
+    assert "WARNING" not in result.output
+    torch.save({"model": {k: v for k, v in torch.load(tmp_path / "official.pth", weights_only=False)["model"].items()
+                          if not k.startswith("decoder.")}}, tmp_path / "no_decoder.pth")
+    result = ok(runner.invoke(app, ["visualize-recon", str(photo_folder), "--checkpoint",
+                                    str(tmp_path / "no_decoder.pth"), "--output", str(tmp_path / "d.png"),
+                                    "--mask-patch-size", "16", "--limit", "2"]))
+    assert "WARNING" in result.output and "no decoder weights" in result.output
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+
+@pytest.mark.parametrize("family", ["vit", "beit", "swin"])
+@pytest.mark.parametrize("what", ["classifier", "features"])
+def test_onnx_export_matches_pytorch(tmp_path, family, what):
+    import onnxruntime as ort
+
+    checkpoint = classifier_checkpoint(tmp_path, family)
+    output = tmp_path / f"{family}-{what}.onnx"
+    result = ok(runner.invoke(app, ["export", "--onnx", "--checkpoint", str(checkpoint), "--what", what,
+                                    "--output", str(output)]))
+    assert "verified with onnxruntime" in result.output
+    model = onnx.load(str(output))
+    batch_dim = model.graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch_dim.dim_param and not batch_dim.dim_value  # a symbolic batch axis
+    metadata = {entry.key: json.loads(entry.value) for entry in model.metadata_props}
+    assert metadata["what"] == what and metadata["img_size"] == 32 and len(metadata["mean"]) == 3
+    assert metadata["class_names"] == (CLASSES if what == "classifier" else [])
+    classifier, _, _ = load_classifier(checkpoint)
+    images = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        expected = classifier(images) if what == "classifier" else classifier.forward_head(
+            classifier.forward_features(images), pre_logits=True)
+    session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    actual = session.run(None, {"images": images.numpy()})[0]
+    assert np.abs(actual - expected.numpy()).max() < 1e-4
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated")
+def test_pretrain_checkpoints_export_features_and_reconstructions(pretrain_checkpoint, tmp_path):
+    import onnxruntime as ort
+
+    ok(runner.invoke(app, ["export", "--checkpoint", str(pretrain_checkpoint), "--output", str(tmp_path / "f.onnx")]))
+    metadata = {e.key: e.value for e in onnx.load(str(tmp_path / "f.onnx")).metadata_props}
+    assert json.loads(metadata["what"]) == "features"
+    ok(runner.invoke(app, ["export", "--checkpoint", str(pretrain_checkpoint), "--what", "reconstruction",
+                           "--output", str(tmp_path / "r.onnx"), "--torchscript"]))
+    model, _, _ = load_simmim(pretrain_checkpoint)
+    images, mask = torch.randn(3, 3, 32, 32), (torch.rand(3, 4, 4) < 0.5).float()
+    with torch.no_grad():
+        expected = model(images, mask)[1]
+    session = ort.InferenceSession(str(tmp_path / "r.onnx"), providers=["CPUExecutionProvider"])
+    actual = session.run(None, {"images": images.numpy(), "mask": mask.numpy()})[0]
+    assert np.abs(actual - expected.numpy()).max() < 1e-4
+    traced = torch.jit.load(str(tmp_path / "r.pt"))
+    assert torch.allclose(traced(images, mask), expected, atol=1e-5)
+
+
+def test_fp16_export_and_overwrite_rules(tmp_path):
+    checkpoint = classifier_checkpoint(tmp_path, "vit")
+    ok(runner.invoke(app, ["export", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "m.onnx"), "--fp16"]))
+    assert "top-1 agreement 100%" in runner.invoke(app, ["export", "--checkpoint", str(checkpoint), "--output",
+                                                         str(tmp_path / "m.onnx"), "--fp16", "--force"]).output
+    weights = [t for t in onnx.load(str(tmp_path / "m.onnx")).graph.initializer if t.dims and len(t.dims) == 2]
+    assert all(t.data_type == onnx.TensorProto.FLOAT16 for t in weights)
+    before = (tmp_path / "m.onnx").read_bytes()
+    assert "--force" in one_line_error(runner.invoke(app, ["export", "--checkpoint", str(checkpoint), "--output",
+                                                           str(tmp_path / "m.onnx")]))
+    assert (tmp_path / "m.onnx").read_bytes() == before
+
+
+def test_a_pretrain_checkpoint_is_not_a_classifier(pretrain_checkpoint, tmp_path):
+    line = one_line_error(runner.invoke(app, ["export", "--checkpoint", str(pretrain_checkpoint), "--what",
+                                              "classifier", "--output", str(tmp_path / "c.onnx")]))
+    assert "not a classifier" in line
+
+
+# ---------------------------------------------------------------------------------------------- predict
+
+
+def torch_top1(checkpoint: Path, paths: list[Path]) -> list[str]:
+    model, config, classes = load_classifier(checkpoint)
+    view = CropTransform(config.img_size, config.crop_pct)
+    batch = normalize(torch.stack([view(decode_image(p.read_bytes()))["image"] for p in paths]))
+    with torch.no_grad():
+        return [classes[i] for i in model(batch).argmax(1).tolist()]
+
+
+def test_predict_agrees_with_pytorch_with_onnx_and_with_the_checkpoint(photo_folder, tmp_path):
+    checkpoint = classifier_checkpoint(tmp_path, "swin")
+    ok(runner.invoke(app, ["export", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "m.onnx")]))
+    paths = sorted(photo_folder.iterdir())[:6]
+    expected = torch_top1(checkpoint, paths)
+    for model in (tmp_path / "m.onnx", checkpoint):
+        result = ok(runner.invoke(app, ["predict", str(model), *map(str, paths), "--json", "--top-k", "2",
+                                        "--batch-size", "4"]))
+        predictions = json.loads(result.stdout)
+        assert [p["image"] for p in predictions] == list(map(str, paths))
+        assert [p["top1"] for p in predictions] == expected
+        assert all(len(p["topk"]) == 2 and set(p["topk"][0]) == {"label", "index", "prob"} for p in predictions)
+        assert all(p["topk"][0]["prob"] >= p["topk"][1]["prob"] for p in predictions)
+    table = ok(runner.invoke(app, ["predict", str(tmp_path / "m.onnx"), str(paths[0])]))
+    assert "images/s" in table.output and expected[0] in table.output
+
+
+def test_predict_errors(photo_folder, tmp_path):
+    checkpoint = classifier_checkpoint(tmp_path, "vit")
+    ok(runner.invoke(app, ["export", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "m.onnx")]))
+    image = str(sorted(photo_folder.glob("*.jpg"))[0])
+    if not torch.cuda.is_available():
+        assert "no usable GPU" in one_line_error(runner.invoke(app, ["predict", str(tmp_path / "m.onnx"), image,
+                                                                    "--provider", "cuda"]))
+    assert "takes 32×32 images" in one_line_error(runner.invoke(app, ["predict", str(tmp_path / "m.onnx"), image,
+                                                                      "--img-size", "64"]))
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"nope")
+    result = ok(runner.invoke(app, ["predict", str(tmp_path / "m.onnx"), str(broken), image, "--json"]))
+    assert "skipped unreadable" in result.output and len(json.loads(result.stdout)) == 1
