@@ -731,3 +731,20 @@ def collect_images(inputs: list[str], limit: int | None = None) -> Iterator[tupl
             if limit is not None and count >= limit:
                 return
 
+
+def image_views(entries: Iterator[tuple[str, bytes]], img_size: int, crop_pct: float, skipped: list[str],
+                notes: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, uint8 view) for each readable image: resized to ``img_size / crop_pct`` and centre-cropped. Images
+    that do not decode are listed in ``skipped``; ones smaller than the model get a note in ``notes``."""
+    view = CropTransform(img_size, crop_pct)
+    for name, data in entries:
+        try:
+            image = decode_image(data)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+            skipped.append(f"{name}: {type(error).__name__}: {error}")
+            continue
+        if min(image.size) < img_size:
+            notes.append(f"note: {name} is {image.width}×{image.height}, smaller than the model's {img_size}; "
+                         "it was enlarged")
+        yield name, view(image)["image"]
+

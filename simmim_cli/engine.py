@@ -206,6 +206,9 @@ class Trainer:
         self.output = Path(config.output)
         self.precision = resolve_precision(config.precision, self.device)
         self.stop_requested = False
+        if self.device.type == "cuda":
+            torch.set_float32_matmul_precision("high")  # TF32 for whatever runs in fp32 (Ampere and newer)
+            torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
 
     # -- setup ------------------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from . import __version__, checkpoints
 from .config import ExportConfig, PredictConfig
-from .data import MEAN, STD, CropTransform, collect_images, decode_image, normalize
+from .data import MEAN, STD, CropTransform, collect_images, image_views, normalize
 from .errors import SimmimError
 from .models import set_fused_attention
 
@@ -301,24 +301,13 @@ def export(config: ExportConfig) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- predict
 
 
-def _batches(images: Iterator[tuple[str, bytes]], img_size: int, crop_pct: float, size: int, skipped: list[str],
+def _batches(entries: Iterator[tuple[str, bytes]], img_size: int, crop_pct: float, size: int, skipped: list[str],
              notes: list[str]):
-    """Batches of (names, normalised images) for prediction; unreadable images are listed in ``skipped``."""
-    from PIL import Image
-
-    view = CropTransform(img_size, crop_pct)
+    """Batches of (names, normalised images) for prediction."""
     names, tensors = [], []
-    for name, data in images:
-        try:
-            image = decode_image(data)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-            skipped.append(f"{name}: {type(error).__name__}: {error}")
-            continue
-        if min(image.size) < img_size:
-            notes.append(f"note: {name} is {image.width}×{image.height}, smaller than the model's {img_size}; "
-                         "it was enlarged")
+    for name, tensor in image_views(entries, img_size, crop_pct, skipped, notes):
         names.append(name)
-        tensors.append(view(image)["image"])
+        tensors.append(tensor)
         if len(names) == size:
             yield names, normalize(torch.stack(tensors))
             names, tensors = [], []

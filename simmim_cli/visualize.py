@@ -102,7 +102,7 @@ def visualize_recon(config: VisualizeConfig) -> dict[str, Any]:
 
     Returns what it did (paths, per-image losses, skipped images, notes) for the command line to report."""
     from . import checkpoints, distributed
-    from .data import CropTransform, collect_images, decode_image, normalize
+    from .data import collect_images, image_views, normalize
     from .masking import MaskGenerator
     from .models import masked_l1_per_image
     from .weights import load_simmim
@@ -125,19 +125,9 @@ def visualize_recon(config: VisualizeConfig) -> dict[str, Any]:
         f"WARNING: {config.checkpoint} has no decoder weights, so the pixel head is random and the "
         "reconstructions mean nothing; use a pretraining checkpoint"]
 
-    view = CropTransform(img_size, crop_pct=1.0)
-    names, images, skipped = [], [], []
-    for name, data in collect_images(config.images, config.limit):
-        try:
-            image = decode_image(data)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-            skipped.append(f"{name}: {type(error).__name__}: {error}")
-            continue
-        if min(image.size) < img_size:
-            notes.append(f"note: {name} is {image.width}×{image.height}, smaller than the model's {img_size}; "
-                         "it was enlarged")
-        names.append(name)
-        images.append(view(image)["image"])
+    skipped: list[str] = []
+    views = list(image_views(collect_images(config.images, config.limit), img_size, 1.0, skipped, notes))
+    names, images = [name for name, _ in views], [tensor for _, tensor in views]
     if not images:
         raise SimmimError("none of the images could be read" + (f" ({skipped[0]})" if skipped else ""))
 
