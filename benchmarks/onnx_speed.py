@@ -1,4 +1,5 @@
-"""Exported classifiers in onnxruntime (CPU provider, all graph optimisations) against PyTorch eager fp32.
+"""Exported classifiers in onnxruntime (CPU provider, all graph optimisations) against PyTorch eager fp32,
+in fp32 and as `simmim export --int8` writes them (dynamic int8 quantization).
 
 The same weights and inputs in one process, timed in alternating blocks: ViT-S/16 and Swin-T at 224, batch 1
 and 32. PyTorch runs timm's defaults (fused scaled-dot-product attention); the export uses explicit attention,
@@ -26,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pretrain_step import matmul_peak  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from simmim_cli.export import session, to_onnx  # noqa: E402
+from simmim_cli.export import session, to_int8, to_onnx  # noqa: E402
 from simmim_cli.models import create_backbone, set_fused_attention  # noqa: E402
 
 MODELS = {
@@ -68,6 +69,8 @@ def main() -> None:
             set_fused_attention(exported, False)
             to_onnx(exported, (torch.randn(2, 3, 224, 224),), "classifier", path, 18, "auto")
             ort_session, _ = session(path, "cpu")
+            to_int8(path, Path(tmp) / f"{key}-int8.onnx")  # what `simmim export --int8` writes
+            int8_session, _ = session(Path(tmp) / f"{key}-int8.onnx", "cpu")
             with FlopCounterMode(display=False) as counter, torch.no_grad():
                 model(torch.randn(1, 3, 224, 224))
             gflop = counter.get_total_flops() / 1e9
@@ -78,10 +81,15 @@ def main() -> None:
                     difference = float(np.abs(ort_session.run(None, feed)[0] - model(images).numpy()).max())
                     torch_s, onnx_s = interleaved(lambda: model(images), lambda: ort_session.run(None, feed),  # noqa: B023
                                                   args.rounds, max(1, 16 // batch))
+                    torch_again, int8_s = interleaved(lambda: model(images),  # noqa: B023
+                                                      lambda: int8_session.run(None, feed),  # noqa: B023
+                                                      args.rounds, max(1, 16 // batch))
                 print(json.dumps({"model": key, "batch": batch,
                                   "pytorch_eager_fp32_img_per_s": round(batch / torch_s, 1),
                                   "onnxruntime_cpu_img_per_s": round(batch / onnx_s, 1),
                                   "speedup": round(torch_s / onnx_s, 2), "max_abs_diff": difference,
+                                  "onnxruntime_int8_img_per_s": round(batch / int8_s, 1),
+                                  "int8_speedup": round(torch_again / int8_s, 2),
                                   "forward_gflop_per_image": round(gflop, 2), "fp32_matmul_peak_gflops": round(peak),
                                   "pytorch_fraction_of_peak": round(batch / torch_s * gflop / peak, 2),
                                   "onnxruntime_fraction_of_peak": round(batch / onnx_s * gflop / peak, 2),

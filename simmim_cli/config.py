@@ -282,6 +282,7 @@ class ExportConfig:
     opset: int = 18
     exporter: str = "auto"  # auto | dynamo | torchscript
     fp16: bool = False
+    int8: bool = False  # dynamic int8 quantization (CPU deployment)
     torchscript: bool = False
     verify: bool = True
     tolerance: float = 1e-4
@@ -296,6 +297,8 @@ class ExportConfig:
             raise SimmimError(f"--exporter must be auto, dynamo or torchscript, got '{self.exporter}'")
         if not self.onnx and not self.torchscript:
             raise SimmimError("nothing to export: give --onnx and/or --torchscript")
+        if self.fp16 and self.int8:
+            raise SimmimError("choose one of --fp16 (GPUs) and --int8 (CPUs)")
         if self.opset < 17:
             raise SimmimError(f"--opset {self.opset} is too old for these models; use 17 or newer (default 18)")
 

@@ -195,6 +195,22 @@ def test_fp16_export_and_overwrite_rules(tmp_path):
     assert (tmp_path / "m.onnx").read_bytes() == before
 
 
+def test_int8_export_quantizes_the_matmuls_and_predicts(tmp_path, photo_folder):
+    checkpoint = classifier_checkpoint(tmp_path, "vit")
+    result = ok(runner.invoke(app, ["export", "--checkpoint", str(checkpoint), "--int8", "--output",
+                                    str(tmp_path / "q.onnx")]))
+    assert "top-1 agreement 100%" in result.output
+    model = onnx.load(str(tmp_path / "q.onnx"))
+    assert any(node.op_type in ("MatMulInteger", "DynamicQuantizeLinear") for node in model.graph.node)
+    metadata = {entry.key: json.loads(entry.value) for entry in model.metadata_props}
+    assert metadata["precision"] == "int8" and metadata["class_names"] == CLASSES
+    predictions = json.loads(ok(runner.invoke(app, ["predict", str(tmp_path / "q.onnx"),
+                                                    str(sorted(photo_folder.glob("*.jpg"))[0]), "--json"])).stdout)
+    assert predictions[0]["top1"] in CLASSES
+    assert "choose one" in one_line_error(runner.invoke(app, ["export", "--checkpoint", str(checkpoint), "--int8",
+                                                              "--fp16", "--output", str(tmp_path / "x.onnx")]))
+
+
 def test_a_pretrain_checkpoint_is_not_a_classifier(pretrain_checkpoint, tmp_path):
     line = one_line_error(runner.invoke(app, ["export", "--checkpoint", str(pretrain_checkpoint), "--what",
                                               "classifier", "--output", str(tmp_path / "c.onnx")]))
