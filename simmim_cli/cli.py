@@ -458,12 +458,15 @@ def linear_probe(
     run(config_from_context(LinearProbeConfig, ctx))
 
 
-@app.command(epilog="Example: simmim evaluate --checkpoint runs/finetune-X/best.pth --data val/ --output report/")
+@app.command(epilog=(
+    "Examples:\n\n  simmim evaluate --checkpoint runs/finetune-X/best.pth --data val/ --output report/\n\n"
+    "  simmim evaluate --checkpoint vit-cpu.onnx --data val/ --output report-int8/     # what --int8 costs"))
 @handle_errors
 def evaluate(
     ctx: typer.Context,
     checkpoint: Annotated[str | None, typer.Option(
-        help="best.pth or last.pth of a finetune or linear-probe run [default: the newest under runs/].",
+        help="best.pth or last.pth of a finetune or linear-probe run, or an .onnx classifier from simmim export "
+        "(onnxruntime; --device picks its provider) [default: the newest under runs/].",
         show_default=False)] = None,
     data: Annotated[str | None, typer.Option(
         help="Labelled shards, or a folder with one sub-folder per class.", show_default=False)] = None,

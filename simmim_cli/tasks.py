@@ -596,7 +596,20 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
             raise SimmimError("no --checkpoint given and no finetune or linear-probe run under runs/; "
                               "give --checkpoint PATH")
         config.checkpoint = str(found)
-    model, train_config, classes = load_classifier(config.checkpoint)
+    if Path(config.checkpoint).suffix == ".onnx":  # an exported model, e.g. to measure what --int8 costs
+        from .export import OnnxClassifier
+
+        model = OnnxClassifier(config.checkpoint, config.device)
+        if not model.classes:
+            raise SimmimError(f"{config.checkpoint} has no class names in its metadata; export it with simmim export")
+        classes, img_size, crop_pct = model.classes, model.img_size, config.crop_pct or model.crop_pct
+        device, precision = torch.device("cpu"), "fp32"  # onnxruntime places the work itself
+    else:
+        model, train_config, classes = load_classifier(config.checkpoint)
+        img_size, crop_pct = train_config.img_size, config.crop_pct or train_config.crop_pct
+        device = distributed.pick_device(config.device)
+        model.to(device)
+        precision = resolve_precision(config.precision, device)
     source, data_classes, count = labelled_source(config.data)
     if data_classes is not None and data_classes != classes:
         unknown = sorted(set(data_classes) - set(classes))
@@ -611,11 +624,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     output = Path(config.output or Path("runs") / f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}")
     if (output / "metrics.json").exists() and not config.force:
         raise SimmimError(f"{output} already holds an evaluation; pass --force to replace it or choose --output")
-    device = distributed.pick_device(config.device)
-    model.to(device)
-    precision = resolve_precision(config.precision, device)
-    crop_pct = config.crop_pct or train_config.crop_pct
-    stream = EvalStream(source, CropTransform(train_config.img_size, crop_pct), config.batch_size,
+    stream = EvalStream(source, CropTransform(img_size, crop_pct), config.batch_size,
                         workers=config.workers, num_classes=len(classes))
     from rich.progress import Progress
 

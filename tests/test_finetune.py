@@ -88,7 +88,23 @@ def test_evaluate_reads_a_class_folder(digits, pretrained, tmp_path):
     result = runner.invoke(app, ["evaluate", "--checkpoint", str(run / "last.pth"), "--data",
                                  str(digits["val_images"]), "--output", str(tmp_path / "report"), "--workers", "0"])
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "report" / "metrics.json").read_text())["count"] == 24
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert metrics["count"] == 24
+    # the exported model scores the same images identically; the int8 one is evaluated the same way
+    for flags, name in (([], "m.onnx"), (["--int8", "--no-verify"], "q.onnx")):
+        exported = runner.invoke(app, ["export", "--checkpoint", str(run / "last.pth"), "--output",
+                                       str(tmp_path / name), *flags])
+        assert exported.exit_code == 0, exported.output
+        result = runner.invoke(app, ["evaluate", "--checkpoint", str(tmp_path / name), "--data",
+                                     str(digits["val_images"]), "--output", str(tmp_path / name[0]), "--workers", "0"])
+        assert result.exit_code == 0, result.output
+        onnx_metrics = json.loads((tmp_path / name[0] / "metrics.json").read_text())
+        assert onnx_metrics["count"] == 24 and onnx_metrics["checkpoint"] == str(tmp_path / name)
+        if not flags:
+            assert onnx_metrics["top1"] == metrics["top1"] and onnx_metrics["per_class"] == metrics["per_class"]
+    missing = runner.invoke(app, ["evaluate", "--checkpoint", str(tmp_path / "none.onnx"), "--data",
+                                  str(digits["val_images"]), "--output", str(tmp_path / "x")])
+    assert missing.exit_code == 2 and "none.onnx not found" in missing.output
 
 
 def test_finetune_from_scratch_needs_a_model(digits, tmp_path):
