@@ -573,7 +573,8 @@ def export(
     fp16: Annotated[bool, typer.Option("--fp16", help="Half-precision model (float32 inputs and outputs), "
                                        "verified by top-1 agreement.")] = False,
     int8: Annotated[bool, typer.Option("--int8", help="Dynamic int8 quantization for CPU deployment (2–3× faster "
-                                       "there), verified by top-1 agreement.")] = False,
+                                       "there), verified by top-1 agreement and cosine similarity; measure its "
+                                       "accuracy with simmim evaluate --checkpoint FILE.onnx.")] = False,
     torchscript: Annotated[bool, typer.Option("--torchscript", help="Also write a TorchScript file (.pt).")] = False,
     verify: Annotated[bool, typer.Option(help="Compare onnxruntime with PyTorch on real images; fail above "
                                          "--tolerance.")] = True,
