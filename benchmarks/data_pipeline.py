@@ -28,19 +28,11 @@ from torchvision import transforms as T1
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from simmim_cli.data import (  # noqa: E402
-    MEAN,
-    STD,
-    PretrainTransform,
-    ShardStream,
-    decode_tensor,
-    make_loader,
-    pretrain_decode_size,
-    resolve_shards,
-    write_shards,
-)
 from simmim_cli.demo import photo_paths  # noqa: E402
 from simmim_cli.masking import MaskGenerator  # noqa: E402
+from simmim_cli.pipeline import ShardStream, make_loader  # noqa: E402
+from simmim_cli.shards import resolve_shards, write_shards  # noqa: E402
+from simmim_cli.transforms import MEAN, STD, PretrainTransform, decode_tensor, pretrain_decode_size  # noqa: E402
 
 
 def make_jpegs(folder: Path, count: int, size: tuple[int, int]) -> list[bytes]:

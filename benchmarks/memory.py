@@ -37,11 +37,11 @@ def measure(key: str, batch: int, checkpointing: bool) -> dict:
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from simmim_cli.data import normalize
-    from simmim_cli.engine import autocast
     from simmim_cli.masking import MaskGenerator
     from simmim_cli.models import build_simmim, set_fused_attention
     from simmim_cli.optim import build_optimizer
+    from simmim_cli.precision import autocast
+    from simmim_cli.transforms import normalize
 
     name, kwargs, size = MODELS[key]
     model = build_simmim(name, size, kwargs, 0.0)

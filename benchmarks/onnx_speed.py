@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pretrain_step import matmul_peak  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from simmim_cli.export import session, to_int8, to_onnx  # noqa: E402
+from simmim_cli.export import to_int8, to_onnx  # noqa: E402
+from simmim_cli.inference import session  # noqa: E402
 from simmim_cli.models import create_backbone, set_fused_attention  # noqa: E402
 
 MODELS = {

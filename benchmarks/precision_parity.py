@@ -15,10 +15,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from simmim_cli import tasks  # noqa: E402
+from simmim_cli.commands.pretrain import pretrain  # noqa: E402
 from simmim_cli.config import PretrainConfig  # noqa: E402
-from simmim_cli.data import write_shards  # noqa: E402
 from simmim_cli.demo import DEMO_SETTINGS, make_demo_images  # noqa: E402
+from simmim_cli.shards import write_shards  # noqa: E402
 
 
 def main() -> None:
@@ -34,7 +34,7 @@ def main() -> None:
             config = PretrainConfig(data=str(root / "shards"), output=str(root / precision), precision=precision,
                                     max_steps=args.steps, **settings)
             config.validate()
-            tasks.pretrain(config)
+            pretrain(config)
             rows = [json.loads(line) for line in (root / precision / "metrics.jsonl").read_text().splitlines()]
             losses[precision] = [(row["step"], row["loss"]) for row in rows if "loss" in row]
     for (step, fp32), (_, bf16) in zip(losses["fp32"], losses["bf16"], strict=True):

@@ -25,11 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from simmim_cli import distributed  # noqa: E402
 from simmim_cli.config import PretrainConfig  # noqa: E402
-from simmim_cli.data import normalize  # noqa: E402
-from simmim_cli.engine import Trainer, autocast, resolve_precision  # noqa: E402
+from simmim_cli.engine import Trainer  # noqa: E402
 from simmim_cli.masking import MaskGenerator  # noqa: E402
 from simmim_cli.models import build_simmim  # noqa: E402
+from simmim_cli.precision import autocast, resolve_precision  # noqa: E402
 from simmim_cli.tasks import PretrainTask  # noqa: E402
+from simmim_cli.transforms import normalize  # noqa: E402
 
 MODELS = {
     "vit_small": ("vit_small_patch16_224", {}, 224),

@@ -24,8 +24,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from simmim_cli import tasks  # noqa: E402
 from simmim_cli.checkpoints import latest_checkpoint  # noqa: E402
+from simmim_cli.commands.evaluate import evaluate  # noqa: E402
+from simmim_cli.commands.export import export  # noqa: E402
+from simmim_cli.commands.probe import linear_probe  # noqa: E402
 from simmim_cli.config import (  # noqa: E402
     EvaluateConfig,
     ExportConfig,
@@ -33,8 +35,7 @@ from simmim_cli.config import (  # noqa: E402
     LinearProbeConfig,
     PretrainConfig,
 )
-from simmim_cli.data import write_shards  # noqa: E402
-from simmim_cli.export import export  # noqa: E402
+from simmim_cli.shards import write_shards  # noqa: E402
 
 MODEL = "vit_tiny_patch16_224"
 MODEL_KWARGS = {"patch_size": 4, "embed_dim": 96, "depth": 6, "num_heads": 3}
@@ -91,7 +92,7 @@ def main() -> None:
                                   base_lr=8e-3, warmup_lr=1e-4, min_lr=1e-4, **common)
         pretrain.validate()
         if latest_checkpoint(root / "pretrain") is None:
-            tasks.pretrain(pretrain)
+            pretrain(pretrain)
         checkpoint = str(latest_checkpoint(root / "pretrain"))
 
         results = {}
@@ -105,14 +106,14 @@ def main() -> None:
             config = FinetuneConfig(output=str(root / f"finetune-{start}"), force=True,
                                     pretrained=checkpoint if start == "pretrained" else None, **finetune)
             config.validate()
-            tasks.finetune(config)
+            finetune(config)
             results[f"finetune_{start}"] = val_top1(root / f"finetune-{start}")
         # what deployment costs: the pretrained fine-tuning exported in fp32 and int8, evaluated on the held-out set
         for precision in ("fp32", "int8"):
             exported = root / f"finetune-pretrained-{precision}.onnx"
             export(ExportConfig(checkpoint=str(root / "finetune-pretrained" / "last.pth"), output=str(exported),
                                 int8=precision == "int8", verify=False, force=True))
-            report = tasks.evaluate(EvaluateConfig(checkpoint=str(exported), data=str(shards["val"]), workers=1,
+            report = evaluate(EvaluateConfig(checkpoint=str(exported), data=str(shards["val"]), workers=1,
                                                    output=str(root / f"evaluate-{precision}"), force=True))
             results[f"onnx_{precision}"] = report["val_top1"]
         probe = {"data": str(shards["labelled"]), "val_data": str(shards["val"]), "epochs": args.probe_epochs,
@@ -122,7 +123,7 @@ def main() -> None:
             config = LinearProbeConfig(output=str(root / f"probe-{start}"), force=True,
                                        pretrained=checkpoint if start == "pretrained" else None, **probe)
             config.validate()
-            tasks.linear_probe(config)
+            linear_probe(config)
             results[f"probe_{start}"] = val_top1(root / f"probe-{start}")
 
     summary = {"data": "sklearn digits, 32x32", "labelled_images": args.labelled, "held_out_images": 360,

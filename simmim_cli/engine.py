@@ -1,21 +1,18 @@
 """The one training loop, shared by pretrain, finetune and linear-probe.
 
-A task owns the model and says how to compute the loss of a batch; the engine does everything else: device
-and precision, optimizer and schedule, gradient accumulation and clipping, non-finite steps, DDP, logging,
-progress, checkpoints and resuming.
+A task (``tasks.py``) owns the model and says what a batch's loss is; the engine does everything else, in
+named steps: :meth:`Trainer.setup` (device, precision, optimizer, schedule, DDP, resume), :meth:`Trainer.run_epoch`,
+:meth:`Trainer.train_step` (forward and backward of one batch), :meth:`Trainer.optimizer_step` (clip, step,
+non-finite checks), :meth:`Trainer.log_window` and :meth:`Trainer.save`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import shutil
 import signal
-import sys
 import time
 import warnings
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,160 +26,13 @@ from .config import TrainConfig
 from .errors import Interrupted, SimmimError, TrainingDiverged
 from .models import set_fused_attention
 from .optim import build_scheduler, lr_scale_for_batch
+from .pipeline import make_loader
+from .precision import autocast, resolve_precision
+from .progress import Reporter
+from .tasks import Task
+from .tracking import RunLog
 
 MAX_NONFINITE_IN_A_ROW = 25  # fp16 loss scaling may skip a few steps at the start; 25 in a row is divergence
-
-
-class Task:
-    """What a training command trains and how; the engine calls these hooks. Subclasses set ``kind`` and
-    ``model`` and implement :meth:`build_optimizer` and :meth:`training_step`; the other hooks do nothing."""
-
-    kind: str
-    model: nn.Module
-
-    def build_optimizer(self, lr: float) -> torch.optim.Optimizer:
-        raise NotImplementedError
-
-    def training_step(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Returns at least ``{"loss": scalar}``; ``model`` is the (compiled, DDP-wrapped) training module."""
-        raise NotImplementedError
-
-    def observe_batch(self, batch: dict[str, Any]) -> None:
-        """Sees each training batch on the CPU (e.g. to keep a few images for previews)."""
-
-    def after_optimizer_step(self, step: int) -> None:
-        """After each optimizer step, on every rank (e.g. to update an EMA of the weights)."""
-
-    def after_checkpoint(self, output: Path, step: int) -> dict[str, float]:
-        """Rank-0 work after a checkpoint (previews); returns figures to log."""
-        return {}
-
-    def after_epoch(self, output: Path, epoch: int, step: int) -> dict[str, float]:
-        """At each epoch's end, on every rank (evaluation); returns figures to log."""
-        return {}
-
-    def set_grad_checkpointing(self) -> None:
-        """Recompute activations in the backward pass to save memory."""
-        self.model.set_grad_checkpointing(True)
-
-    def extra_state(self) -> dict[str, Any]:
-        """More to save in checkpoints (plain values and tensors only)."""
-        return {}
-
-    def load_extra_state(self, checkpoint: dict[str, Any]) -> None:
-        """Takes back what :meth:`extra_state` saved."""
-
-
-# ---------------------------------------------------------------------------------------------- precision
-
-
-def cpu_supports_bf16() -> bool:
-    """bf16 matrix instructions (AVX512-BF16 or AMX) make bf16 autocast worth it on a CPU."""
-    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-                or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` → bf16 where the device has it (recent GPUs, CPUs with bf16 instructions), fp16 on older GPUs,
-    fp32 on other CPUs."""
-    if precision != "auto":
-        if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise SimmimError("this GPU has no bf16; use --precision fp16 (with loss scaling) or fp32")
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_supports_bf16() else "fp32"
-
-
-def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-# ---------------------------------------------------------------------------------------------- run folder
-
-
-def resolve_run_paths(config: TrainConfig, runs_root: Path = Path("runs")) -> None:
-    """Fixes ``config.output`` and ``config.resume`` to concrete paths before any worker starts.
-
-    ``--resume auto`` takes the newest checkpoint in ``--output``, or without ``--output`` in the newest
-    ``runs/<command>-*`` folder; a new run refuses a folder that already holds a run unless ``--force``.
-    """
-    if config.resume == "auto":
-        found = (checkpoints.latest_checkpoint(Path(config.output)) if config.output
-                 else checkpoints.newest_run_checkpoint(runs_root, config.command))
-        if found is None:
-            where = config.output or f"{runs_root}/{config.command}-*"
-            print(f"note: --resume auto found no checkpoint in {where}; starting a new run", file=sys.stderr)
-            config.resume = None
-        else:
-            config.resume = str(found)
-            config.output = config.output or str(found.parent)
-    elif config.resume:
-        if not Path(config.resume).is_file():
-            raise SimmimError(f"--resume {config.resume}: no such checkpoint; use --resume auto to take the newest")
-        config.output = config.output or str(Path(config.resume).parent)
-    if config.output is None:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        config.output = str(runs_root / f"{config.command}-{stamp}")
-    output = Path(config.output)
-    if output.exists() and not output.is_dir():
-        raise SimmimError(f"--output {output} is a file; give a folder")
-    if config.resume is None and output.is_dir():
-        previous = checkpoints.list_checkpoints(output) + list(output.glob("metrics.jsonl"))
-        if previous and not config.force:
-            raise SimmimError(f"{output} already holds a run ({previous[-1].name}); continue it with --resume auto, "
-                              "or pass --force to start over in it, or choose another --output")
-        for path in previous + list(output.glob("preview-*.png")):
-            path.unlink()
-
-
-# ---------------------------------------------------------------------------------------------- progress
-
-
-class Reporter:
-    """Rank-0 output: a rich progress bar on a terminal, plain lines otherwise (SLURM logs, pipes)."""
-
-    def __init__(self, enabled: bool, total_steps: int, start_step: int):
-        from rich.console import Console
-
-        self.enabled = enabled
-        self.console = Console(stderr=False)
-        self.progress = None
-        if enabled and self.console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.progress = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[stats]}"), TimeRemainingColumn(), console=self.console,
-            )
-            self.task_id = self.progress.add_task("train", total=total_steps, completed=start_step, stats="")
-            self.progress.start()
-
-    def print(self, message: str) -> None:
-        if not self.enabled:
-            return
-        if self.progress is not None:
-            self.progress.console.print(message, markup=False, highlight=False)
-        else:
-            print(message, flush=True)
-
-    def update(self, step: int, stats: str, line: str | None = None) -> None:
-        if not self.enabled:
-            return
-        if self.progress is not None:
-            self.progress.update(self.task_id, completed=step, stats=stats)
-        elif line is not None:
-            print(line, flush=True)
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-
-
-# ---------------------------------------------------------------------------------------------- the loop
 
 
 @dataclass
@@ -195,7 +45,7 @@ class TrainState:
 
 
 class Trainer:
-    """Trains ``task.model`` on a :class:`~simmim_cli.data.ShardStream` (or anything with ``set_epoch``,
+    """Trains ``task.model`` on a :class:`~simmim_cli.pipeline.ShardStream` (or anything with ``set_epoch``,
     ``batches_per_epoch`` and ``batch_size``) as ``config`` says."""
 
     def __init__(self, task: Task, config: TrainConfig, context: distributed.Context):
@@ -206,11 +56,81 @@ class Trainer:
         self.output = Path(config.output)
         self.precision = resolve_precision(config.precision, self.device)
         self.stop_requested = False
+        self.state = TrainState()
         if self.device.type == "cuda":
             torch.set_float32_matmul_precision("high")  # TF32 for whatever runs in fp32 (Ampere and newer)
             torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
 
-    # -- setup ------------------------------------------------------------------------------------
+    # -- the whole run -----------------------------------------------------------------------------
+
+    def fit(self, dataset: Any, max_steps: int | None = None) -> TrainState:
+        """Trains until ``config.epochs`` are done (or ``max_steps`` optimizer steps, schedule unchanged)."""
+        self.setup(dataset)
+        state = self.state
+        stop_at = min(self.total_steps, max_steps) if max_steps else self.total_steps
+        loader = make_loader(dataset, pin_memory=self.device.type == "cuda")
+        previous_handlers = self._install_signal_handlers()
+        try:
+            while state.step < stop_at:
+                epoch, offset = divmod(state.step, self.steps_per_epoch)
+                dataset.set_epoch(epoch, skip_batches=offset * self.config.grad_accum)
+                self.run_epoch(loader, epoch, min(stop_at, (epoch + 1) * self.steps_per_epoch))
+                if state.step % self.steps_per_epoch == 0:
+                    self.end_epoch()
+                self.save()  # at every epoch's end, and where max_steps stops
+        finally:
+            self.reporter.close()
+            self.run_log.close()
+            for sig, handler in previous_handlers.items():
+                signal.signal(sig, handler)
+        return state
+
+    # -- setup -------------------------------------------------------------------------------------
+
+    def setup(self, dataset: Any) -> None:
+        """Model on the device, optimizer and schedule for the global batch, DDP, the run folder, resume."""
+        config, context = self.config, self.context
+        model = self.task.model.to(self.device)
+        set_fused_attention(model, self.device.type == "cuda" or self.precision == "fp32")
+        if config.grad_checkpointing:
+            self.task.set_grad_checkpointing()
+        global_batch = dataset.batch_size * context.world_size * config.grad_accum
+        lr_factor = lr_scale_for_batch(global_batch)
+        self.optimizer = self.task.build_optimizer(config.base_lr * lr_factor)
+        self.steps_per_epoch = dataset.batches_per_epoch // config.grad_accum
+        if self.steps_per_epoch < 1:
+            raise SimmimError(f"an epoch has {dataset.batches_per_epoch} batches per process, fewer than "
+                              f"--grad-accum {config.grad_accum}; lower --grad-accum or --batch-size")
+        self.total_steps = self.steps_per_epoch * config.epochs
+        self.scheduler = build_scheduler(
+            self.optimizer, config.schedule, self.total_steps, int(config.warmup_epochs * self.steps_per_epoch),
+            config.warmup_lr * lr_factor, config.min_lr * lr_factor,
+            [m * self.steps_per_epoch for m in config.lr_milestones],
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.train_model = self._wrap(model)
+        self.parameters = [p for p in model.parameters() if p.requires_grad]
+        self.reporter = Reporter(context.is_main, self.total_steps, 0)
+        self.run_log = RunLog(self.output, context.is_main)
+        if context.is_main:
+            self.output.mkdir(parents=True, exist_ok=True)
+            (self.output / "config.yaml").write_text(config.to_yaml())
+        if config.resume:
+            self._restore(Path(config.resume))
+            self.run_log.truncate_after(self.state.step)
+        self.reporter.update(self.state.step, "")
+        count = sum(p.numel() for p in self.parameters)
+        self.reporter.print(
+            f"{self.task.kind}: {config.model} ({f'{count / 1e6:.1f}M' if count >= 1e5 else f'{count:,}'} trainable "
+            f"parameters) on {context.world_size}× {self.device.type}, precision {self.precision}\n"
+            f"batch {dataset.batch_size} per process × {context.world_size} process(es) × {config.grad_accum} "
+            f"accumulation = {global_batch} images per step; lr = {config.base_lr:g} × {global_batch}/512 = "
+            f"{config.base_lr * lr_factor:.3g}; {self.steps_per_epoch} steps per epoch, {self.total_steps} in all\n"
+            + (f"process group: {torch.distributed.get_backend()}, {context.world_size} ranks, collectives time out "
+               f"after {config.dist_timeout:g} min\n" if context.distributed else "")
+            + f"output: {self.output}"
+        )
+        self.window = _Window(self.device)
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         train_model = model
@@ -237,9 +157,126 @@ class Trainer:
                 previous[sig] = signal.signal(sig, request_stop)
         return previous
 
-    # -- checkpoints ------------------------------------------------------------------------------
+    # -- one epoch, one batch, one optimizer step --------------------------------------------------
 
-    def _state(self, state: TrainState, rng_states: list[dict[str, Any]]) -> dict[str, Any]:
+    def run_epoch(self, loader: Any, epoch: int, end_step: int) -> None:
+        """Optimizer steps until ``end_step``: batches in, a log line every ``--log-every`` steps, checkpoints every
+        ``--save-every`` steps, and a checkpoint then :class:`Interrupted` when a stop was requested."""
+        config, state = self.config, self.state
+        self.train_model.train()
+        batches = iter(loader)
+        while state.step < end_step:
+            for micro in range(config.grad_accum):
+                self.train_step(next(batches), last_micro=micro == config.grad_accum - 1)
+            self.optimizer_step()
+            log_step = state.step % config.log_every == 0 or state.step == end_step
+            if log_step:
+                self.log_window(epoch)
+                if self.context.distributed:  # ranks agree on a stop request (one small collective per log line)
+                    self.stop_requested = distributed.all_reduce_sum([float(self.stop_requested)], self.device)[0] > 0
+            if config.save_every and state.step % config.save_every == 0:
+                self.save()
+            if self.stop_requested and (log_step or not self.context.distributed):
+                path = self.save()
+                raise Interrupted(f"stopped at step {state.step}; saved {path}; continue with the same command "
+                                  f"and --resume auto --output {self.output}")
+
+    def train_step(self, batch: dict[str, Any], last_micro: bool) -> None:
+        """Forward and backward of one batch (gradients accumulate until the optimizer step)."""
+        self.state.skipped_samples += self._report_skipped(batch)
+        self.task.observe_batch(batch)
+        batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        sync = last_micro or not self.context.distributed
+        with contextlib.nullcontext() if sync else self.train_model.no_sync():
+            with autocast(self.precision, self.device):
+                loss = self.task.training_step(self.train_model, batch)["loss"]
+            self.scaler.scale(loss / self.config.grad_accum).backward()
+        self.window.add(loss.detach(), len(batch["label"] if "label" in batch else batch["image"]))
+
+    def optimizer_step(self) -> None:
+        """Unscale, clip, step (skipped when the gradients are not finite), schedule the next lr."""
+        state = self.state
+        self.scheduler.step_update(state.step)
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.config.clip_grad or math.inf)
+        # the one host-device sync of a step; the norm is all-reduced, so every rank decides alike
+        finite = bool(torch.isfinite(grad_norm))
+        if finite:
+            self.scaler.step(self.optimizer)
+            self.task.after_optimizer_step(state.step + 1)
+            state.nonfinite_in_a_row = 0
+        else:
+            state.nonfinite_steps += 1
+            state.nonfinite_in_a_row += 1
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        self.window.grad_norm = grad_norm.detach()
+        if state.nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+            last = checkpoints.latest_checkpoint(self.output)
+            raise TrainingDiverged(
+                f"loss or gradients were not finite for {MAX_NONFINITE_IN_A_ROW} steps in a row (step "
+                f"{state.step}); last good checkpoint: {last or 'none yet'}; try --precision bf16 or fp32, a lower "
+                "--base-lr or a longer --warmup-epochs")
+
+    def end_epoch(self) -> None:
+        """A whole epoch done: the task evaluates (all ranks) and its figures are logged."""
+        epoch = self.state.step // self.steps_per_epoch
+        figures = self.task.after_epoch(self.output, epoch, self.state.step)
+        if figures:
+            self.run_log.log({"step": self.state.step, "epoch": epoch, **figures})
+            self.reporter.print(f"epoch {epoch}: " + "  ".join(f"{k} {v:.4g}" for k, v in figures.items()))
+
+    # -- logging -----------------------------------------------------------------------------------
+
+    def _report_skipped(self, batch: dict[str, Any]) -> int:
+        skipped = batch.pop("skipped", [])
+        for description in skipped[:5]:
+            self.reporter.print(f"warning: skipped a bad sample: {description}")
+        return len(skipped)
+
+    def log_window(self, epoch: int) -> None:
+        """A metrics row and a progress update for the steps since the last one (figures summed over ranks)."""
+        state = self.state
+        loss_sum, count, images, seconds = self.window.flush()
+        totals = distributed.all_reduce_sum([loss_sum, count, images, float(state.skipped_samples)], self.device)
+        loss = totals[0] / max(totals[1], 1)
+        images_per_second = totals[2] / max(seconds, 1e-9)
+        lr = max(group["lr"] for group in self.optimizer.param_groups)
+        row = {
+            "step": state.step, "epoch": round(state.step / self.steps_per_epoch, 4), "loss": loss, "lr": lr,
+            "img_per_s": round(images_per_second, 2), "grad_norm": self.window.last_grad_norm(),
+            "skipped_samples": int(totals[3]), "nonfinite_steps": state.nonfinite_steps,
+        }
+        self.run_log.log(row)
+        stats = f"loss {loss:.4f}  lr {lr:.2e}  {images_per_second:.1f} img/s"
+        self.reporter.update(state.step, stats, f"epoch {epoch + 1}/{self.config.epochs}  step {state.step}  {stats}"
+                             + (f"  skipped samples {row['skipped_samples']}" if row["skipped_samples"] else ""))
+
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    def save(self) -> Path:
+        """Every rank calls this at the same step (rank 0 writes, the others wait)."""
+        state = self.state
+        path = self.output / checkpoints.checkpoint_name(state.step)
+        if state.last_saved_step == state.step:
+            return path
+        if state.nonfinite_in_a_row:  # never let a diverging stretch push the last good checkpoint out
+            return checkpoints.latest_checkpoint(self.output) or path
+        rng_states = distributed.gather_objects(checkpoints.rng_state())
+        if self.context.is_main:
+            checkpoints.save_checkpoint(self._checkpoint(rng_states), path)
+            checkpoints.prune_checkpoints(self.output, self.config.keep)
+            figures = self.task.after_checkpoint(self.output, state.step) or {}
+            if figures:
+                self.run_log.log({"step": state.step, "epoch": round(state.step / self.steps_per_epoch, 4),
+                                  **figures})
+        distributed.barrier()
+        state.last_saved_step = state.step
+        return path
+
+    def _checkpoint(self, rng_states: list[dict[str, Any]]) -> dict[str, Any]:
+        state = self.state
         return {
             "kind": self.task.kind,
             "config": self.config.to_dict(),
@@ -255,25 +292,8 @@ class Trainer:
             **self.task.extra_state(),
         }
 
-    def _save(self, state: TrainState, log) -> Path:
-        """Every rank calls this at the same step (rank 0 writes, the others wait)."""
-        path = self.output / checkpoints.checkpoint_name(state.step)
-        if state.last_saved_step == state.step:
-            return path
-        if state.nonfinite_in_a_row:  # never let a diverging stretch push the last good checkpoint out
-            return checkpoints.latest_checkpoint(self.output) or path
-        rng_states = distributed.gather_objects(checkpoints.rng_state())
-        if self.context.is_main:
-            checkpoints.save_checkpoint(self._state(state, rng_states), path)
-            checkpoints.prune_checkpoints(self.output, self.config.keep)
-            figures = self.task.after_checkpoint(self.output, state.step) or {}
-            if figures:
-                log({"step": state.step, "epoch": round(state.step / self.steps_per_epoch, 4), **figures})
-        distributed.barrier()
-        state.last_saved_step = state.step
-        return path
-
-    def _restore(self, path: Path, state: TrainState, reporter: Reporter) -> None:
+    def _restore(self, path: Path) -> None:
+        state = self.state
         checkpoint = checkpoints.load_checkpoint(path, map_location="cpu")
         if checkpoint.get("kind") != self.task.kind:
             raise SimmimError(f"{path} is a {checkpoint.get('kind', 'foreign')} checkpoint, "
@@ -293,183 +313,12 @@ class Trainer:
             checkpoints.set_rng_state(checkpoint["rng"][self.context.rank])
         else:
             torch.manual_seed(self.config.seed + 1000 * state.step + self.context.rank)
-            reporter.print(f"note: {path.name} was written by {checkpoint.get('world_size')} process(es), this run "
-                           f"has {self.context.world_size}: the global batch and so the learning rate change with "
-                           "the process count, the rest of the epoch is dealt out anew (some of its samples are seen "
-                           "twice or not at all), and the random streams restart")
-        reporter.print(f"resumed from {path} at step {state.step}")
-
-    # -- training ---------------------------------------------------------------------------------
-
-    def fit(self, dataset: Any, max_steps: int | None = None) -> TrainState:
-        """Trains until ``config.epochs`` are done (or ``max_steps`` optimizer steps, schedule unchanged)."""
-        from .data import make_loader
-
-        config, context = self.config, self.context
-        model = self.task.model.to(self.device)
-        set_fused_attention(model, self.device.type == "cuda" or self.precision == "fp32")
-        if config.grad_checkpointing:
-            self.task.set_grad_checkpointing()
-        global_batch = dataset.batch_size * context.world_size * config.grad_accum
-        lr_factor = lr_scale_for_batch(global_batch)
-        self.optimizer = self.task.build_optimizer(config.base_lr * lr_factor)
-        self.steps_per_epoch = steps_per_epoch = dataset.batches_per_epoch // config.grad_accum
-        if steps_per_epoch < 1:
-            raise SimmimError(f"an epoch has {dataset.batches_per_epoch} batches per process, fewer than "
-                              f"--grad-accum {config.grad_accum}; lower --grad-accum or --batch-size")
-        total_steps = steps_per_epoch * config.epochs
-        scheduler = build_scheduler(
-            self.optimizer, config.schedule, total_steps, int(config.warmup_epochs * steps_per_epoch),
-            config.warmup_lr * lr_factor, config.min_lr * lr_factor,
-            [m * steps_per_epoch for m in config.lr_milestones],
-        )
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        train_model = self._wrap(model)
-        state = TrainState()
-        reporter = Reporter(context.is_main, total_steps, 0)
-        log = self._logger()
-        if context.is_main:
-            self.output.mkdir(parents=True, exist_ok=True)
-            (self.output / "config.yaml").write_text(config.to_yaml())
-        if config.resume:
-            self._restore(Path(config.resume), state, reporter)
-            if context.is_main:
-                self._truncate_metrics(state.step)
-        reporter.update(state.step, "")
-        parameters = [p for p in model.parameters() if p.requires_grad]
-        count = sum(p.numel() for p in parameters)
-        reporter.print(
-            f"{self.task.kind}: {config.model} ({f'{count / 1e6:.1f}M' if count >= 1e5 else f'{count:,}'} trainable "
-            f"parameters) on {context.world_size}× {self.device.type}, precision {self.precision}\n"
-            f"batch {dataset.batch_size} per process × {context.world_size} process(es) × {config.grad_accum} "
-            f"accumulation = {global_batch} images per step; lr = {config.base_lr:g} × {global_batch}/512 = "
-            f"{config.base_lr * lr_factor:.3g}; {steps_per_epoch} steps per epoch, {total_steps} in all\n"
-            + (f"process group: {torch.distributed.get_backend()}, {context.world_size} ranks, collectives time out "
-               f"after {config.dist_timeout:g} min\n" if context.distributed else "")
-            + f"output: {self.output}"
-        )
-        loader = make_loader(dataset, pin_memory=self.device.type == "cuda")
-        previous_handlers = self._install_signal_handlers()
-        stop_at = min(total_steps, max_steps) if max_steps else total_steps
-        window = _Window(self.device)
-        try:
-            while state.step < stop_at:
-                epoch, offset = divmod(state.step, steps_per_epoch)
-                dataset.set_epoch(epoch, skip_batches=offset * config.grad_accum)
-                self._train_epoch(train_model, loader, parameters, scheduler, state, window, epoch,
-                                  min(stop_at, (epoch + 1) * steps_per_epoch), reporter, log)
-                if state.step % steps_per_epoch == 0:  # a whole epoch: evaluate (all ranks), then save
-                    figures = self.task.after_epoch(self.output, state.step // steps_per_epoch, state.step)
-                    if figures:
-                        log({"step": state.step, "epoch": state.step // steps_per_epoch, **figures})
-                        reporter.print(f"epoch {state.step // steps_per_epoch}: "
-                                       + "  ".join(f"{k} {v:.4g}" for k, v in figures.items()))
-                self._save(state, log)  # at every epoch's end, and where max_steps stops
-        finally:
-            reporter.close()
-            for sig, handler in previous_handlers.items():
-                signal.signal(sig, handler)
-        return state
-
-    def _train_epoch(self, train_model, loader, parameters, scheduler, state, window, epoch, end_step,
-                     reporter, log) -> None:
-        config, accum = self.config, self.config.grad_accum
-        train_model.train()
-        micro = 0
-        batches: Iterable = iter(loader)
-        while state.step < end_step:
-            batch = next(batches)
-            state.skipped_samples += self._report_skipped(batch, reporter)
-            self.task.observe_batch(batch)
-            batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-            micro += 1
-            last_micro = micro % accum == 0
-            no_sync = train_model.no_sync() if self.context.distributed and not last_micro else contextlib.nullcontext()
-            with no_sync:
-                with autocast(self.precision, self.device):
-                    outputs = self.task.training_step(train_model, batch)
-                loss = outputs["loss"]
-                self.scaler.scale(loss / accum).backward()
-            window.add(loss.detach(), len(batch["label"] if "label" in batch else batch["image"]))
-            if not last_micro:
-                continue
-
-            scheduler.step_update(state.step)
-            self.scaler.unscale_(self.optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.clip_grad or math.inf)
-            # the one host-device sync of a step; the norm is all-reduced, so every rank decides alike
-            finite = bool(torch.isfinite(grad_norm))
-            if finite:
-                self.scaler.step(self.optimizer)
-                self.task.after_optimizer_step(state.step + 1)
-                state.nonfinite_in_a_row = 0
-            else:
-                state.nonfinite_steps += 1
-                state.nonfinite_in_a_row += 1
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            window.grad_norm = grad_norm.detach()
-            if state.nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
-                last = checkpoints.latest_checkpoint(self.output)
-                raise TrainingDiverged(
-                    f"loss or gradients were not finite for {MAX_NONFINITE_IN_A_ROW} steps in a row (step "
-                    f"{state.step}); last good checkpoint: {last or 'none yet'}; try --precision bf16 or fp32, a lower "
-                    "--base-lr or a longer --warmup-epochs")
-
-            log_step = state.step % config.log_every == 0 or state.step == end_step
-            if log_step:
-                self._log_window(state, window, epoch, reporter, log)
-                if self.context.distributed:  # ranks agree on a stop request (one small collective per log line)
-                    self.stop_requested = distributed.all_reduce_sum([float(self.stop_requested)], self.device)[0] > 0
-            if config.save_every and state.step % config.save_every == 0:
-                self._save(state, log)
-            if self.stop_requested and (log_step or not self.context.distributed):
-                path = self._save(state, log)
-                raise Interrupted(f"stopped at step {state.step}; saved {path}; continue with the same command "
-                                  f"and --resume auto --output {self.output}")
-
-    def _report_skipped(self, batch: dict[str, Any], reporter: Reporter) -> int:
-        skipped = batch.pop("skipped", [])
-        for description in skipped[:5]:
-            reporter.print(f"warning: skipped a bad sample: {description}")
-        return len(skipped)
-
-    def _log_window(self, state, window, epoch, reporter, log) -> None:
-        loss_sum, count, images, seconds = window.flush()
-        totals = distributed.all_reduce_sum(
-            [loss_sum, count, images, float(state.skipped_samples)], self.device)
-        loss = totals[0] / max(totals[1], 1)
-        images_per_second = totals[2] / max(seconds, 1e-9)
-        lr = max(group["lr"] for group in self.optimizer.param_groups)
-        row = {
-            "step": state.step, "epoch": round(state.step / self.steps_per_epoch, 4), "loss": loss, "lr": lr,
-            "img_per_s": round(images_per_second, 2), "grad_norm": window.last_grad_norm(),
-            "skipped_samples": int(totals[3]), "nonfinite_steps": state.nonfinite_steps,
-        }
-        log(row)
-        stats = f"loss {loss:.4f}  lr {lr:.2e}  {images_per_second:.1f} img/s"
-        reporter.update(state.step, stats, f"epoch {epoch + 1}/{self.config.epochs}  step {state.step}  {stats}"
-                        + (f"  skipped samples {row['skipped_samples']}" if row["skipped_samples"] else ""))
-
-    def _logger(self):
-        path = self.output / "metrics.jsonl"
-
-        def log(row: dict[str, Any]) -> None:
-            if self.context.is_main:
-                with path.open("a") as file:
-                    file.write(json.dumps({**row, "time": round(time.time(), 3)}) + "\n")
-
-        return log
-
-    def _truncate_metrics(self, step: int) -> None:
-        """Drops rows a crashed run logged after its last checkpoint, so the resumed run does not repeat them."""
-        path = self.output / "metrics.jsonl"
-        if path.is_file():
-            rows = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(row + "\n" for row in rows))
-            shutil.move(tmp, path)
+            self.reporter.print(
+                f"note: {path.name} was written by {checkpoint.get('world_size')} process(es), this run has "
+                f"{self.context.world_size}: the global batch and so the learning rate change with the process count, "
+                "the rest of the epoch is dealt out anew (some of its samples are seen twice or not at all), and the "
+                "random streams restart")
+        self.reporter.print(f"resumed from {path} at step {state.step}")
 
 
 class _Window:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed
-from .data import normalize
+from .transforms import normalize
 
 
 @torch.no_grad()

@@ -239,3 +239,45 @@ def build_simmim(
     family = model_family(model_name)
     backbone = create_backbone(model_name, img_size, model_kwargs, drop_path_rate, norm_all_tokens=True)
     return SimMIM(MaskedEncoder(backbone, family))
+
+
+def make_classifier(config, num_classes: int, probe: bool) -> nn.Module:
+    if probe:
+        backbone = create_backbone(config.model, config.img_size, config.model_kwargs, 0.0, num_classes=0,
+                                   norm_all_tokens=True)
+        return ProbeModel(FeatureExtractor(backbone, config.layer, config.pool), num_classes)
+    kwargs = {**config.model_kwargs, **({"global_pool": config.global_pool} if config.global_pool else {})}
+    return create_backbone(config.model, config.img_size, kwargs, config.drop_path, num_classes=num_classes,
+                           norm_all_tokens=False)
+
+
+
+class ProbeModel(nn.Module):
+    """A frozen encoder (always in eval mode) and a trainable BatchNorm (no affine) + linear head."""
+
+    def __init__(self, extractor: FeatureExtractor, num_classes: int):
+        super().__init__()
+        self.extractor = extractor
+        self.extractor.requires_grad_(False)
+        self.head = nn.Sequential(nn.BatchNorm1d(extractor.num_features, affine=False, eps=1e-6),
+                                  nn.Linear(extractor.num_features, num_classes))
+        nn.init.trunc_normal_(self.head[1].weight, std=0.01)
+        nn.init.zeros_(self.head[1].bias)
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.extractor.backbone
+
+    def train(self, mode: bool = True) -> ProbeModel:
+        super().train(mode)
+        self.extractor.eval()  # frozen means frozen: no dropout, no drop path, no batch statistics
+        return self
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.extractor(images).float()
+
+    def forward(self, images: torch.Tensor | None = None, features: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.features(images) if features is None else features)
+
+

@@ -2,8 +2,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from simmim_cli import tasks
 from simmim_cli.cli import app
+from simmim_cli.commands import pretrain as pretrain_command
 from simmim_cli.config import PretrainConfig
 from simmim_cli.demo import DEMO_SETTINGS
 
@@ -22,7 +22,7 @@ def one_line_error(result) -> str:
 def captured(monkeypatch):
     """Replaces the training run with a recorder of the config it would get."""
     seen = []
-    monkeypatch.setattr(tasks, "pretrain", seen.append)
+    monkeypatch.setattr(pretrain_command, "pretrain", seen.append)
     return seen
 
 
@@ -92,7 +92,7 @@ def test_the_shipped_recipes_load(captured):
         assert result.exit_code == 0, f"{recipe}: {result.output}"
     assert {c.model.split("_")[0] for c in captured} >= {"swin", "beit"}
     for config in captured:
-        tasks._check_model(config)  # builds on the meta device: the recipe's model and masking fit together
+        pretrain_command.check_model(config)  # builds on the meta device: the recipe's model and masking fit together
 
 
 @pytest.mark.parametrize(
@@ -130,7 +130,7 @@ def test_unknown_recipe_keys_are_named(captured, tmp_path):
     ],
 )
 def test_invalid_model_settings_fail_before_training(photo_folder, tmp_path, arguments, message):
-    from simmim_cli.data import write_shards
+    from simmim_cli.shards import write_shards
 
     write_shards(photo_folder, tmp_path / "shards")
     result = runner.invoke(app, ["pretrain", "--data", str(tmp_path / "shards"), "--output", str(tmp_path / "run"),

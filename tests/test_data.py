@@ -9,18 +9,11 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from simmim_cli.data import (
-    PretrainTransform,
-    ShardStream,
-    decode_image,
-    decode_tensor,
-    make_loader,
-    resolve_shards,
-    to_rgb,
-    write_shards,
-)
 from simmim_cli.errors import SimmimError
 from simmim_cli.masking import MaskGenerator
+from simmim_cli.pipeline import ShardStream, make_loader
+from simmim_cli.shards import resolve_shards, write_shards
+from simmim_cli.transforms import PretrainTransform, decode_image, decode_tensor, to_rgb
 
 
 def tar_samples(path: Path) -> dict[str, dict[str, bytes]]:

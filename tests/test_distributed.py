@@ -41,7 +41,7 @@ def simmim(*arguments: str, timeout: float = 240) -> subprocess.CompletedProcess
 @pytest.fixture(scope="module")
 def uneven_shards(tmp_path_factory, photo_folder) -> Path:
     """Five shards of 7, 7, 7, 3 and 1 samples: no even split between two ranks."""
-    from simmim_cli.data import write_shards
+    from simmim_cli.shards import write_shards
 
     out = tmp_path_factory.mktemp("uneven")
     write_shards(photo_folder, out, maxcount=7)

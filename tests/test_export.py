@@ -15,9 +15,10 @@ from typer.testing import CliRunner
 from simmim_cli import checkpoints
 from simmim_cli.cli import app
 from simmim_cli.config import FinetuneConfig
-from simmim_cli.data import CropTransform, decode_image, normalize
-from simmim_cli.models import build_simmim
-from simmim_cli.tasks import _make_classifier, load_classifier, save_model_file
+from simmim_cli.inference import load_classifier
+from simmim_cli.models import build_simmim, make_classifier
+from simmim_cli.tasks import save_model_file
+from simmim_cli.transforms import CropTransform, decode_image, normalize
 from simmim_cli.visualize import MIN_TILE
 from simmim_cli.weights import load_simmim
 
@@ -55,7 +56,7 @@ def classifier_checkpoint(folder: Path, family: str) -> Path:
         kwargs = {**kwargs, "window_size": 4}
     config = FinetuneConfig(data="x", model=name, model_kwargs=kwargs, img_size=size, drop_path=0.0)
     torch.manual_seed(1)
-    model = _make_classifier(config, len(CLASSES), probe=False)
+    model = make_classifier(config, len(CLASSES), probe=False)
     path = folder / f"{family}-best.pth"
     save_model_file(path, "finetune", model, config, CLASSES, {"val_top1": 0.0})
     return path

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from simmim_cli import checkpoints
 from simmim_cli.cli import app
-from simmim_cli.data import write_shards
+from simmim_cli.shards import write_shards
 
 runner = CliRunner()
 VIT_NAME, VIT_KWARGS, SIZE = TINY_MODELS["vit"]
@@ -213,11 +213,12 @@ def test_evaluate_needs_a_classifier(pretrained, digits, tmp_path):
 
 
 def test_recipes_for_finetune_and_probe_load(monkeypatch):
-    from simmim_cli import tasks
+    from simmim_cli import models
+    from simmim_cli.commands import finetune, probe
 
     seen = []
-    monkeypatch.setattr(tasks, "finetune", seen.append)
-    monkeypatch.setattr(tasks, "linear_probe", seen.append)
+    monkeypatch.setattr(finetune, "finetune", seen.append)
+    monkeypatch.setattr(probe, "linear_probe", seen.append)
     root = Path(__file__).parent.parent / "recipes"
     for recipe in sorted(root.glob("finetune_*.yaml")) + sorted(root.glob("linear_probe_*.yaml")):
         command = "finetune" if recipe.name.startswith("finetune") else "linear-probe"
@@ -227,5 +228,5 @@ def test_recipes_for_finetune_and_probe_load(monkeypatch):
     for config in seen:  # the recipes' models build (on the meta device: no memory, no compute)
         if config.model:
             with torch.device("meta"):
-                model = tasks._make_classifier(config, 10, probe=config.command == "linear-probe")
+                model = models.make_classifier(config, 10, probe=config.command == "linear-probe")
                 assert model.eval()(torch.empty(2, 3, config.img_size, config.img_size)).shape == (2, 10)

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from simmim_cli import checkpoints, engine, errors, tasks
 from simmim_cli.cli import app
+from simmim_cli.commands.pretrain import pretrain
 from simmim_cli.config import PretrainConfig
 from simmim_cli.errors import SimmimError
 
@@ -127,14 +128,14 @@ def library_config(shards: Path, output: Path, **overrides) -> PretrainConfig:
 
 
 def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(shards, tmp_path, monkeypatch):
-    tasks.pretrain(library_config(shards, tmp_path / "run", max_steps=2))
+    pretrain(library_config(shards, tmp_path / "run", max_steps=2))
     good = tmp_path / "run" / "checkpoint-00000002.pth"
     before = good.read_bytes()
     original = tasks.PretrainTask.training_step
     monkeypatch.setattr(tasks.PretrainTask, "training_step",
                         lambda self, model, batch: {"loss": original(self, model, batch)["loss"] * float("nan")})
     with pytest.raises(errors.TrainingDiverged, match=f"{engine.MAX_NONFINITE_IN_A_ROW} steps in a row"):
-        tasks.pretrain(library_config(shards, tmp_path / "run", resume="auto", epochs=20, save_every=5))
+        pretrain(library_config(shards, tmp_path / "run", resume="auto", epochs=20, save_every=5))
     assert good.read_bytes() == before
     assert checkpoints.list_checkpoints(tmp_path / "run") == [good]  # nothing was saved from the bad steps
 
@@ -142,31 +143,31 @@ def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(shards
 def test_a_stop_request_saves_a_checkpoint_to_resume_from(shards, tmp_path, monkeypatch):
     original = engine.Trainer._report_skipped
 
-    def request_stop_at_third_batch(self, batch, reporter):
+    def request_stop_at_third_batch(self, batch):
         self.batches_seen = getattr(self, "batches_seen", 0) + 1
         if self.batches_seen == 3:
             self.stop_requested = True  # what Ctrl-C or SIGTERM does
-        return original(self, batch, reporter)
+        return original(self, batch)
 
     monkeypatch.setattr(engine.Trainer, "_report_skipped", request_stop_at_third_batch)
     with pytest.raises(errors.Interrupted, match="--resume auto"):
-        tasks.pretrain(library_config(shards, tmp_path / "run"))
+        pretrain(library_config(shards, tmp_path / "run"))
     assert checkpoints.latest_checkpoint(tmp_path / "run").name == "checkpoint-00000003.pth"
 
 
 def test_resuming_another_kind_of_checkpoint_is_refused(shards, tmp_path):
-    tasks.pretrain(library_config(shards, tmp_path / "run", max_steps=1))
+    pretrain(library_config(shards, tmp_path / "run", max_steps=1))
     path = checkpoints.latest_checkpoint(tmp_path / "run")
     state = checkpoints.load_checkpoint(path)
     state["kind"] = "finetune"
     checkpoints.save_checkpoint(state, tmp_path / "other.pth")
     with pytest.raises(SimmimError, match="finetune checkpoint"):
-        tasks.pretrain(library_config(shards, tmp_path / "run2", resume=str(tmp_path / "other.pth")))
+        pretrain(library_config(shards, tmp_path / "run2", resume=str(tmp_path / "other.pth")))
 
 
 def test_gradient_accumulation_counts_optimizer_steps(shards, tmp_path):
     state_rows = tmp_path / "run" / "metrics.jsonl"
-    tasks.pretrain(library_config(shards, tmp_path / "run", grad_accum=2, epochs=2, warmup_epochs=0.5))
+    pretrain(library_config(shards, tmp_path / "run", grad_accum=2, epochs=2, warmup_epochs=0.5))
     steps = [json.loads(line)["step"] for line in state_rows.read_text().splitlines() if "loss" in line]
     assert steps[-1] == 2 * (7 // 2)  # 7 batches per epoch → 3 steps of 2 batches
 

@@ -1,0 +1,62 @@
+"""What finetune and linear-probe share: labelled data, the architecture from --pretrained, checked before launch."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from ..config import FinetuneConfig, LinearProbeConfig
+from ..errors import SimmimError
+from ..models import make_classifier
+from ..pipeline import EvalStream
+from ..shards import labelled_shards
+from ..weights import architecture_of, classifier_kwargs, load_encoder, read_weights
+
+
+def resolve_classifier(config: FinetuneConfig | LinearProbeConfig, keep_pretrain_architecture: bool) -> None:
+    """Fixes model, kwargs and image size from --pretrained (explicit options win), and checks that the weights
+    fit and the image size works, on the meta device (no memory, no compute)."""
+    shards = labelled_shards(config.data, config.epoch_size)
+    if config.val_data:
+        val = labelled_shards(config.val_data, option="--val-data")
+        if val.classes != shards.classes:
+            raise SimmimError(f"--val-data has other classes than --data ({len(val.classes)} vs "
+                              f"{len(shards.classes)}); make both from folders with the same class sub-folders")
+    weights = read_weights(config.pretrained) if config.pretrained else None
+    if weights is not None:
+        name, kwargs, img_size = architecture_of(weights)
+        if not keep_pretrain_architecture:
+            kwargs = classifier_kwargs(config.model or name, kwargs)
+        config.model = config.model or name
+        config.model_kwargs = {**kwargs, **config.model_kwargs}
+        config.img_size = config.img_size or img_size
+    config.img_size = config.img_size or 224
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "copying into a meta parameter is a no-op": we know
+        model = make_classifier(config, len(shards.classes), keep_pretrain_architecture)
+        if weights is not None:
+            load_encoder(model.backbone if hasattr(model, "backbone") else model, weights, config.allow_missing)
+        patch = (model.backbone if hasattr(model, "backbone") else model).patch_embed.patch_size[0]
+        if config.img_size % patch:
+            raise SimmimError(f"--img-size {config.img_size} is not a multiple of {config.model}'s patch size {patch}; "
+                              f"use e.g. {round(config.img_size / patch) * patch}")
+        try:
+            model.eval()(torch.empty(2, 3, config.img_size, config.img_size))
+        except (AssertionError, RuntimeError, ValueError) as error:
+            raise SimmimError(f"--img-size {config.img_size} does not work with {config.model}: "
+                              f"{str(error).splitlines()[0]}; choose a size the model takes") from error
+
+
+def val_stream(config, context, classes: list[str], transform) -> EvalStream | None:
+    if not config.val_data:
+        return None
+    return EvalStream(labelled_shards(config.val_data, option="--val-data"), transform, config.batch_size,
+                      workers=config.workers, rank=context.rank, world_size=context.world_size,
+                      num_classes=len(classes))
+
+
+def print_load_report(path: str, report) -> None:
+    print(f"loaded {path}" + "".join(f"; {note}" for note in report.adapted)
+          + (f"; {len(report.missing)} backbone key(s) missing, {len(report.unexpected)} unexpected "
+             "(--allow-missing)" if report.missing or report.unexpected else ""), flush=True)

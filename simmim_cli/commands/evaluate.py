@@ -1,0 +1,76 @@
+"""``simmim evaluate``: top-1/top-5 over every sample once, per-class accuracy and a confusion matrix."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import distributed
+from ..config import EvaluateConfig
+from ..errors import SimmimError
+from ..evaluation import evaluate_classifier, image_logits
+from ..inference import load_classifier, newest_classifier
+from ..pipeline import EvalStream, make_loader
+from ..precision import autocast, resolve_precision
+from ..shards import labelled_source
+from ..transforms import CropTransform
+
+
+def evaluate(config: EvaluateConfig) -> dict[str, Any]:
+    """``simmim evaluate``: top-1/top-5 over every sample once, per-class accuracy and a confusion matrix."""
+    from ..evaluation import write_report
+
+    if config.checkpoint is None:
+        found = newest_classifier()
+        if found is None:
+            raise SimmimError("no --checkpoint given and no finetune or linear-probe run under runs/; "
+                              "give --checkpoint PATH")
+        config.checkpoint = str(found)
+    if Path(config.checkpoint).suffix == ".onnx":  # an exported model, e.g. to measure what --int8 costs
+        from ..inference import OnnxClassifier
+
+        model = OnnxClassifier(config.checkpoint, config.device)
+        if not model.classes:
+            raise SimmimError(f"{config.checkpoint} has no class names in its metadata; export it with simmim export")
+        classes, img_size, crop_pct = model.classes, model.img_size, config.crop_pct or model.crop_pct
+        device, precision = torch.device("cpu"), "fp32"  # onnxruntime places the work itself
+    else:
+        model, train_config, classes = load_classifier(config.checkpoint)
+        img_size, crop_pct = train_config.img_size, config.crop_pct or train_config.crop_pct
+        device = distributed.pick_device(config.device)
+        model.to(device)
+        precision = resolve_precision(config.precision, device)
+    source, data_classes, count = labelled_source(config.data)
+    if data_classes is not None and data_classes != classes:
+        unknown = sorted(set(data_classes) - set(classes))
+        if unknown:
+            raise SimmimError(f"--data has classes the checkpoint does not know ({', '.join(unknown[:5])}); "
+                              f"it was trained on: {', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''}")
+        if isinstance(source, list):  # a folder: map its class indices to the checkpoint's
+            source = [(path, classes.index(data_classes[label])) for path, label in source]
+        else:
+            raise SimmimError("the shards' class list differs from the checkpoint's; re-make them with the same "
+                              "class folders")
+    output = Path(config.output or Path("runs") / f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}")
+    if (output / "metrics.json").exists() and not config.force:
+        raise SimmimError(f"{output} already holds an evaluation; pass --force to replace it or choose --output")
+    stream = EvalStream(source, CropTransform(img_size, crop_pct), config.batch_size,
+                        workers=config.workers, num_classes=len(classes))
+    from rich.progress import Progress
+
+    with Progress(disable=not sys.stdout.isatty()) as progress:
+        task = progress.add_task("evaluating", total=count)
+
+        def batches():
+            for batch in make_loader(stream):
+                progress.advance(task, batch["label"].numel() + len(batch["skipped"]))
+                yield batch
+
+        result = evaluate_classifier(image_logits(model, lambda: autocast(precision, device)), batches(),
+                                     len(classes), device, with_confusion=True)
+    paths = write_report(output, result, classes, str(config.checkpoint))
+    return {**result, "paths": paths, "classes": classes, "checkpoint": config.checkpoint}

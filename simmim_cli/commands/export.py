@@ -1,0 +1,75 @@
+"""``simmim export``: ONNX (fp32, fp16 or int8) and TorchScript files of a checkpoint, verified against PyTorch."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import checkpoints
+from ..config import ExportConfig
+from ..errors import SimmimError
+from ..export import example_inputs, exportable, set_metadata, to_fp16, to_int8, to_onnx, verification_images, verify
+from ..inference import newest_classifier
+
+
+def export(config: ExportConfig) -> dict[str, Any]:
+    """``simmim export``: ONNX (fp32, fp16 or int8) and/or TorchScript files, verified against PyTorch."""
+
+    if config.checkpoint is None:
+        found = newest_classifier() or checkpoints.newest_run_checkpoint(Path("runs"), "pretrain")
+        if found is None:
+            raise SimmimError("no --checkpoint given and no finetune, linear-probe or pretrain run under runs/")
+        config.checkpoint = str(found)
+    module, what, metadata = exportable(config.checkpoint, config.what)
+    output = Path(config.output or f"{what}.onnx")
+    targets = ([output] if config.onnx else []) + ([output.with_suffix(".pt")] if config.torchscript else [])
+    for target in targets:
+        if target.exists() and not config.force:
+            raise SimmimError(f"{target} exists; pass --force to replace it or choose another --output")
+    images = verification_images(metadata["img_size"])
+    inputs = example_inputs(module, what, metadata["img_size"], images)
+    report: dict[str, Any] = {"checkpoint": config.checkpoint, "what": what, "files": [], "metadata": metadata}
+    if config.onnx:
+        tmp = output.with_name(f".{output.name}.tmp")
+        report["exporter"] = to_onnx(module, example_inputs(module, what, metadata["img_size"]), what, tmp,
+                                     config.opset, config.exporter)
+        precision = "int8" if config.int8 else "fp16" if config.fp16 else "fp32"
+        set_metadata(tmp, {**metadata, "opset": config.opset, "precision": precision})
+        if precision == "fp16":
+            to_fp16(tmp, tmp)
+        elif precision == "int8":
+            to_int8(tmp, tmp)
+        if config.verify:
+            checked = verify(tmp, module, inputs, what)
+            report["verification"] = checked
+            problem = None
+            if precision == "fp32" and checked["max_abs_diff"] > config.tolerance:
+                problem = (f"onnxruntime and PyTorch differ by {checked['max_abs_diff']:.2e} (above "
+                           f"{config.tolerance:g}); try --exporter torchscript, or --tolerance if that is acceptable")
+            elif precision != "fp32" and checked.get("top1_agreement", 1.0) < 1.0:
+                problem = (f"the {precision} model's top-1 differs from PyTorch on "
+                           f"{100 * (1 - checked['top1_agreement']):.0f}% of the check photos")
+            elif precision != "fp32" and checked["min_cosine"] < 0.99:
+                problem = (f"the {precision} model's outputs are too far from PyTorch's (cosine similarity "
+                           f"{checked['min_cosine']:.3f} < 0.99)")
+            if problem and precision != "fp32":
+                problem += (f"; export without --{precision}, or with --no-verify and measure the accuracy on your "
+                            "own data with simmim evaluate --checkpoint FILE.onnx")
+            if problem:
+                tmp.unlink()
+                raise SimmimError(f"{problem}; nothing was written")
+        tmp.replace(output)
+        report["files"].append(output)
+    if config.torchscript:
+        target = output.with_suffix(".pt")
+        tmp = target.with_name(f".{target.name}.tmp")
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(module, inputs, check_trace=False)
+        traced.save(str(tmp))
+        tmp.replace(target)
+        report["files"].append(target)
+    return report

@@ -1,0 +1,54 @@
+"""``simmim linear-probe``: a linear classifier on a frozen encoder, on images or on cached features."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .. import distributed
+from ..config import LinearProbeConfig
+from ..features import cached_features
+from ..models import make_classifier
+from ..pipeline import ShardStream, TensorStream
+from ..shards import labelled_shards
+from ..tasks import LinearProbeTask, Task
+from ..transforms import CropTransform
+from ..weights import load_encoder, read_weights
+from .classifier import print_load_report, resolve_classifier, val_stream
+from .training import prepare_run, run_training
+
+
+def prepare_linear_probe(config: LinearProbeConfig) -> None:
+    prepare_run(config)
+    resolve_classifier(config, keep_pretrain_architecture=True)
+    if config.cache_features and config.cache_dir is None:
+        config.cache_dir = str(Path(config.output) / "features")
+
+
+def build_linear_probe(config: LinearProbeConfig, context: distributed.Context) -> tuple[Task, Any]:
+    shards = labelled_shards(config.data, config.epoch_size)
+    classes = shards.classes
+    model = make_classifier(config, len(classes), probe=True)
+    if config.pretrained:
+        report = load_encoder(model.backbone, read_weights(config.pretrained), config.allow_missing)
+        if context.is_main:
+            print_load_report(config.pretrained, report)
+    if config.cache_features:
+        features, labels = cached_features(model, config, config.data, context, classes)
+        dataset = TensorStream(features, labels, config.batch_size, context.rank, context.world_size, config.seed)
+        val = None
+        if config.val_data:
+            val_features, val_labels = cached_features(model, config, config.val_data, context, classes)
+            val = TensorStream(val_features, val_labels, config.batch_size, context.rank, context.world_size,
+                               shuffle=False)
+    else:
+        dataset = ShardStream(shards, CropTransform(config.img_size, random=True), config.batch_size,
+                              workers=config.workers, rank=context.rank, world_size=context.world_size,
+                              seed=config.seed, labels=True, num_classes=len(classes))
+        val = val_stream(config, context, classes, CropTransform(config.img_size, config.crop_pct))
+    return LinearProbeTask(model, config, classes, val), dataset
+
+
+def linear_probe(config: LinearProbeConfig) -> None:
+    """``simmim linear-probe``."""
+    run_training(config, prepare_linear_probe, build_linear_probe)

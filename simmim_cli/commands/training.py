@@ -1,0 +1,89 @@
+"""Running a training command: the run folder, then training here, in ``--gpus``/``--nproc`` workers, or as one
+worker of torchrun/SLURM.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .. import checkpoints, distributed
+from ..config import TrainConfig
+from ..engine import Trainer
+from ..errors import SimmimError
+
+
+def resolve_run_paths(config: TrainConfig, runs_root: Path = Path("runs")) -> None:
+    """Fixes ``config.output`` and ``config.resume`` to concrete paths before any worker starts.
+
+    ``--resume auto`` takes the newest checkpoint in ``--output``, or without ``--output`` in the newest
+    ``runs/<command>-*`` folder; a new run refuses a folder that already holds a run unless ``--force``.
+    """
+    if config.resume == "auto":
+        found = (checkpoints.latest_checkpoint(Path(config.output)) if config.output
+                 else checkpoints.newest_run_checkpoint(runs_root, config.command))
+        if found is None:
+            where = config.output or f"{runs_root}/{config.command}-*"
+            print(f"note: --resume auto found no checkpoint in {where}; starting a new run", file=sys.stderr)
+            config.resume = None
+        else:
+            config.resume = str(found)
+            config.output = config.output or str(found.parent)
+    elif config.resume:
+        if not Path(config.resume).is_file():
+            raise SimmimError(f"--resume {config.resume}: no such checkpoint; use --resume auto to take the newest")
+        config.output = config.output or str(Path(config.resume).parent)
+    if config.output is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        config.output = str(runs_root / f"{config.command}-{stamp}")
+    output = Path(config.output)
+    if output.exists() and not output.is_dir():
+        raise SimmimError(f"--output {output} is a file; give a folder")
+    if config.resume is None and output.is_dir():
+        previous = checkpoints.list_checkpoints(output) + list(output.glob("metrics.jsonl"))
+        if previous and not config.force:
+            raise SimmimError(f"{output} already holds a run ({previous[-1].name}); continue it with --resume auto, "
+                              "or pass --force to start over in it, or choose another --output")
+        for path in previous + list(output.glob("preview-*.png")):
+            path.unlink()
+
+
+def run_training(config: TrainConfig, prepare, build) -> None:
+    """Trains here, in ``--gpus``/``--nproc`` workers, or as one worker of torchrun/SLURM.
+
+    ``prepare(config)`` checks inputs and fixes paths once, before any worker starts (under torchrun/SLURM: on
+    rank 0, which hands the result to the others); ``build(config, context) -> (task, dataset)`` runs in every
+    training process.
+    """
+    if distributed.launched_env() is not None:
+        _train_process(config, prepare, build, prepare_here=True)
+        return
+    prepare(config)
+    if distributed.needs_launch(config):
+        distributed.launch(_train_process, config, prepare, build, False)
+    else:
+        _train_process(config, prepare, build, False)
+
+
+def _train_process(config: TrainConfig, prepare, build, prepare_here: bool) -> None:
+    context = distributed.setup(config)
+    try:
+        if prepare_here and context.is_main:
+            prepare(config)
+        config = distributed.broadcast_object(config)  # rank 0's paths and resolved settings on every rank
+        torch.manual_seed(config.seed)  # the same initial weights on every rank
+        task, dataset = build(config, context)
+        torch.manual_seed(config.seed + context.rank)  # different dropout and drop-path draws per rank
+        Trainer(task, config, context).fit(dataset, max_steps=config.max_steps or None)
+    finally:
+        distributed.teardown()
+
+
+def prepare_run(config: TrainConfig) -> None:
+    """The run folder; on the other nodes of a multi-node job it is node 0's business."""
+    distributed.check_devices(config)
+    if config.node_rank == 0:
+        resolve_run_paths(config)

@@ -1,0 +1,121 @@
+"""A classifier from a checkpoint (this toolkit's finetune/linear-probe runs) or an exported ONNX file: the one
+way evaluate, predict and export get one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import FinetuneConfig, LinearProbeConfig, TrainConfig, from_dict
+from .errors import SimmimError
+from .models import make_classifier
+from .weights import read_weights
+
+PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+
+
+def load_classifier(path: str | Path) -> tuple[nn.Module, TrainConfig, list[str]]:
+    """A finetune or linear-probe checkpoint → (model in eval mode, its run config, class names)."""
+    weights = read_weights(path)
+    config_class = {"finetune": FinetuneConfig, "linear-probe": LinearProbeConfig}.get(weights.kind or "")
+    if config_class is None:
+        raise SimmimError(f"{path} is a {weights.source} checkpoint, not a classifier; give the best.pth or "
+                          "last.pth of a simmim finetune or linear-probe run")
+    config = from_dict(config_class, weights.config or {}, strict=False)
+    classes = weights.classes or [str(i) for i in range(_head_size(weights.encoder))]
+    model = make_classifier(config, len(classes), probe=weights.kind == "linear-probe")
+    try:
+        model.load_state_dict(weights.encoder)
+    except RuntimeError as error:
+        raise SimmimError(f"{path} does not fit the model its config describes: "
+                          f"{str(error).splitlines()[1].strip()}") from error
+    return model.eval(), config, classes
+
+
+def _head_size(state: dict[str, torch.Tensor]) -> int:
+    heads = [v for k, v in state.items() if k.endswith("weight") and k.startswith(("head", "head.fc"))]
+    return heads[-1].shape[0] if heads else 0
+
+
+def newest_classifier(runs_root: Path = Path("runs")) -> Path | None:
+    """best.pth (else last.pth) of the newest finetune or linear-probe run."""
+    found = [p for pattern in ("finetune-*/best.pth", "finetune-*/last.pth", "linear-probe-*/best.pth",
+                               "linear-probe-*/last.pth") for p in runs_root.glob(pattern)]
+    if not found:
+        return None
+    newest_run = max({p.parent for p in found}, key=lambda run: max(q.stat().st_mtime for q in run.glob("*.pth")))
+    return newest_run / "best.pth" if (newest_run / "best.pth").is_file() else newest_run / "last.pth"
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    result = {}
+    for entry in model.metadata_props:
+        try:
+            result[entry.key] = json.loads(entry.value)
+        except json.JSONDecodeError:
+            result[entry.key] = entry.value
+    return result
+
+
+def session(path: Path, provider: str = "cpu", optimize: bool = True):
+    """An onnxruntime session on the provider asked for; ``auto`` takes CUDA when it loads, else the CPU with a
+    note. Asking for ``cuda``/``tensorrt`` where they cannot run is an error, not a silent CPU run."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if provider in ("cuda", "tensorrt") and PROVIDERS[provider] not in available:
+        raise SimmimError(f"--provider {provider}: onnxruntime has no {PROVIDERS[provider]} here (installed: "
+                          f"{', '.join(available)}); install onnxruntime-gpu on a machine with a GPU")
+    gpu = torch.cuda.is_available()  # onnxruntime-gpu lists CUDA even where no driver could run it
+    if provider in ("cuda", "tensorrt") and not gpu:
+        raise SimmimError(f"--provider {provider}: this machine has no usable GPU (no CUDA driver); "
+                          "use --provider cpu or auto")
+    wanted = {"auto": ["cuda", "cpu"] if gpu else ["cpu"], "cuda": ["cuda", "cpu"],
+              "tensorrt": ["tensorrt", "cuda", "cpu"], "cpu": ["cpu"]}[provider]
+    providers = [PROVIDERS[p] for p in wanted if PROVIDERS[p] in available]
+    if any(p != "CPUExecutionProvider" for p in providers) and hasattr(ort, "preload_dlls"):
+        try:
+            ort.preload_dlls()  # CUDA and cuDNN from torch's wheels
+        except Exception:  # noqa: S110 - without them the CUDA provider simply does not load
+            pass
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    options.log_severity_level = 3  # a provider that cannot load is reported below, once
+    created = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    active = created.get_providers()[0]
+    if provider in ("cuda", "tensorrt") and active != PROVIDERS[provider]:
+        raise SimmimError(f"--provider {provider}: {PROVIDERS[provider]} did not load (no usable GPU or CUDA "
+                          "libraries); use --provider cpu or auto")
+    return created, active
+
+
+class OnnxClassifier(nn.Module):
+    """An exported classifier behind PyTorch's module interface (normalised images in, logits out), so that
+    ``predict`` and ``evaluate`` score an ``.onnx`` file exactly as they score a checkpoint."""
+
+    def __init__(self, path: Path | str, provider: str = "auto"):
+        super().__init__()
+        if not Path(path).is_file():
+            raise SimmimError(f"{path} not found; give an .onnx file written by simmim export")
+        metadata = read_metadata(Path(path))
+        if metadata.get("what", "classifier") != "classifier":
+            raise SimmimError(f"{path} computes {metadata['what']}, not class scores; export --what classifier")
+        self.session, self.provider = session(Path(path), provider)
+        self.input_name = self.session.get_inputs()[0].name
+        shape = self.session.get_inputs()[0].shape
+        self.img_size = shape[-1] if isinstance(shape[-1], int) else metadata.get("img_size")
+        self.classes: list[str] = metadata.get("class_names") or []
+        self.crop_pct: float = metadata.get("crop_pct", 0.875)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logits = self.session.run(None, {self.input_name: images.float().cpu().numpy()})[0]
+        return torch.from_numpy(logits).float().to(images.device)

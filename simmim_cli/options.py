@@ -1,0 +1,107 @@
+"""Command-line options shared by several commands (Typer ``Annotated`` aliases), grouped into help panels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .config import PRECISIONS, SCHEDULES, EvaluateConfig, FinetuneConfig, LinearProbeConfig, PretrainConfig
+
+DATA, MODEL, MASKING, OPTIM, RUN, DIST = "Data", "Model", "Masking", "Optimisation", "Run", "Distributed"
+D = PretrainConfig()  # the defaults shown in --help
+FT = FinetuneConfig()
+LP = LinearProbeConfig()
+EV = EvaluateConfig()
+
+Recipe = Annotated[Path | None, typer.Option(
+    help="YAML file of option values (see recipes/); options given on the command line override it.",
+    rich_help_panel=RUN, show_default=False)]
+Data = Annotated[str | None, typer.Option(
+    help="Training shards: a folder (with _info.json from make-shards), a brace pattern "
+         "'shards/train-{000000..000099}.tar', or a text file listing one shard per line.",
+    rich_help_panel=DATA, show_default=False)]
+EpochSize = Annotated[int | None, typer.Option(
+    help="Samples per epoch, when the shards' _info.json does not say (remote shards).",
+    rich_help_panel=DATA, show_default=False)]
+Workers = Annotated[int, typer.Option(help="Data loader processes per training process.", rich_help_panel=DATA)]
+Model = Annotated[str, typer.Option(
+    help="timm model name: vit_*, deit_*, beit_*, swin_* or swinv2_* (no weights are downloaded).",
+    rich_help_panel=MODEL)]
+ModelKwargs = Annotated[str | None, typer.Option(
+    help="JSON of extra timm.create_model arguments, e.g. '{\"embed_dim\": 96, \"window_size\": 6}'.",
+    rich_help_panel=MODEL, show_default=False)]
+ImgSize = Annotated[int, typer.Option(help="Input image size (square).", rich_help_panel=MODEL)]
+DropPath = Annotated[float, typer.Option(help="Stochastic depth rate.", rich_help_panel=MODEL)]
+GradCheckpointing = Annotated[bool, typer.Option(
+    help="Recompute activations in the backward pass: less memory, about 30% more compute.", rich_help_panel=MODEL)]
+Epochs = Annotated[int, typer.Option(help="Training epochs.", rich_help_panel=OPTIM)]
+BatchSize = Annotated[int, typer.Option(help="Images per process (per GPU) and step.", rich_help_panel=OPTIM)]
+BaseLr = Annotated[float, typer.Option(
+    help="Learning rate per 512 images: lr = base-lr × global batch / 512.", rich_help_panel=OPTIM)]
+WarmupEpochs = Annotated[float, typer.Option(help="Linear warmup length in epochs.", rich_help_panel=OPTIM)]
+WarmupLr = Annotated[float, typer.Option(help="Warmup start lr, per 512 images.", rich_help_panel=OPTIM)]
+MinLr = Annotated[float, typer.Option(help="Final lr of the cosine schedule, per 512 images.", rich_help_panel=OPTIM)]
+WeightDecay = Annotated[float, typer.Option(
+    help="AdamW weight decay (not applied to norms, biases, position tables and tokens).", rich_help_panel=OPTIM)]
+ClipGrad = Annotated[float, typer.Option(help="Gradient norm clipping; 0 turns it off.", rich_help_panel=OPTIM)]
+GradAccum = Annotated[int, typer.Option(
+    help="Batches accumulated per optimizer step (a larger global batch on fewer GPUs).", rich_help_panel=OPTIM)]
+Schedule = Annotated[str, typer.Option(help=f"Learning-rate schedule after warmup: {' | '.join(SCHEDULES)}.",
+                                       rich_help_panel=OPTIM)]
+LrMilestones = Annotated[list[int] | None, typer.Option(
+    help="Epochs at which the multistep schedule multiplies the lr by 0.1 (repeat the option for several).",
+    rich_help_panel=OPTIM, show_default=False)]
+Precision = Annotated[str, typer.Option(
+    help=f"{' | '.join(PRECISIONS)}. auto = bf16 on GPUs and CPUs that have it (fp16 with loss scaling on older "
+         "GPUs), else fp32.", rich_help_panel=OPTIM)]
+Compile = Annotated[bool, typer.Option(help="torch.compile the model (slow first step, faster after).",
+                                       rich_help_panel=OPTIM)]
+Seed = Annotated[int, typer.Option(help="Seed for weights, data order, augmentation and masks.", rich_help_panel=RUN)]
+Output = Annotated[str | None, typer.Option(
+    help="Run folder for config.yaml, metrics.jsonl, checkpoints and previews [default: runs/<command>-<time>].",
+    rich_help_panel=RUN, show_default=False)]
+Resume = Annotated[str | None, typer.Option(
+    help="Continue from a checkpoint file, or 'auto' for the newest one in --output (or in the newest run).",
+    rich_help_panel=RUN, show_default=False)]
+Force = Annotated[bool, typer.Option("--force", help="Start over in an --output folder that already holds a run.",
+                                     rich_help_panel=RUN)]
+LogEvery = Annotated[int, typer.Option(help="Steps between log lines (metrics.jsonl).", rich_help_panel=RUN)]
+SaveEvery = Annotated[int, typer.Option(
+    help="Steps between checkpoints (and previews); 0 = at the end of each epoch only.", rich_help_panel=RUN)]
+Keep = Annotated[int, typer.Option(help="Newest checkpoints kept.", rich_help_panel=RUN)]
+MaxSteps = Annotated[int, typer.Option(
+    help="Stop after this many optimizer steps, schedule unchanged (smoke tests); 0 = no limit.", rich_help_panel=RUN)]
+Device = Annotated[str, typer.Option(help="auto | cuda | cpu.", rich_help_panel=RUN)]
+Gpus = Annotated[int, typer.Option(help="GPUs on this machine: starts one process per GPU (NCCL).",
+                                   rich_help_panel=DIST)]
+Nproc = Annotated[int, typer.Option(help="Processes on this machine, e.g. CPU processes with --device cpu (gloo).",
+                                    rich_help_panel=DIST)]
+Nnodes = Annotated[int, typer.Option(help="Machines in the job (run the same command on each).", rich_help_panel=DIST)]
+NodeRank = Annotated[int, typer.Option(help="This machine's index, 0 .. nnodes-1.", rich_help_panel=DIST)]
+MasterAddr = Annotated[str, typer.Option(help="Address of node 0, reachable from every node.", rich_help_panel=DIST)]
+MasterPort = Annotated[int, typer.Option(help="Free TCP port on node 0.", rich_help_panel=DIST)]
+DistTimeout = Annotated[float, typer.Option(
+    help="Minutes a collective may wait for the other ranks before the job fails.", rich_help_panel=DIST)]
+Pretrained = Annotated[str | None, typer.Option(
+    help="Start from this checkpoint: a simmim pretrain checkpoint, an official SimMIM release, or a timm state "
+         "dict. Its architecture is used unless --model/--model-kwargs say otherwise.",
+    rich_help_panel=MODEL, show_default=False)]
+AllowMissing = Annotated[bool, typer.Option(
+    "--allow-missing", help="Load even when backbone keys are missing or left over (they are listed).",
+    rich_help_panel=MODEL)]
+ValData = Annotated[str | None, typer.Option(
+    help="Labelled validation shards, evaluated (top-1/top-5) after every epoch.", rich_help_panel=DATA,
+    show_default=False)]
+LabelledData = Annotated[str | None, typer.Option(
+    help="Labelled training shards (from class sub-folders; class names come from _info.json).",
+    rich_help_panel=DATA, show_default=False)]
+ClassifierModel = Annotated[str | None, typer.Option(
+    "--model", help="timm model name [default: the --pretrained checkpoint's].", rich_help_panel=MODEL,
+    show_default=False)]
+ClassifierImgSize = Annotated[int | None, typer.Option(
+    "--img-size", help="Input size [default: the --pretrained checkpoint's, else 224]; position tables are resized.",
+    rich_help_panel=MODEL, show_default=False)]
+CropPct = Annotated[float, typer.Option(
+    help="Evaluation crop: resize to img-size / crop-pct, then centre-crop.", rich_help_panel=DATA)]

@@ -1,0 +1,377 @@
+"""Training and evaluation streams over shards: which sample goes to which rank and loader worker, decoding,
+augmentation and batching on the CPU (a GPU decoder lives beside it in ``dali.py``).
+
+The training stream defines an epoch by sample count: every loader worker on every rank yields the
+same number of full batches, so distributed ranks never wait on each other at an epoch's end. Batches hold
+uint8 images; normalisation happens on the training device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import multiprocessing as mp
+import random
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .errors import SimmimError
+from .shards import IMAGE_SUFFIXES, ShardSet, resolve_shards
+from .transforms import CropTransform, decode_image
+
+SAMPLE_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm", "pgm", "pbm", "img")
+
+# ---------------------------------------------------------------------------------------------- streaming
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int):
+    """Seeds torch, random and numpy for one sample, so any library transform becomes a function of the seed
+    alone (whatever worker runs it, and after a resume). In the training process itself (no loader workers)
+    the previous states are restored afterwards; loader workers need no restoring."""
+    restore = get_worker_info() is None
+    if restore:
+        saved = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed also queues CUDA seeding
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    try:
+        yield
+    finally:
+        if restore:
+            torch.set_rng_state(saved[0])
+            random.setstate(saved[1])
+            np.random.set_state(saved[2])
+
+
+def sample_label(sample: dict, num_classes: int | None) -> int:
+    """The sample's ``.cls`` label, checked against the number of classes."""
+    if "cls" not in sample:
+        raise SimmimError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no label (.cls); "
+                          "make labelled shards from a folder with one sub-folder per class")
+    label = int(sample["cls"])
+    if num_classes is not None and not 0 <= label < num_classes:
+        raise SimmimError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has label {label}, outside "
+                          f"0..{num_classes - 1} ({num_classes} classes in _info.json); re-create the shards")
+    return label
+
+
+def _image_bytes(sample: dict) -> bytes:
+    for key in SAMPLE_IMAGE_KEYS:
+        if key in sample:
+            return sample[key]
+    raise ValueError(f"no image in sample (it has {sorted(k for k in sample if not k.startswith('__'))})")
+
+
+class ShardStream(IterableDataset):
+    """Batches of ``{"image": uint8 (B,3,H,W), ...[, "label": int64 (B,)], "skipped": [str, ...]}``: the
+    transform's outputs stacked, the labels when asked for, and descriptions of the samples skipped as bad
+    (their places in the batch go to the next good image).
+
+    Call :meth:`set_epoch` before iterating. Each of the ``world_size × max(workers, 1)`` consumers yields
+    ``batches_per_consumer`` batches per epoch, so each rank gets :attr:`batches_per_epoch` batches.
+    Sample order and augmentation depend only on (seed, epoch, consumer, position): a run that resumes in
+    the middle of an epoch sees the same batches as one that never stopped.
+    """
+
+    def __init__(
+        self,
+        shards: ShardSet,
+        transform: Callable[[Any], dict[str, torch.Tensor]],
+        batch_size: int,
+        workers: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        labels: bool = False,
+        shuffle_buffer: int = 2000,
+        decode: Callable[[bytes], Any] = decode_image,
+        num_classes: int | None = None,
+    ):
+        self.shards = shards
+        self.transform = transform
+        self.batch_size = batch_size
+        self.workers = workers
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.labels = labels
+        self.shuffle_buffer = shuffle_buffer
+        self.decode = decode
+        self.num_classes = num_classes
+        self.num_consumers = world_size * max(workers, 1)
+        self.batches_per_consumer = max(1, math.ceil(shards.num_samples / (self.num_consumers * batch_size)))
+        self.epoch = 0
+        self.skip_batches = 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches each rank receives per epoch (the same on every rank)."""
+        return self.batches_per_consumer * max(self.workers, 1)
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Next iteration yields ``epoch``'s batches, starting after the rank's first ``skip_batches``."""
+        self.epoch = epoch
+        self.skip_batches = skip_batches
+
+    def _samples(self, consumer: int, skipped: list[str]) -> Iterator[dict]:
+        """This consumer's share of the shards, shuffled, pass after pass until the caller stops.
+
+        Each pass is shuffled on its own, so a pass ends before the next begins (no repeats within an epoch
+        that one pass covers).
+        """
+        split_by_shard = len(self.shards.urls) >= self.num_consumers
+
+        def on_error(error: Exception) -> bool:
+            if isinstance(error, (TypeError, AttributeError, NameError, AssertionError)):
+                raise error  # a bug, not a bad file
+            skipped.append(f"{type(error).__name__}: {error}")
+            return True
+
+        def share(urls: list[str], start: int) -> Iterator[dict]:
+            index = start
+            for sample in wds.tariterators.tarfile_samples(iter([{"url": u} for u in urls]), handler=on_error):
+                if split_by_shard or index % self.num_consumers == consumer:
+                    yield sample
+                index += 1
+            counts.append(index - start)
+
+        counts: list[int] = []
+        for pass_index in range(1_000_000):
+            urls = list(self.shards.urls)
+            random.Random(f"{self.seed}/{self.epoch}/{pass_index}").shuffle(urls)  # the same on every consumer
+            mine = urls[consumer :: self.num_consumers] if split_by_shard else urls
+            # the sample index runs on over passes, so consumers beyond the sample count still get samples
+            start = sum(counts)
+            rng = random.Random(f"{self.seed}/{self.epoch}/{pass_index}/{consumer}")
+            yield from wds.filters.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng)(
+                share(mine, start))
+            if counts[-1] == 0:
+                raise SimmimError(f"no samples could be read from {len(mine)} shard(s) ({mine[0]}, ...); "
+                                  "check that they are readable tar files made by simmim make-shards")
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # The DataLoader deals batches round-robin, starting at worker 0, so rank batch i comes from worker
+        # i % workers. After skipping k batches, loader worker w plays the part of worker (w + k) % workers,
+        # which keeps the resumed order identical to the uninterrupted one.
+        role = (worker + self.skip_batches) % workers
+        consumer = self.rank * workers + role
+        skip = (self.skip_batches - role + workers - 1) // workers
+        remaining = self.batches_per_consumer - skip
+        if remaining <= 0:
+            return
+        skipped: list[str] = []
+        stream = self._samples(consumer, skipped)
+        position = 0  # raw samples consumed: one batch slot each
+        # skip what the interrupted run already trained on, before the (costly) decoding
+        for _ in range(skip * self.batch_size):
+            next(stream)
+            position += 1
+        samples: list[dict[str, torch.Tensor]] = []
+        bad_slots: list[int] = []  # slots of undecodable samples, filled by the next good image
+        while remaining > 0:
+            sample = next(stream)
+            position += 1
+            try:
+                image = self.decode(_image_bytes(sample))
+                label = sample_label(sample, self.num_classes) if self.labels else None
+            except (OSError, ValueError, KeyError, SyntaxError, RuntimeError, Image.DecompressionBombError) as error:
+                skipped.append(f"{sample.get('__url__')}:{sample.get('__key__')}: {type(error).__name__}: {error}")
+                bad_slots.append(position)
+                if len(bad_slots) > 100 * self.batch_size:
+                    raise SimmimError(f"none of {len(bad_slots)} samples in a row could be decoded "
+                                      f"({skipped[-1]}); check the shards") from error
+                continue
+            # A bad sample's slot goes to the next good image (with the slot's own augmentation and mask):
+            # batch contents then depend only on raw positions, so resuming mid-epoch stays exact.
+            for slot in [*bad_slots, position]:
+                seed = int(np.random.SeedSequence([self.seed, self.epoch, consumer, slot]).generate_state(1)[0])
+                with seeded_rng(seed):
+                    outputs = self.transform(image)
+                if label is not None:
+                    outputs["label"] = torch.tensor(label)
+                samples.append(outputs)
+                if len(samples) == self.batch_size:
+                    batch = {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+                    batch["skipped"] = list(skipped)
+                    yield batch
+                    samples.clear()
+                    skipped.clear()
+                    remaining -= 1
+                    if remaining == 0:
+                        return
+            bad_slots.clear()
+
+
+def make_loader(dataset: ShardStream, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader over the stream (batches are made in the workers)."""
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=dataset.workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,  # workers are re-created each epoch and pick up set_epoch
+        # its own generator, so starting an epoch's workers does not draw from the training process's RNG
+        # (samples are seeded by position, not by worker seeds)
+        generator=torch.Generator().manual_seed(0),
+        prefetch_factor=4 if dataset.workers > 0 else None,
+        # fork where there is fork: processes started by torch's launcher would spawn loader workers, and
+        # spawning means importing torch in every worker at every epoch
+        multiprocessing_context="fork" if dataset.workers and "fork" in mp.get_all_start_methods() else None,
+    )
+
+
+class EvalStream(IterableDataset):
+    """Every sample exactly once, for evaluation: shards (or image files) split over ranks and loader workers,
+    nothing shuffled or repeated, the last batch of each worker possibly short. Batches are
+    ``{"image": uint8, "label": int64, "skipped": [...]}``.
+
+    ``source`` is a :class:`ShardSet` or a list of ``(image path, label)`` pairs (a class-folder tree).
+    """
+
+    def __init__(
+        self,
+        source: ShardSet | list[tuple[Path, int]],
+        transform: Callable[[Any], dict[str, torch.Tensor]],
+        batch_size: int,
+        workers: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        decode: Callable[[bytes], Any] = decode_image,
+        num_classes: int | None = None,
+    ):
+        self.source = source
+        self.transform = transform
+        self.batch_size = batch_size
+        self.workers = workers
+        self.rank = rank
+        self.world_size = world_size
+        self.decode = decode
+        self.num_classes = num_classes
+
+    def _records(self, consumer: int, consumers: int, skipped: list[str]) -> Iterator[tuple[bytes, int, str]]:
+        if isinstance(self.source, ShardSet):
+            urls = self.source.urls
+            by_shard = len(urls) >= consumers
+
+            def on_error(error: Exception) -> bool:
+                skipped.append(f"{type(error).__name__}: {error}")
+                return True
+
+            mine = urls[consumer::consumers] if by_shard else urls
+            samples = wds.tariterators.tarfile_samples(iter([{"url": u} for u in mine]), handler=on_error)
+            for index, sample in enumerate(samples):
+                if by_shard or index % consumers == consumer:
+                    name = f"{sample.get('__url__')}:{sample.get('__key__')}"
+                    try:
+                        yield _image_bytes(sample), sample_label(sample, self.num_classes), name
+                    except ValueError as error:
+                        skipped.append(f"{name}: {error}")
+        else:
+            for path, label in self.source[consumer::consumers]:
+                yield path.read_bytes(), label, str(path)
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        skipped: list[str] = []
+        images, labels = [], []
+        for data, label, name in self._records(self.rank * workers + worker, self.world_size * workers, skipped):
+            try:
+                images.append(self.transform(self.decode(data))["image"])
+                labels.append(label)
+            except (OSError, ValueError, SyntaxError, RuntimeError, Image.DecompressionBombError) as error:
+                skipped.append(f"{name}: {type(error).__name__}: {error}")
+            if len(images) == self.batch_size:
+                yield {"image": torch.stack(images), "label": torch.tensor(labels), "skipped": list(skipped)}
+                images, labels = [], []
+                skipped.clear()
+        if images or skipped:
+            yield {"image": torch.stack(images) if images else torch.empty(0, dtype=torch.uint8),
+                   "label": torch.tensor(labels, dtype=torch.long), "skipped": list(skipped)}
+
+
+def collect_images(inputs: list[str], limit: int | None = None) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of the images named by ``inputs``: image files, folders of images (searched recursively),
+    shard folders, .tar files or brace patterns of shards. Stops after ``limit`` images."""
+    count = 0
+    for item in inputs:
+        path = Path(item)
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+            entries: Iterator[tuple[str, bytes]] = iter([(str(path), path.read_bytes())])
+        elif path.is_dir() and not list(path.glob("*.tar")):
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                raise SimmimError(f"no images in {path}")
+            entries = ((str(p), p.read_bytes()) for p in files)
+        elif path.is_dir() or path.suffix == ".tar" or "{" in item:
+            shards = resolve_shards(item)
+            samples = wds.tariterators.tarfile_samples(iter([{"url": u} for u in shards.urls]))
+            entries = ((f"{s['__url__']}:{s['__key__']}", _image_bytes(s)) for s in samples)
+        else:
+            raise SimmimError(f"{item}: not an image file, a folder of images or shards")
+        for entry in entries:
+            yield entry
+            count += 1
+            if limit is not None and count >= limit:
+                return
+
+
+def image_views(entries: Iterator[tuple[str, bytes]], img_size: int, crop_pct: float, skipped: list[str],
+                notes: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, uint8 view) for each readable image: resized to ``img_size / crop_pct`` and centre-cropped. Images
+    that do not decode are listed in ``skipped``; ones smaller than the model get a note in ``notes``."""
+    view = CropTransform(img_size, crop_pct)
+    for name, data in entries:
+        try:
+            image = decode_image(data)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+            skipped.append(f"{name}: {type(error).__name__}: {error}")
+            continue
+        if min(image.size) < img_size:
+            notes.append(f"note: {name} is {image.width}×{image.height}, smaller than the model's {img_size}; "
+                         "it was enlarged")
+        yield name, view(image)["image"]
+
+
+class TensorStream(torch.utils.data.IterableDataset):
+    """Cached features: every epoch a new shuffle (seed, epoch), dealt out to ranks in whole batches.
+    With ``shuffle=False`` it is an evaluation stream (every sample once, the last batch short)."""
+
+    workers = 0
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor, batch_size: int, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, shuffle: bool = True):
+        self.features, self.labels = features, labels
+        self.batch_size, self.rank, self.world_size, self.seed, self.shuffle = (
+            batch_size, rank, world_size, seed, shuffle)
+        self.batches_per_epoch = max(1, len(labels) // (batch_size * world_size))
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip_batches
+
+    def __iter__(self):
+        count = len(self.labels)
+        if not self.shuffle:
+            mine = torch.arange(self.rank, count, self.world_size)
+            for start in range(0, len(mine), self.batch_size):
+                index = mine[start:start + self.batch_size]
+                yield {"features": self.features[index], "label": self.labels[index]}
+            return
+        order = torch.randperm(count, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        if count < self.batch_size * self.world_size:  # fewer samples than one global batch: repeat them
+            order = order.repeat(-(-self.batch_size * self.world_size // count))
+        for batch in range(self.skip, self.batches_per_epoch):
+            start = (batch * self.world_size + self.rank) * self.batch_size
+            index = order[start:start + self.batch_size]
+            yield {"features": self.features[index], "label": self.labels[index]}

@@ -1,0 +1,34 @@
+"""Numeric precision of training and inference: what ``auto`` means on a device, and the autocast for it."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .errors import SimmimError
+
+
+def cpu_supports_bf16() -> bool:
+    """bf16 matrix instructions (AVX512-BF16 or AMX) make bf16 autocast worth it on a CPU."""
+    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+                or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` → bf16 where the device has it (recent GPUs, CPUs with bf16 instructions), fp16 on older GPUs,
+    fp32 on other CPUs."""
+    if precision != "auto":
+        if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise SimmimError("this GPU has no bf16; use --precision fp16 (with loss scaling) or fp32")
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_supports_bf16() else "fp32"
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)

@@ -1,0 +1,272 @@
+"""WebDataset shards on disk: writing them from image folders, finding them, and describing them (``_info.json``,
+sample counts, class names).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import braceexpand
+import webdataset as wds
+from PIL import Image
+
+from .errors import SimmimError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm"}
+KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # stored as their original bytes
+INFO_FILE = "_info.json"
+
+# ---------------------------------------------------------------------------------------------- shards
+
+
+@dataclass
+class ShardSet:
+    """Shard URLs with what is known of them (sample counts from ``_info.json``, class names)."""
+
+    urls: list[str]
+    num_samples: int
+    classes: list[str] | None = None
+    shard_lengths: list[int] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int | None:
+        return len(self.classes) if self.classes is not None else None
+
+
+def _read_info(directory: Path) -> dict | None:
+    path = directory / INFO_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise SimmimError(f"cannot read {path}: {error}; re-create the shards with simmim make-shards") from error
+
+
+def _info_split(info: dict, split: str | None) -> dict:
+    splits = info.get("splits", {})
+    if split is None:
+        split = "train" if "train" in splits or len(splits) != 1 else next(iter(splits))
+    if split not in splits:
+        raise SimmimError(f"{INFO_FILE} has no split '{split}' (it has {sorted(splits)})")
+    return splits[split]
+
+
+def count_tar_samples(path: str) -> int:
+    """Number of distinct sample keys in a local tar (reads headers only)."""
+    keys = set()
+    with tarfile.open(path) as tar:
+        for member in tar:
+            if member.isreg() and not member.name.startswith("__"):
+                base = os.path.basename(member.name)
+                keys.add(os.path.join(os.path.dirname(member.name), base.split(".", 1)[0]))
+    return len(keys)
+
+
+def resolve_shards(data: str, split: str | None = None, epoch_size: int | None = None) -> ShardSet:
+    """Find shards from a directory, a brace pattern (``shards/train-{000000..000099}.tar``) or a list file.
+
+    Sample counts come from ``_info.json`` next to the shards when present, else from reading tar headers
+    (local files) or ``epoch_size``.
+    """
+    path = Path(data)
+    info = None
+    if path.is_dir():
+        info = _read_info(path)
+        if info is not None:
+            entry = _info_split(info, split)
+            urls = [str(path / name) for name in entry["filenames"]]
+        else:
+            urls = sorted(str(p) for p in path.glob("*.tar"))
+        if not urls:
+            raise SimmimError(f"no .tar shards in {path}; make them with: simmim make-shards IMAGES {path}")
+    elif path.is_file() and path.suffix != ".tar":
+        lines = [line.strip() for line in path.read_text().splitlines()]
+        urls = [line if "://" in line or line.startswith(("pipe:", "/")) else str(path.parent / line)
+                for line in lines if line and not line.startswith("#")]
+        if not urls:
+            raise SimmimError(f"the list file {path} names no shards; put one shard path or URL per line")
+    else:
+        urls = list(braceexpand.braceexpand(data))
+        local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+        missing = [u for u in local if not Path(u).is_file()]
+        if missing:
+            raise SimmimError(f"shard not found: {missing[0]}; --data takes a shard directory, a brace pattern "
+                              "like shards/train-{000000..000009}.tar or a file listing shards")
+        info_dir = {Path(u).parent for u in local}
+        if len(info_dir) == 1:
+            info = _read_info(info_dir.pop())
+
+    classes = info.get("classes") if info else None
+    lengths_by_name: dict[str, int] = {}
+    if info is not None:
+        for entry in info.get("splits", {}).values():
+            lengths_by_name.update(zip(entry.get("filenames", []), entry.get("shard_lengths", []), strict=False))
+    lengths = [lengths_by_name.get(os.path.basename(u)) for u in urls]
+    if any(n is None for n in lengths):
+        if epoch_size is None and all(Path(u).is_file() for u in urls):
+            lengths = [count_tar_samples(u) for u in urls]
+        elif epoch_size is None:
+            raise SimmimError("the number of samples in remote shards is unknown; give it with --epoch-size N")
+        else:
+            lengths = []
+    num_samples = epoch_size or sum(lengths)
+    if num_samples <= 0:
+        raise SimmimError(f"the shards in {data} hold no samples; re-create them with simmim make-shards")
+    return ShardSet(urls=urls, num_samples=num_samples, classes=classes, shard_lengths=lengths)
+
+
+def find_images(source: Path) -> tuple[list[tuple[Path, int | None]], list[str] | None]:
+    """Image files of a folder: class sub-folders give labels, a flat folder gives none."""
+    if not source.is_dir():
+        raise SimmimError(f"{source} is not a folder of images")
+    direct = sorted(p for p in source.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    folders = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
+    nested = {d: sorted(p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+              for d in folders}
+    nested = {d: files for d, files in nested.items() if files}
+    if direct and nested:
+        raise SimmimError(f"{source} holds both images and class folders; put every image in a class folder "
+                          "(labelled shards) or all in one flat folder (unlabelled shards)")
+    if nested:
+        classes = [d.name for d in nested]
+        return [(f, label) for label, d in enumerate(nested) for f in nested[d]], classes
+    if not direct:
+        raise SimmimError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {source}")
+    return [(f, None) for f in direct], None
+
+
+def _sample_key(path: Path, source: Path, used: set[str]) -> str:
+    # webdataset splits file names at the first dot, so keys must not contain any
+    key = str(path.relative_to(source).with_suffix("")).replace(".", "_").replace(os.sep, "/")
+    unique, n = key, 1
+    while unique in used:
+        unique, n = f"{key}_{n}", n + 1
+    used.add(unique)
+    return unique
+
+
+def image_record(path: Path) -> tuple[str, bytes]:
+    """(extension, bytes) to store for an image: JPEG/PNG/WebP bytes unchanged, others as lossless PNG.
+
+    Raises OSError/ValueError (from PIL) when the file does not decode completely.
+    """
+    data = path.read_bytes()
+    with Image.open(io.BytesIO(data)) as image:
+        image_format = image.format
+        if image_format == "JPEG":
+            image.draft(image.mode, (64, 64))  # still parses the whole file, so truncation is caught
+        image.load()
+        if image_format in KEPT_FORMATS:
+            return KEPT_FORMATS[image_format], data
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return "png", buffer.getvalue()
+
+
+def write_shards(
+    source: Path,
+    output: Path,
+    maxcount: int = 10000,
+    shuffle: bool = True,
+    seed: int = 0,
+    split: str = "train",
+    force: bool = False,
+    on_progress: Callable[[int, int], None] | None = None,
+    on_skip: Callable[[Path, str], None] | None = None,
+) -> dict:
+    """Writes ``OUTPUT/{split}-000000.tar ...`` and ``OUTPUT/_info.json``; returns the info dict.
+
+    Each shard is written to a temporary name and renamed when complete. Unreadable images are passed to
+    ``on_skip`` and left out.
+    """
+    files, classes = find_images(source)
+    output.mkdir(parents=True, exist_ok=True)
+    existing = sorted(output.glob(f"{split}-*.tar"))
+    if existing and not force:
+        raise SimmimError(f"{output} already holds {split} shards ({existing[0].name}, ...); "
+                          "pass --force to replace them or choose another output folder")
+    for old in existing:
+        old.unlink()
+    if shuffle:
+        random.Random(seed).shuffle(files)
+
+    used_keys: set[str] = set()
+    filenames, lengths, skipped = [], [], []
+    writer, shard_path, count = None, None, 0
+
+    def close_shard():
+        nonlocal writer, count
+        if writer is not None:
+            writer.close()
+            shard_path.with_suffix(".tar.tmp").rename(shard_path)
+            filenames.append(shard_path.name)
+            lengths.append(count)
+            writer, count = None, 0
+
+    for index, (path, label) in enumerate(files):
+        try:
+            extension, data = image_record(path)
+        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as error:
+            skipped.append(str(path))
+            if on_skip:
+                on_skip(path, str(error) or type(error).__name__)
+        else:
+            if writer is None:
+                shard_path = output / f"{split}-{len(filenames):06d}.tar"
+                writer = wds.TarWriter(str(shard_path.with_suffix(".tar.tmp")))
+            sample = {"__key__": _sample_key(path, source, used_keys), extension: data}
+            if label is not None:
+                sample["cls"] = label
+            writer.write(sample)
+            count += 1
+            if count >= maxcount:
+                close_shard()
+        if on_progress:
+            on_progress(index + 1, len(files))
+    close_shard()
+    if not filenames:
+        raise SimmimError(f"none of the {len(files)} images in {source} could be read")
+
+    info = _read_info(output) or {}
+    info.setdefault("name", output.name)
+    info.setdefault("splits", {})[split] = {
+        "name": split, "num_samples": sum(lengths), "filenames": filenames, "shard_lengths": lengths,
+    }
+    if classes is not None:
+        info["classes"] = classes
+        info["num_classes"] = len(classes)
+    info["skipped"] = skipped
+    tmp = output / (INFO_FILE + ".tmp")
+    tmp.write_text(json.dumps(info, indent=2))
+    tmp.replace(output / INFO_FILE)
+    return info
+
+
+def labelled_source(data: str) -> tuple[ShardSet | list[tuple[Path, int]], list[str] | None, int]:
+    """``--data`` for evaluation: labelled shards, or a folder with one sub-folder per class.
+    Returns (source, class names or None, sample count)."""
+    path = Path(data)
+    if path.is_dir() and not list(path.glob("*.tar")) and not (path / INFO_FILE).exists():
+        files, classes = find_images(path)
+        if classes is None:
+            raise SimmimError(f"{path} has no class sub-folders; evaluation needs labels")
+        return files, classes, len(files)
+    shards = resolve_shards(data)
+    return shards, shards.classes, shards.num_samples
+
+
+def labelled_shards(data: str, epoch_size: int | None = None, option: str = "--data") -> ShardSet:
+    """Shards with labels and class names, or a clear error."""
+    shards = resolve_shards(data, epoch_size=epoch_size)
+    if not shards.classes:
+        raise SimmimError(f"{option} {data} has no class names in _info.json, so no labels; make the shards from a "
+                          "folder with one sub-folder per class (simmim make-shards IMAGES/ OUT/)")
+    return shards
