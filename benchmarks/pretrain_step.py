@@ -14,21 +14,19 @@ import json
 import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from torch.utils.data import IterableDataset
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from simmim_cli import distributed  # noqa: E402
+from simmim_cli import distributed, flops  # noqa: E402
 from simmim_cli.config import PretrainConfig  # noqa: E402
 from simmim_cli.engine import Trainer  # noqa: E402
 from simmim_cli.masking import MaskGenerator  # noqa: E402
 from simmim_cli.models import build_simmim  # noqa: E402
-from simmim_cli.precision import autocast, resolve_precision  # noqa: E402
+from simmim_cli.precision import resolve_precision  # noqa: E402
 from simmim_cli.tasks import PretrainTask  # noqa: E402
 from simmim_cli.transforms import normalize  # noqa: E402
 
@@ -61,24 +59,14 @@ class SyntheticBatches(IterableDataset):
             yield dict(self.batch)
 
 
-def matmul_peak(dtype: torch.dtype = torch.bfloat16, size: int = 4096, seconds: float = 3.0) -> float:
-    """GFLOP/s of a large matmul, the best of a few timed rounds."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    a @ b
-    best, deadline = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        start = time.perf_counter()
-        a @ b
-        best = max(best, 2 * size**3 / (time.perf_counter() - start) / 1e9)
-    return best
+def matmul_peak() -> float:
+    """GFLOP/s of a large bf16 matmul, the best of the rounds that fit in 3 seconds."""
+    return flops.matmul_peak(torch.bfloat16, size=4096, seconds=3.0) / 1e9
 
 
-def train_flops_per_image(model: torch.nn.Module, batch: dict, precision: str) -> float:
-    with FlopCounterMode(display=False) as counter, autocast(precision, torch.device("cpu")):
-        loss, _ = model(normalize(batch["image"]), batch["mask"])
-        loss.backward()
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / batch["image"].shape[0]
+def train_flops_per_image(model: torch.nn.Module, batch: dict) -> float:
+    counted, _ = flops.count_training_flops(model, batch, lambda m, b: m(normalize(b["image"]), b["mask"])[0])
+    return counted
 
 
 def measure(key: str, batch_size: int, steps: int, windows: int, precision: str, compile: bool) -> dict:
@@ -93,12 +81,12 @@ def measure(key: str, batch_size: int, steps: int, windows: int, precision: str,
     masks = MaskGenerator(size, 32, model.patch_size, 0.6)
     dataset = SyntheticBatches(batch_size, size, masks, (1 + windows) * steps)
     resolved = resolve_precision(precision, torch.device("cpu"))
-    flops = train_flops_per_image(model, dataset.batch, resolved)
+    flops_per_image = train_flops_per_image(model, dataset.batch)
     Trainer(PretrainTask(model, config), config, distributed.Context()).fit(dataset)
     rows = [json.loads(line) for line in (Path(config.output) / "metrics.jsonl").read_text().splitlines()]
     timed = [r["img_per_s"] for r in rows if "img_per_s" in r][1:]
     return {"model": key, "timm_name": name, "img_size": size, "batch_size": batch_size, "precision": resolved,
-            "compile": compile, "train_gflop_per_image": round(flops / 1e9, 2), "img_per_s": max(timed),
+            "compile": compile, "train_gflop_per_image": round(flops_per_image / 1e9, 2), "img_per_s": max(timed),
             "img_per_s_windows": timed}
 
 

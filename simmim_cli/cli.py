@@ -32,6 +32,7 @@ from .options import (
     AllowMissing,
     BaseLr,
     BatchSize,
+    Bf16GradReduce,
     ClassifierImgSize,
     ClassifierModel,
     ClipGrad,
@@ -149,13 +150,16 @@ def config_from_context(config_class: type, ctx: typer.Context) -> Any:
 # ---------------------------------------------------------------------------------------------- commands
 
 
-@app.command("make-shards", epilog="Example: simmim make-shards photos/ shards/ --maxcount 5000")
+@app.command("make-shards", epilog="Example: simmim make-shards photos/ shards/ --max-size 100")
 @handle_errors
 def make_shards(
     source: Annotated[Path, typer.Argument(help="Folder of images; class sub-folders become integer labels.",
                                            show_default=False)],
     output: Annotated[Path, typer.Argument(help="Folder for the shards and _info.json.", show_default=False)],
-    maxcount: Annotated[int, typer.Option(help="Samples per shard.")] = 10000,
+    maxcount: Annotated[int, typer.Option(help="Most samples per shard.")] = 10000,
+    max_size: Annotated[float, typer.Option(
+        help="Most megabytes of images per shard. Training deals shards out to every loader process of every GPU "
+             "(nodes × GPUs × --workers); write at least that many shards, better a few times more.")] = 100.0,
     shuffle: Annotated[bool, typer.Option(help="Shuffle samples across shards (class folders are sorted).")] = True,
     seed: Annotated[int, typer.Option(help="Seed of the shuffle.")] = 0,
     split: Annotated[str, typer.Option(help="Split name: shard file prefix and key in _info.json.")] = "train",
@@ -167,13 +171,14 @@ def make_shards(
 
     from .shards import write_shards
 
-    if maxcount < 1:
-        raise SimmimError("--maxcount must be at least 1")
+    if maxcount < 1 or max_size <= 0:
+        raise SimmimError("--maxcount must be at least 1 and --max-size above 0")
     console = Console(stderr=True)
     with Progress(console=console, disable=not console.is_terminal) as progress:
         task = progress.add_task("writing shards", total=None)
         info = write_shards(
-            source, output, maxcount=maxcount, shuffle=shuffle, seed=seed, split=split, force=force,
+            source, output, maxcount=maxcount, max_size_mb=max_size, shuffle=shuffle, seed=seed, split=split,
+            force=force,
             on_progress=lambda done, total: progress.update(task, completed=done, total=total),
             on_skip=lambda path, reason: console.print(f"warning: skipped unreadable {path}: {reason}",
                                                        markup=False, highlight=False),
@@ -244,6 +249,7 @@ def pretrain(
     master_addr: MasterAddr = D.master_addr,
     master_port: MasterPort = D.master_port,
     dist_timeout: DistTimeout = D.dist_timeout,
+    bf16_grad_reduce: Bf16GradReduce = D.bf16_grad_reduce,
 ) -> None:
     """Pretrain an encoder with SimMIM on WebDataset shards; writes checkpoints and reconstruction previews."""
     from .commands.pretrain import pretrain as run
@@ -329,6 +335,7 @@ def finetune(
     master_addr: MasterAddr = FT.master_addr,
     master_port: MasterPort = FT.master_port,
     dist_timeout: DistTimeout = FT.dist_timeout,
+    bf16_grad_reduce: Bf16GradReduce = FT.bf16_grad_reduce,
 ) -> None:
     """Fine-tune a pretrained encoder on labelled shards; evaluates every epoch, keeps best.pth and last.pth."""
     from .commands.finetune import finetune as run
@@ -404,6 +411,7 @@ def linear_probe(
     master_addr: MasterAddr = LP.master_addr,
     master_port: MasterPort = LP.master_port,
     dist_timeout: DistTimeout = LP.dist_timeout,
+    bf16_grad_reduce: Bf16GradReduce = LP.bf16_grad_reduce,
 ) -> None:
     """Train a linear classifier (BatchNorm without affine + linear, MAE's protocol) on frozen features."""
     from .commands.probe import linear_probe as run
@@ -541,7 +549,8 @@ def export(
     check = result.get("verification")
     if check:
         agreement = f", top-1 agreement {100 * check['top1_agreement']:.0f}%" if "top1_agreement" in check else ""
-        typer.echo(f"verified with onnxruntime on real images: max |onnx - torch| = {check['max_abs_diff']:.2e}, "
+        typer.echo(f"verified with onnxruntime ({check['provider']}) on real images: max |onnx - torch| = "
+                   f"{check['max_abs_diff']:.2e}, "
                    f"cosine similarity >= {check['min_cosine']:.4f}" + agreement)
     exporter_note = f" (exporter: {result['exporter']})" if "exporter" in result else ""
     typer.echo(f"wrote {', '.join(map(str, result['files']))}: {result['what']} of {result['checkpoint']}"

@@ -13,6 +13,7 @@ import sys
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,6 +31,7 @@ class Context:
     local_rank: int = 0
     local_world_size: int = 1
     device: torch.device = torch.device("cpu")
+    host_group: Any = None  # a gloo group for host-side flags (None: the default group is gloo already)
 
     @property
     def is_main(self) -> bool:
@@ -40,13 +42,19 @@ class Context:
         return self.world_size > 1
 
 
-def launched_env() -> dict[str, int] | None:
-    """Rank variables when a launcher (torchrun, SLURM's srun, our own) started this process, else None."""
+def launched_env(config: Any = None) -> dict[str, int] | None:
+    """Rank variables when a launcher (torchrun, SLURM's srun, our own) started this process, else None.
+
+    SLURM's variables count only when this command does not launch processes itself: ``--gpus 8`` typed in an
+    ``salloc``/``sbatch`` shell (where ``SLURM_NTASKS`` describes the allocation) starts its own 8 workers.
+    """
     env = os.environ
     if "WORLD_SIZE" in env and "RANK" in env:
         return {"rank": int(env["RANK"]), "world_size": int(env["WORLD_SIZE"]),
                 "local_rank": int(env.get("LOCAL_RANK", 0)),
                 "local_world_size": int(env.get("LOCAL_WORLD_SIZE", 1))}
+    if config is not None and explicit_launch(config):
+        return None
     if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
         return {"rank": int(env["SLURM_PROCID"]), "world_size": int(env["SLURM_NTASKS"]),
                 "local_rank": int(env.get("SLURM_LOCALID", 0)),
@@ -58,9 +66,14 @@ def procs_per_node(config: Any) -> int:
     return max(config.gpus, config.nproc, 1)
 
 
+def explicit_launch(config: Any) -> bool:
+    """``--gpus``/``--nproc`` above 1 or ``--nnodes``: this command starts its worker processes itself."""
+    return procs_per_node(config) > 1 or config.nnodes > 1
+
+
 def needs_launch(config: Any) -> bool:
     """True when this command should start worker processes itself."""
-    return launched_env() is None and (procs_per_node(config) > 1 or config.nnodes > 1)
+    return launched_env(config) is None and explicit_launch(config)
 
 
 def pick_device(requested: str, local_rank: int = 0) -> torch.device:
@@ -69,15 +82,13 @@ def pick_device(requested: str, local_rank: int = 0) -> torch.device:
     if not torch.cuda.is_available():
         raise SimmimError("CUDA was requested (--gpus or --device cuda) but torch sees no GPU; "
                           "use --device cpu (and --nproc N for several CPU processes)")
-    if local_rank >= torch.cuda.device_count():
-        raise SimmimError(f"local rank {local_rank} has no GPU: this machine has {torch.cuda.device_count()}; "
-                          "lower --gpus")
-    return torch.device("cuda", local_rank)
+    # modulo: under srun --gpus-per-task=1 each task sees one device, whatever its local rank
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
 def setup(config: Any) -> Context:
     """Joins the process group when there is one (NCCL on GPUs, gloo on CPUs) and picks this process's device."""
-    env = launched_env()
+    env = launched_env(config)
     if env is None:
         device = pick_device("cuda" if config.gpus else config.device)
         if device.type == "cuda":
@@ -99,7 +110,9 @@ def setup(config: Any) -> Context:
             timeout=datetime.timedelta(minutes=config.dist_timeout),
             device_id=device if device.type == "cuda" else None,
         )
-    return Context(device=device, **env)
+    # host-side flags (a stop request) are reduced over gloo: reading an NCCL result would stall the GPU queue
+    host_group = dist.new_group(backend="gloo") if env["world_size"] > 1 and device.type == "cuda" else None
+    return Context(device=device, host_group=host_group, **env)
 
 
 def teardown() -> None:
@@ -112,6 +125,7 @@ def launch(entrypoint: Callable[..., Any], config: Any, *args: Any) -> None:
 
     A worker that fails stops the whole job; the error names the rank and its message.
     """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -131,7 +145,9 @@ def launch(entrypoint: Callable[..., Any], config: Any, *args: Any) -> None:
     )
     quiet = not debug_enabled()
     if quiet:  # the agent logs each failed worker's traceback; the one-line error below says what matters
-        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+        for name in [*logging.Logger.manager.loggerDict, "torch.distributed.elastic"]:
+            if name.startswith("torch.distributed.elastic"):  # each of its loggers has its own level
+                logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         elastic_launch(launch_config, _worker)(entrypoint, config, *args)
     except ChildFailedError as error:
@@ -142,6 +158,9 @@ def launch(entrypoint: Callable[..., Any], config: Any, *args: Any) -> None:
         hint = " (run with --debug for the traceback)" if failure.exitcode != SimmimError.exit_code and quiet else ""
         raise SimmimError(f"worker rank {rank} failed: {message}{hint}",
                           exit_code=failure.exitcode if failure.exitcode > 0 else 1) from None
+    except SignalException as signal_exception:
+        # Ctrl-C or SIGTERM reached the launcher too: it passed the signal on and gave the workers 30 s to save
+        raise Interrupted(f"stopped by {signal_exception.sigval.name}; {resume_hint(config)}") from None
 
 
 def _worker(entrypoint: Callable[..., Any], config: Any, *args: Any) -> None:
@@ -171,6 +190,25 @@ def _failure_message(failure: Any) -> str:
     for name in ("SimmimError", "TrainingDiverged", "Interrupted"):
         line = line.removeprefix(f"{name}: ")
     return line
+
+
+def resume_hint(config: Any) -> str:
+    """Where a stopped run's newest checkpoint is, and the option that continues from it."""
+    from .checkpoints import latest_checkpoint
+
+    output = getattr(config, "output", None)
+    latest = latest_checkpoint(Path(output)) if output else None
+    saved = f"newest checkpoint {latest}" if latest else "no checkpoint was saved"
+    return f"{saved}; continue with the same command and --resume auto --output {output}"
+
+
+def any_rank(flag: bool, context: Context) -> bool:
+    """True on every rank when ``flag`` is true on any (one small host-side collective)."""
+    if not dist.is_initialized():
+        return flag
+    value = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=context.host_group)
+    return bool(value.item())
 
 
 def is_main() -> bool:

@@ -9,6 +9,7 @@ non-finite checks), :meth:`Trainer.log_window` and :meth:`Trainer.save`.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import signal
 import time
@@ -24,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from . import checkpoints, distributed
 from .config import TrainConfig
 from .errors import Interrupted, SimmimError, TrainingDiverged
+from .flops import count_training_flops, device_peak_flops
 from .models import set_fused_attention
 from .optim import build_scheduler, lr_scale_for_batch
 from .pipeline import make_loader
@@ -33,6 +35,8 @@ from .tasks import Task
 from .tracking import RunLog
 
 MAX_NONFINITE_IN_A_ROW = 25  # fp16 loss scaling may skip a few steps at the start; 25 in a row is divergence
+DATA_WAIT_WARNING = 0.1  # share of the time spent waiting for batches above which the GPU is said to starve
+REPEATED_SIGNAL_SECONDS = 3.0  # a launcher passes on the terminal's Ctrl-C: the same signal again within this is one
 
 
 @dataclass
@@ -108,8 +112,13 @@ class Trainer:
             [m * self.steps_per_epoch for m in config.lr_milestones],
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        self.train_model = self._wrap(model)
+        # fused AdamW can skip a non-finite step on the device (no host sync); other optimizers need the host
+        self.skips_on_device = getattr(self.optimizer, "_step_supports_amp_scaling", False)
+        self.train_model: nn.Module | None = None  # wrapped (compile, DDP) at the first batch: see prepare_model
         self.parameters = [p for p in model.parameters() if p.requires_grad]
+        self.flops_per_image: float | None = None
+        self.peak_flops = device_peak_flops(self.device, self.precision) if context.is_main else None
+        self.starved_windows = 0
         self.reporter = Reporter(context.is_main, self.total_steps, 0)
         self.run_log = RunLog(self.output, context.is_main)
         if context.is_main:
@@ -130,7 +139,31 @@ class Trainer:
                f"after {config.dist_timeout:g} min\n" if context.distributed else "")
             + f"output: {self.output}"
         )
+        if context.is_main and hasattr(dataset, "shards") and len(dataset.shards.urls) < dataset.num_consumers:
+            self.reporter.print(
+                f"warning: {len(dataset.shards.urls)} shard(s) for {dataset.num_consumers} loader processes "
+                f"({context.world_size} process(es) × {max(dataset.workers, 1)} worker(s)): processes share shards "
+                f"and read past each other's samples; write at least {dataset.num_consumers} shards "
+                "(simmim make-shards --max-size)")
         self.window = _Window(self.device)
+
+    def prepare_model(self, batch: dict[str, Any]) -> None:
+        """At the first batch: count the training FLOPs per image on a meta-device copy (for MFU), freeze
+        parameters that never get a gradient (e.g. an attention-pooling head SimMIM does not use, which DDP
+        would wait for), then compile and wrap for DDP."""
+        model = self.task.model
+        self.flops_per_image, unused = count_training_flops(
+            model, batch, lambda m, b: self.task.training_step(m, b)["loss"])
+        if unused:
+            for name, parameter in model.named_parameters():
+                if name in unused:
+                    parameter.requires_grad_(False)
+            self.parameters = [p for p in model.parameters() if p.requires_grad]
+            modules = sorted({name.rsplit(".", 1)[0] for name in unused})
+            shown = ", ".join(m + ".*" for m in modules if not any(m.startswith(f"{other}.") for other in modules))
+            self.reporter.print(f"note: {len(unused)} parameter tensor(s) get no gradient in {self.task.kind} "
+                                f"({shown}); they stay as they are")
+        self.train_model = self._wrap(model)
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         train_model = model
@@ -141,15 +174,28 @@ class Trainer:
             # the same memory layout, so DDP's warning about it is a false alarm.
             warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            # gradients live in the all-reduce buckets: no copy in and out, less memory
-            train_model = DistributedDataParallel(train_model, device_ids=device_ids, gradient_as_bucket_view=True)
+            # gradients live in the all-reduce buckets: no copy in and out, less memory; buffers (position
+            # tables, relative-position indices) are constants, so nothing to broadcast before each forward
+            constant_buffers = ({"forward_sync_buffers": False}  # newer torch's name for it
+                                if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                                else {"broadcast_buffers": False})
+            train_model = DistributedDataParallel(train_model, device_ids=device_ids, gradient_as_bucket_view=True,
+                                                  **constant_buffers)
+            if self.config.bf16_grad_reduce:
+                from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
+
+                train_model.register_comm_hook(None, bf16_compress_hook)
         return train_model
 
     def _install_signal_handlers(self) -> dict:
+        first_signal = 0.0
+
         def request_stop(signum, frame):
-            if self.stop_requested:  # a second Ctrl-C stops at once
+            nonlocal first_signal
+            if not self.stop_requested:
+                self.stop_requested, first_signal = True, time.monotonic()
+            elif time.monotonic() - first_signal > REPEATED_SIGNAL_SECONDS:  # a second Ctrl-C stops at once
                 raise KeyboardInterrupt
-            self.stop_requested = True
 
         previous = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -163,29 +209,29 @@ class Trainer:
         """Optimizer steps until ``end_step``: batches in, a log line every ``--log-every`` steps, checkpoints every
         ``--save-every`` steps, and a checkpoint then :class:`Interrupted` when a stop was requested."""
         config, state = self.config, self.state
-        self.train_model.train()
-        batches = iter(loader)
+        self.task.model.train()
+        batches = _DevicePrefetcher(iter(loader), self.device, self.window)
         while state.step < end_step:
             for micro in range(config.grad_accum):
                 self.train_step(next(batches), last_micro=micro == config.grad_accum - 1)
             self.optimizer_step()
-            log_step = state.step % config.log_every == 0 or state.step == end_step
-            if log_step:
+            if state.step % config.log_every == 0 or state.step == end_step:
                 self.log_window(epoch)
-                if self.context.distributed:  # ranks agree on a stop request (one small collective per log line)
-                    self.stop_requested = distributed.all_reduce_sum([float(self.stop_requested)], self.device)[0] > 0
             if config.save_every and state.step % config.save_every == 0:
                 self.save()
-            if self.stop_requested and (log_step or not self.context.distributed):
+            if self.context.distributed:  # every rank stops at the same step, or some would wait in DDP forever
+                self.stop_requested = distributed.any_rank(self.stop_requested, self.context)
+            if self.stop_requested:
                 path = self.save()
                 raise Interrupted(f"stopped at step {state.step}; saved {path}; continue with the same command "
                                   f"and --resume auto --output {self.output}")
 
     def train_step(self, batch: dict[str, Any], last_micro: bool) -> None:
-        """Forward and backward of one batch (gradients accumulate until the optimizer step)."""
+        """Forward and backward of one batch on the device (gradients accumulate until the optimizer step)."""
         self.state.skipped_samples += self._report_skipped(batch)
         self.task.observe_batch(batch)
-        batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        if self.train_model is None:
+            self.prepare_model(batch)
         sync = last_micro or not self.context.distributed
         with contextlib.nullcontext() if sync else self.train_model.no_sync():
             with autocast(self.precision, self.device):
@@ -194,28 +240,39 @@ class Trainer:
         self.window.add(loss.detach(), len(batch["label"] if "label" in batch else batch["image"]))
 
     def optimizer_step(self) -> None:
-        """Unscale, clip, step (skipped when the gradients are not finite), schedule the next lr."""
+        """Unscale, clip, step (skipped when the gradients are not finite), schedule the next lr.
+
+        No host-device sync: the finiteness of the all-reduced gradient norm (the same on every rank) stays on
+        the device and tells the fused optimizer to skip; the counts are read at the next log line.
+        """
         state = self.state
         self.scheduler.step_update(state.step)
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.config.clip_grad or math.inf)
-        # the one host-device sync of a step; the norm is all-reduced, so every rank decides alike
-        finite = bool(torch.isfinite(grad_norm))
-        if finite:
-            self.scaler.step(self.optimizer)
-            self.task.after_optimizer_step(state.step + 1)
-            state.nonfinite_in_a_row = 0
-        else:
-            state.nonfinite_steps += 1
-            state.nonfinite_in_a_row += 1
+        nonfinite = ~torch.isfinite(grad_norm)
+        if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)  # skips steps with inf/NaN gradients itself
+        elif self.skips_on_device:
+            self.optimizer.found_inf = nonfinite.float()
+            self.optimizer.step()
+            del self.optimizer.found_inf
+        elif not nonfinite.item():  # optimizers without a device-side skip (LARS, SGD): one sync
+            self.optimizer.step()
+        self.task.after_optimizer_step(state.step + 1)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         state.step += 1
         self.window.grad_norm = grad_norm.detach()
+        self.window.count_step(nonfinite)
+
+    def _check_nonfinite(self) -> None:
+        """Brings the device's non-finite step counts to the host (a sync) and stops a diverging run."""
+        state = self.state
+        state.nonfinite_steps, state.nonfinite_in_a_row = self.window.nonfinite_counts(state)
         if state.nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
             last = checkpoints.latest_checkpoint(self.output)
             raise TrainingDiverged(
-                f"loss or gradients were not finite for {MAX_NONFINITE_IN_A_ROW} steps in a row (step "
+                f"loss or gradients were not finite for {state.nonfinite_in_a_row} steps in a row (step "
                 f"{state.step}); last good checkpoint: {last or 'none yet'}; try --precision bf16 or fp32, a lower "
                 "--base-lr or a longer --warmup-epochs")
 
@@ -238,20 +295,38 @@ class Trainer:
     def log_window(self, epoch: int) -> None:
         """A metrics row and a progress update for the steps since the last one (figures summed over ranks)."""
         state = self.state
-        loss_sum, count, images, seconds = self.window.flush()
-        totals = distributed.all_reduce_sum([loss_sum, count, images, float(state.skipped_samples)], self.device)
+        self._check_nonfinite()
+        loss_sum, count, images, seconds, waited = self.window.flush()
+        totals = distributed.all_reduce_sum(
+            [loss_sum, count, images, float(state.skipped_samples), waited / max(seconds, 1e-9)], self.device)
+        world = self.context.world_size
         loss = totals[0] / max(totals[1], 1)
         images_per_second = totals[2] / max(seconds, 1e-9)
+        data_wait = totals[4] / world  # the mean over ranks of the share of time spent waiting for batches
         lr = max(group["lr"] for group in self.optimizer.param_groups)
         row = {
             "step": state.step, "epoch": round(state.step / self.steps_per_epoch, 4), "loss": loss, "lr": lr,
-            "img_per_s": round(images_per_second, 2), "grad_norm": self.window.last_grad_norm(),
+            "img_per_s": round(images_per_second, 2), "img_per_s_per_device": round(images_per_second / world, 2),
+            "data_wait": round(data_wait, 4), "grad_norm": self.window.last_grad_norm(),
             "skipped_samples": int(totals[3]), "nonfinite_steps": state.nonfinite_steps,
         }
+        if self.flops_per_image and self.peak_flops:
+            row["mfu"] = round(self.flops_per_image * images_per_second / world / self.peak_flops, 4)
         self.run_log.log(row)
-        stats = f"loss {loss:.4f}  lr {lr:.2e}  {images_per_second:.1f} img/s"
+        stats = f"loss {loss:.4f}  lr {lr:.2e}  {images_per_second:.1f} img/s  data wait {data_wait:.0%}" + (
+            f"  MFU {row['mfu']:.0%}" if "mfu" in row else "")
         self.reporter.update(state.step, stats, f"epoch {epoch + 1}/{self.config.epochs}  step {state.step}  {stats}"
                              + (f"  skipped samples {row['skipped_samples']}" if row["skipped_samples"] else ""))
+        self._warn_if_starved(data_wait)
+
+    def _warn_if_starved(self, data_wait: float) -> None:
+        """Says once what to do when the device keeps waiting for data (three windows in a row)."""
+        self.starved_windows = self.starved_windows + 1 if data_wait > DATA_WAIT_WARNING else 0
+        if self.starved_windows == 3 and self.device.type == "cuda":
+            self.reporter.print(
+                f"warning: the GPUs wait for data {data_wait:.0%} of the time: raise --workers (now "
+                f"{self.config.workers}) if the node has idle cores, write more shards than loader processes, or "
+                "decode on the GPU (--decode gpu)")
 
     # -- checkpoints -------------------------------------------------------------------------------
 
@@ -261,6 +336,7 @@ class Trainer:
         path = self.output / checkpoints.checkpoint_name(state.step)
         if state.last_saved_step == state.step:
             return path
+        self._check_nonfinite()
         if state.nonfinite_in_a_row:  # never let a diverging stretch push the last good checkpoint out
             return checkpoints.latest_checkpoint(self.output) or path
         rng_states = distributed.gather_objects(checkpoints.rng_state())
@@ -322,17 +398,21 @@ class Trainer:
 
 
 class _Window:
-    """Loss and throughput since the last log line, kept on the device until it is printed."""
+    """Loss, throughput, time waiting for data and non-finite steps since the last log line, kept on the device
+    until it is printed."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.grad_norm: torch.Tensor | None = None
+        self.nonfinite_total: torch.Tensor | None = None  # since the start of this process
+        self.nonfinite_run = torch.zeros((), dtype=torch.int64, device=device)
         self._reset()
 
     def _reset(self) -> None:
         self.loss_sum = torch.zeros((), device=self.device)
         self.count = 0
         self.images = 0
+        self.waited = 0.0
         self.started = time.perf_counter()
 
     def add(self, loss: torch.Tensor, images: int) -> None:
@@ -340,10 +420,63 @@ class _Window:
         self.count += 1
         self.images += images
 
-    def flush(self) -> tuple[float, int, int, float]:
-        result = (float(self.loss_sum), self.count, self.images, time.perf_counter() - self.started)
+    def count_step(self, nonfinite: torch.Tensor) -> None:
+        nonfinite = nonfinite.to(torch.int64)
+        self.nonfinite_total = nonfinite if self.nonfinite_total is None else self.nonfinite_total + nonfinite
+        self.nonfinite_run = (self.nonfinite_run + 1) * nonfinite  # back to 0 at a finite step
+
+    def nonfinite_counts(self, state: TrainState) -> tuple[int, int]:
+        """(non-finite steps in the run, non-finite steps in a row up to now)."""
+        if self.nonfinite_total is None:
+            return state.nonfinite_steps, state.nonfinite_in_a_row
+        new, run = torch.stack([self.nonfinite_total, self.nonfinite_run]).tolist()
+        self.nonfinite_total = None
+        return state.nonfinite_steps + new, run
+
+    def flush(self) -> tuple[float, int, int, float, float]:
+        result = (float(self.loss_sum), self.count, self.images, time.perf_counter() - self.started, self.waited)
         self._reset()
         return result
 
     def last_grad_norm(self) -> float | None:
         return round(float(self.grad_norm), 4) if self.grad_norm is not None else None
+
+
+class _DevicePrefetcher:
+    """Batches on the training device, the next one already on its way: on a GPU it is copied from pinned
+    memory on a side stream while the current batch computes. Time spent waiting for the loader is added to
+    the window (``data_wait``)."""
+
+    def __init__(self, batches: Any, device: torch.device, window: _Window):
+        self.batches, self.device, self.window = batches, device, window
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.ready = self._load()
+
+    def _load(self) -> dict[str, Any] | None:
+        started = time.perf_counter()
+        try:
+            batch = next(self.batches)
+        except StopIteration:
+            return None
+        except RuntimeError as error:
+            if "shared memory" in str(error) or "shm" in str(error):
+                raise SimmimError("the data loader ran out of shared memory (/dev/shm); lower --workers or "
+                                  "--batch-size, or give the container more (docker run --shm-size=16g)") from error
+            raise
+        finally:
+            self.window.waited += time.perf_counter() - started
+        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+            return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def __next__(self) -> dict[str, Any]:
+        batch = self.ready
+        if batch is None:
+            raise StopIteration
+        if self.stream is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_stream(self.stream)  # the copy is done before the step uses it
+            for value in batch.values():
+                if torch.is_tensor(value):
+                    value.record_stream(current)  # its memory is not reused before the step is done with it
+        self.ready = self._load()
+        return batch

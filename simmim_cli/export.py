@@ -187,16 +187,19 @@ def to_int8(source: Path, target: Path) -> None:
     set_metadata(target, {key: json.loads(value) for key, value in metadata})
 
 
-def verify(path: Path, module: nn.Module, inputs: tuple[torch.Tensor, ...], what: str) -> dict[str, float]:
-    """Runs the ONNX file in onnxruntime (CPU) and PyTorch on the same inputs: the largest absolute difference,
-    the smallest cosine similarity of an output, and for classifiers the top-1 agreement."""
-    created, _ = session(path, "cpu")
+def verify(path: Path, module: nn.Module, inputs: tuple[torch.Tensor, ...], what: str,
+           provider: str = "cpu") -> dict[str, float]:
+    """Runs the ONNX file in onnxruntime (on ``provider``; ``auto`` takes CUDA where it runs) and PyTorch on the
+    same inputs: the largest absolute difference, the smallest cosine similarity of an output, for classifiers
+    the top-1 agreement, and the provider that ran it."""
+    created, active = session(path, provider)
     feeds = {arg.name: tensor.numpy() for arg, tensor in zip(created.get_inputs(), inputs, strict=True)}
     onnx_out = torch.from_numpy(created.run(None, feeds)[0]).float()
     with torch.no_grad():
         torch_out = module(*inputs).float()
     cosine = torch.nn.functional.cosine_similarity(onnx_out.flatten(1), torch_out.flatten(1), dim=1)
-    result = {"max_abs_diff": float((onnx_out - torch_out).abs().max()), "min_cosine": float(cosine.min())}
+    result = {"max_abs_diff": float((onnx_out - torch_out).abs().max()), "min_cosine": float(cosine.min()),
+              "provider": active}
     if what == "classifier":
         result["top1_agreement"] = float((onnx_out.argmax(1) == torch_out.argmax(1)).float().mean())
     return result

@@ -25,7 +25,10 @@ Data = Annotated[str | None, typer.Option(
 EpochSize = Annotated[int | None, typer.Option(
     help="Samples per epoch, when the shards' _info.json does not say (remote shards).",
     rich_help_panel=DATA, show_default=False)]
-Workers = Annotated[int, typer.Option(help="Data loader processes per training process.", rich_help_panel=DATA)]
+Workers = Annotated[int | None, typer.Option(
+    help="Data loader processes per training process [default: the cores this process may use ÷ training "
+         "processes on the node, minus one, at most 12]. One process decodes and crops about 500 images/s; an "
+         "H100 trains ViT-B/16 SimMIM on about 4,000/s.", rich_help_panel=DATA, show_default=False)]
 Model = Annotated[str, typer.Option(
     help="timm model name: vit_*, deit_*, beit_*, swin_* or swinv2_* (no weights are downloaded).",
     rich_help_panel=MODEL)]
@@ -84,6 +87,10 @@ MasterAddr = Annotated[str, typer.Option(help="Address of node 0, reachable from
 MasterPort = Annotated[int, typer.Option(help="Free TCP port on node 0.", rich_help_panel=DIST)]
 DistTimeout = Annotated[float, typer.Option(
     help="Minutes a collective may wait for the other ranks before the job fails.", rich_help_panel=DIST)]
+Bf16GradReduce = Annotated[bool, typer.Option(
+    help="All-reduce gradients in bf16 instead of fp32: half the network traffic between nodes, gradients "
+         "rounded to 3 significant digits before averaging. Worth it on multi-node jobs with slow links; no "
+         "gain within one NVLink node.", rich_help_panel=DIST)]
 Pretrained = Annotated[str | None, typer.Option(
     help="Start from this checkpoint: a simmim pretrain checkpoint, an official SimMIM release, or a timm state "
          "dict. Its architecture is used unless --model/--model-kwargs say otherwise.",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import multiprocessing as mp
+import os
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -122,11 +123,18 @@ class ShardStream(IterableDataset):
         self.skip_batches = skip_batches
 
     def _samples(self, consumer: int, skipped: list[str]) -> Iterator[dict]:
-        """This consumer's share of the shards, shuffled, pass after pass until the caller stops.
+        """This consumer's share of the data, shuffled, pass after pass until the caller stops.
 
-        Each pass is shuffled on its own, so a pass ends before the next begins (no repeats within an epoch
-        that one pass covers).
+        When the shard lengths are known (``_info.json``), each pass lays the shards end to end in a shuffled
+        order and deals out contiguous sample ranges of near-equal size: every sample goes to exactly one
+        consumer per pass, for any number of shards of any lengths. Otherwise whole shards are dealt out (or,
+        with fewer shards than consumers, every consumer reads all of them and keeps every n-th sample).
+        The caller takes ``batches_per_consumer × batch_size`` samples: the last few of a consumer's range may
+        come from the next pass (fewer than a batch), as torch's DistributedSampler pads.
         """
+        lengths = self.shards.shard_lengths
+        by_range = (len(lengths) == len(self.shards.urls) and sum(lengths) == self.shards.num_samples
+                    and sum(lengths) >= self.num_consumers)
         split_by_shard = len(self.shards.urls) >= self.num_consumers
 
         def on_error(error: Exception) -> bool:
@@ -135,26 +143,50 @@ class ShardStream(IterableDataset):
             skipped.append(f"{type(error).__name__}: {error}")
             return True
 
-        def share(urls: list[str], start: int) -> Iterator[dict]:
+        def read(urls: list[str]) -> Iterator[dict]:
+            return wds.tariterators.tarfile_samples(iter([{"url": u} for u in urls]), handler=on_error)
+
+        def sample_range(order: list[int]) -> Iterator[dict]:
+            """Samples [lo, hi) of the shards laid end to end in ``order``."""
+            total = sum(lengths)
+            lo, hi = consumer * total // self.num_consumers, (consumer + 1) * total // self.num_consumers
+            shard_start = 0
+            for index in order:
+                shard_end = shard_start + lengths[index]
+                if shard_end > lo and shard_start < hi:
+                    for position, sample in enumerate(read([self.shards.urls[index]]), start=shard_start):
+                        if position >= hi:
+                            break
+                        if position >= lo:
+                            yield sample
+                shard_start = shard_end
+
+        def strided(urls: list[str], start: int) -> Iterator[dict]:
             index = start
-            for sample in wds.tariterators.tarfile_samples(iter([{"url": u} for u in urls]), handler=on_error):
+            for sample in read(urls):
                 if split_by_shard or index % self.num_consumers == consumer:
                     yield sample
                 index += 1
-            counts.append(index - start)
 
-        counts: list[int] = []
+        empty_passes = 0
         for pass_index in range(1_000_000):
-            urls = list(self.shards.urls)
-            random.Random(f"{self.seed}/{self.epoch}/{pass_index}").shuffle(urls)  # the same on every consumer
-            mine = urls[consumer :: self.num_consumers] if split_by_shard else urls
-            # the sample index runs on over passes, so consumers beyond the sample count still get samples
-            start = sum(counts)
+            order = list(range(len(self.shards.urls)))
+            random.Random(f"{self.seed}/{self.epoch}/{pass_index}").shuffle(order)  # the same on every consumer
+            if by_range:
+                share = sample_range(order)
+            else:
+                urls = [self.shards.urls[i] for i in order]
+                # the sample index runs on over passes, so consumers beyond the sample count still get samples
+                share = strided(urls[consumer :: self.num_consumers] if split_by_shard else urls,
+                                pass_index * self.shards.num_samples)
             rng = random.Random(f"{self.seed}/{self.epoch}/{pass_index}/{consumer}")
-            yield from wds.filters.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng)(
-                share(mine, start))
-            if counts[-1] == 0:
-                raise SimmimError(f"no samples could be read from {len(mine)} shard(s) ({mine[0]}, ...); "
+            count = 0
+            for sample in wds.filters.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng)(share):
+                count += 1
+                yield sample
+            empty_passes = 0 if count else empty_passes + 1
+            if empty_passes > self.num_consumers:  # a strided share may be empty for a few passes, not for more
+                raise SimmimError(f"no samples could be read from the shards ({self.shards.urls[0]}, ...); "
                                   "check that they are readable tar files made by simmim make-shards")
 
     def __iter__(self) -> Iterator[dict]:
@@ -212,6 +244,19 @@ class ShardStream(IterableDataset):
             bad_slots.clear()
 
 
+MAX_DEFAULT_WORKERS = 12  # beyond this the training process itself becomes the bottleneck of a node
+
+
+def default_workers(local_processes: int) -> int:
+    """Loader processes per training process: the cores this process may use, one left to the training process,
+    capped. A process bound to a subset of the machine's cores (SLURM's ``--cpus-per-task``, taskset) has them
+    to itself; one that may use every core shares them with the other training processes of the node."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    own_cores = usable < (os.cpu_count() or usable)
+    share = usable if own_cores else usable // max(local_processes, 1)
+    return max(1, min(MAX_DEFAULT_WORKERS, share - 1))
+
+
 def make_loader(dataset: ShardStream, pin_memory: bool = False) -> DataLoader:
     """A DataLoader over the stream (batches are made in the workers)."""
     return DataLoader(
@@ -223,7 +268,8 @@ def make_loader(dataset: ShardStream, pin_memory: bool = False) -> DataLoader:
         # its own generator, so starting an epoch's workers does not draw from the training process's RNG
         # (samples are seeded by position, not by worker seeds)
         generator=torch.Generator().manual_seed(0),
-        prefetch_factor=4 if dataset.workers > 0 else None,
+        # two batches ready per worker: shared memory use stays at workers × 2 batches per process
+        prefetch_factor=2 if dataset.workers > 0 else None,
         # fork where there is fork: processes started by torch's launcher would spawn loader workers, and
         # spawning means importing torch in every worker at every epoch
         multiprocessing_context="fork" if dataset.workers and "fork" in mp.get_all_start_methods() else None,

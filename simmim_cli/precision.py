@@ -15,6 +15,12 @@ def cpu_supports_bf16() -> bool:
                 or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
+def gpu_has_native_bf16(device: torch.device) -> bool:
+    """Ampere (compute capability 8.0) and newer have bf16 tensor cores; ``torch.cuda.is_bf16_supported()`` also
+    counts the slow emulation of older GPUs (V100, T4)."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto`` → bf16 where the device has it (recent GPUs, CPUs with bf16 instructions), fp16 on older GPUs,
     fp32 on other CPUs."""
@@ -23,7 +29,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
             raise SimmimError("this GPU has no bf16; use --precision fp16 (with loss scaling) or fp32")
         return precision
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if gpu_has_native_bf16(device) else "fp16"
     return "bf16" if cpu_supports_bf16() else "fp32"
 
 

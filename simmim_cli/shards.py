@@ -175,6 +175,7 @@ def write_shards(
     source: Path,
     output: Path,
     maxcount: int = 10000,
+    max_size_mb: float = 100.0,
     shuffle: bool = True,
     seed: int = 0,
     split: str = "train",
@@ -183,6 +184,9 @@ def write_shards(
     on_skip: Callable[[Path, str], None] | None = None,
 ) -> dict:
     """Writes ``OUTPUT/{split}-000000.tar ...`` and ``OUTPUT/_info.json``; returns the info dict.
+
+    A shard closes at ``maxcount`` samples or ``max_size_mb`` megabytes of image data, whichever comes first:
+    100 MB holds about 1,000 ImageNet-like JPEGs, enough shards for every loader process of a cluster job.
 
     Each shard is written to a temporary name and renamed when complete. Unreadable images are passed to
     ``on_skip`` and left out.
@@ -200,16 +204,16 @@ def write_shards(
 
     used_keys: set[str] = set()
     filenames, lengths, skipped = [], [], []
-    writer, shard_path, count = None, None, 0
+    writer, shard_path, count, size = None, None, 0, 0
 
     def close_shard():
-        nonlocal writer, count
+        nonlocal writer, count, size
         if writer is not None:
             writer.close()
             shard_path.with_suffix(".tar.tmp").rename(shard_path)
             filenames.append(shard_path.name)
             lengths.append(count)
-            writer, count = None, 0
+            writer, count, size = None, 0, 0
 
     for index, (path, label) in enumerate(files):
         try:
@@ -227,7 +231,8 @@ def write_shards(
                 sample["cls"] = label
             writer.write(sample)
             count += 1
-            if count >= maxcount:
+            size += len(data)
+            if count >= maxcount or size >= max_size_mb * 1e6:
                 close_shard()
         if on_progress:
             on_progress(index + 1, len(files))

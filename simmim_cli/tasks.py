@@ -40,7 +40,7 @@ class Task:
         raise NotImplementedError
 
     def observe_batch(self, batch: dict[str, Any]) -> None:
-        """Sees each training batch on the CPU (e.g. to keep a few images for previews)."""
+        """Sees each training batch, on the training device (e.g. to keep a few images for previews)."""
 
     def after_optimizer_step(self, step: int) -> None:
         """After each optimizer step, on every rank (e.g. to update an EMA of the weights)."""
@@ -189,7 +189,7 @@ class FinetuneTask(ClassifierTask):
     def training_step(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         images, labels = normalize(batch["image"]), batch["label"]
         if self.config.reprob > 0:
-            if self.random_erasing is None:
+            if self.random_erasing is None or self.random_erasing.device != images.device:
                 from timm.data.random_erasing import RandomErasing
 
                 self.random_erasing = RandomErasing(self.config.reprob, mode="pixel", device=images.device)

@@ -5,6 +5,7 @@ evaluation views, and the one normalisation (ImageNet mean/std) of the toolkit.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import math
 import warnings
@@ -33,15 +34,22 @@ MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
 
 
+@functools.cache
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # one copy per device: copying the constants from pageable memory every step would stall the GPU's queue
+    return MEAN.to(device), STD.to(device)
+
+
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 3, H, W) on any device → float32 normalised with the ImageNet mean/std."""
-    images = images.float().div_(255)
-    return (images - MEAN.to(images.device)) / STD.to(images.device)
+    mean, std = _mean_std(images.device)
+    return (images.float().div_(255) - mean) / std
 
 
 def denormalize(images: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`normalize`, clamped to [0, 1]."""
-    return (images.float() * STD.to(images.device) + MEAN.to(images.device)).clamp(0, 1)
+    mean, std = _mean_std(images.device)
+    return (images.float() * std + mean).clamp(0, 1)
 
 
 # ---------------------------------------------------------------------------------------------- decoding

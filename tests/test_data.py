@@ -76,6 +76,17 @@ def test_unreadable_files_are_reported_and_skipped(photo_folder, tmp_path):
     assert len(info["skipped"]) == 2
 
 
+def test_shards_close_at_the_size_limit(photo_folder, tmp_path):
+    limit = 40_000
+    info = write_shards(photo_folder, tmp_path / "out", max_size_mb=limit / 1e6)
+    names = info["splits"]["train"]["filenames"]
+    assert len(names) > 2
+    for name in names[:-1]:
+        with tarfile.open(tmp_path / "out" / name) as tar:
+            sizes = [m.size for m in tar if m.name.rsplit(".", 1)[-1] in ("jpg", "png")]
+        assert sum(sizes) >= limit > sum(sizes[:-1])  # closed by the sample that crossed the limit
+
+
 def test_existing_shards_need_force(photo_folder, tmp_path):
     write_shards(photo_folder, tmp_path / "out")
     with pytest.raises(SimmimError, match="--force"):
@@ -250,6 +261,38 @@ def test_shard_split_sees_every_sample_once_when_counts_divide(tmp_path):
     for rank in range(2):
         seen += [n for b in epoch_numbers(stream(folder, rank=rank, world_size=2, workers=2)) for n in b]
     assert sorted(seen) == list(range(32))
+
+
+@pytest.mark.parametrize(("world_size", "workers", "lengths"), [
+    (16, 4, "random100"),  # 100 shards of uneven lengths over 64 consumers (e.g. 2 nodes × 8 GPUs × 4 workers)
+    (3, 2, [10, 3, 7, 1, 9]),  # fewer shards than consumers, uneven
+    (2, 3, [5] * 7),  # shard count not a multiple of the consumer count
+    (4, 1, [23]),  # one shard for everyone
+])
+def test_every_sample_goes_to_exactly_one_consumer_per_epoch(tmp_path, world_size, workers, lengths):
+    if lengths == "random100":
+        lengths = [int(n) for n in np.random.default_rng(0).integers(1, 12, size=100)]
+    folder = numbered_shards(tmp_path / "shards", lengths)
+    total, consumers, batch_size = sum(lengths), world_size * workers, 4
+    seen = []
+    for consumer in range(consumers):
+        dataset = stream(folder, rank=consumer // workers, world_size=world_size, workers=workers,
+                         batch_size=batch_size)
+        taken = dataset.batches_per_consumer * batch_size  # what the consumer yields in an epoch
+        share = (consumer + 1) * total // consumers - consumer * total // consumers
+        assert share <= taken < share + batch_size  # its whole share, padded by less than a batch
+        samples = dataset._samples(consumer, [])
+        seen += [int(next(samples)["__key__"][1:]) for _ in range(share)]
+    assert sorted(seen) == list(range(total))
+
+
+def test_a_whole_epoch_through_the_loader_covers_every_sample(tmp_path):
+    folder = numbered_shards(tmp_path / "shards", [9, 2, 14, 5, 1, 6])  # 37 samples, 6 shards, 4 consumers
+    seen = []
+    for rank in range(2):
+        seen += [n for b in epoch_numbers(stream(folder, rank=rank, world_size=2, workers=2)) for n in b]
+    assert set(seen) == set(range(37))
+    assert len(seen) - 37 < 4 * 4  # padding: less than one batch per consumer
 
 
 def test_order_depends_on_seed_and_epoch_only(tmp_path):

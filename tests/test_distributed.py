@@ -273,3 +273,80 @@ def test_torchrun_starts_the_workers_and_they_join(uneven_shards, tmp_path):
     runs = list((tmp_path / "runs").glob("pretrain-*"))
     assert len(runs) == 1  # one run folder, named by rank 0, used by both ranks
     assert [row["step"] for row in train_rows(runs[0])] == [1, 2, 3]
+
+
+# ---------------------------------------------------------------------------------------------- cluster behaviour
+
+
+def test_explicit_process_counts_ignore_the_slurm_allocation(monkeypatch):
+    """`simmim pretrain --nproc 2` typed in an salloc/sbatch shell with --ntasks 8 launches its own processes."""
+    for name in ("WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    assert distributed.needs_launch(PretrainConfig(data="x", nproc=2))
+    assert distributed.launched_env(PretrainConfig(data="x", nproc=2)) is None
+    assert distributed.launched_env(PretrainConfig(data="x"))["world_size"] == 8  # an srun task joins
+
+
+def test_nproc_in_a_slurm_shell_trains_two_processes_without_hanging(uneven_shards, tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SLURM_NTASKS": "8", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+           "SLURM_NTASKS_PER_NODE": "8"}
+    env.pop("WORLD_SIZE", None)
+    result = subprocess.run([sys.executable, "-m", "simmim_cli", "pretrain", "--data", str(uneven_shards),
+                             "--output", str(run), "--nproc", "2", "--workers", "0", "--max-steps", "2",
+                             *tiny_args(free_port())], capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "process group: gloo, 2 ranks" in result.stdout
+
+
+def test_ctrl_c_in_the_terminal_of_a_launched_job_saves_once_and_resumes(uneven_shards, tmp_path):
+    """The terminal sends SIGINT to every process of the foreground group (launcher and workers), and the
+    launcher passes its own on: one checkpoint, exit 130, no traceback, then --resume auto finishes."""
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("WORLD_SIZE", None)
+    args = ["pretrain", "--data", str(uneven_shards), "--output", str(run), "--nproc", "2", "--workers", "0",
+            *tiny_args(free_port()), "--epochs", "400"]
+    job = subprocess.Popen([sys.executable, "-m", "simmim_cli", *args], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while not ((run / "metrics.jsonl").exists() and len(train_rows(run)) >= 3):
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()
+        time.sleep(0.2)
+    os.killpg(job.pid, 2)  # SIGINT to the whole group, as Ctrl-C does
+    out, err = job.communicate(timeout=120)
+    assert job.returncode == 130, err
+    assert "Traceback" not in err and "--resume auto" in err
+    latest = checkpoints.latest_checkpoint(run)
+    stopped_at = checkpoints.load_checkpoint(latest)["step"]
+    assert stopped_at >= 3 and latest.name in err  # saved where it stopped, and says so
+    print(err)
+    finish = simmim(*args[:-2], "--epochs", "400", "--resume", "auto", "--max-steps", str(stopped_at + 2))
+    assert finish.returncode == 0, finish.stderr
+    assert "resumed from" in finish.stdout and train_rows(run)[-1]["step"] == stopped_at + 2
+
+
+def test_an_encoder_with_an_unused_pooling_head_trains_under_ddp(uneven_shards, tmp_path):
+    """A SigLIP-style ViT (attention-pooling head) has parameters SimMIM never uses; DDP must not wait for them."""
+    run = tmp_path / "run"
+    args = tiny_args(free_port())
+    kwargs = json.loads(args[args.index("--model-kwargs") + 1])
+    args[args.index("--model-kwargs") + 1] = json.dumps({**kwargs, "global_pool": "map"})
+    result = simmim("pretrain", "--data", str(uneven_shards), "--output", str(run), "--nproc", "2",
+                    "--workers", "0", "--max-steps", "3", *args)
+    assert result.returncode == 0, result.stderr
+    assert "get no gradient" in result.stdout and "attn_pool" in result.stdout
+    assert [row["step"] for row in train_rows(run)] == [1, 2, 3]
+
+
+def test_rows_carry_data_wait_and_mfu(uneven_shards, tmp_path):
+    run = tmp_path / "run"
+    result = simmim("pretrain", "--data", str(uneven_shards), "--output", str(run), "--workers", "1",
+                    "--max-steps", "4", *tiny_args(free_port()))
+    assert result.returncode == 0, result.stderr
+    for row in train_rows(run):
+        assert 0 <= row["data_wait"] <= 1
+        assert 0 < row["mfu"] < 1
+        assert row["img_per_s_per_device"] == row["img_per_s"]

@@ -209,3 +209,27 @@ def test_png_bytes_helper_roundtrip():
     buffer = io.BytesIO()
     Image.new("RGB", (4, 4)).save(buffer, format="PNG")
     assert buffer.getvalue()[:4] == b"\x89PNG"
+
+
+def test_auto_precision_takes_fp16_where_bf16_is_only_emulated(monkeypatch):
+    from simmim_cli.precision import resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # emulated bf16 counts here
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (7, 0))  # V100
+    assert resolve_precision("auto", torch.device("cuda", 0)) == "fp16"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (9, 0))  # H100
+    assert resolve_precision("auto", torch.device("cuda", 0)) == "bf16"
+
+
+def test_loader_workers_default_to_the_cores_of_each_process(monkeypatch):
+    from simmim_cli import pipeline
+
+    monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: set(range(96)), raising=False)
+    monkeypatch.setattr(pipeline.os, "cpu_count", lambda: 96)
+    assert pipeline.default_workers(8) == 11  # 96 cores, 8 GPUs: 12 each, one left to the training process
+    assert pipeline.default_workers(1) == pipeline.MAX_DEFAULT_WORKERS
+    monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert pipeline.default_workers(4) == 1
+    monkeypatch.setattr(pipeline.os, "cpu_count", lambda: 192)  # bound to 10 of 192 cores, as srun does
+    monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: set(range(10)), raising=False)
+    assert pipeline.default_workers(8) == 9

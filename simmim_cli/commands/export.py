@@ -43,7 +43,8 @@ def export(config: ExportConfig) -> dict[str, Any]:
         elif precision == "int8":
             to_int8(tmp, tmp)
         if config.verify:
-            checked = verify(tmp, module, inputs, what)
+            # fp16 is for GPUs: checked on onnxruntime's CUDA provider where it runs, on the CPU elsewhere
+            checked = verify(tmp, module, inputs, what, provider="auto" if precision == "fp16" else "cpu")
             report["verification"] = checked
             problem = None
             if precision == "fp32" and checked["max_abs_diff"] > config.tolerance:

@@ -14,6 +14,7 @@ from .. import checkpoints, distributed
 from ..config import TrainConfig
 from ..engine import Trainer
 from ..errors import SimmimError
+from ..pipeline import default_workers
 
 
 def resolve_run_paths(config: TrainConfig, runs_root: Path = Path("runs")) -> None:
@@ -58,7 +59,7 @@ def run_training(config: TrainConfig, prepare, build) -> None:
     rank 0, which hands the result to the others); ``build(config, context) -> (task, dataset)`` runs in every
     training process.
     """
-    if distributed.launched_env() is not None:
+    if distributed.launched_env(config) is not None:
         _train_process(config, prepare, build, prepare_here=True)
         return
     prepare(config)
@@ -74,6 +75,8 @@ def _train_process(config: TrainConfig, prepare, build, prepare_here: bool) -> N
         if prepare_here and context.is_main:
             prepare(config)
         config = distributed.broadcast_object(config)  # rank 0's paths and resolved settings on every rank
+        if config.workers is None:
+            config.workers = default_workers(context.local_world_size)
         torch.manual_seed(config.seed)  # the same initial weights on every rank
         task, dataset = build(config, context)
         torch.manual_seed(config.seed + context.rank)  # different dropout and drop-path draws per rank
