@@ -161,10 +161,8 @@ def _graph(images, augment: DaliAugment, decoder: str):
 
         layers, magnitude = augment.rand_augment
         # timm counts magnitudes 0-10, DALI in bins 0..num_magnitude_bins-1 (31 bins: 0-30); "inc" = monotonic
-        with warnings.catch_warnings():  # DALI's own module still calls renamed operators
-            warnings.simplefilter("ignore", DeprecationWarning)
-            images = rand_augment.rand_augment(images, n=layers, m=round(magnitude * 3), num_magnitude_bins=31,
-                                               shape=[size, size], monotonic_mag=True)
+        images = rand_augment.rand_augment(images, n=layers, m=round(magnitude * 3), num_magnitude_bins=31,
+                                           shape=[size, size], monotonic_mag=True)
     elif augment.color_jitter:
         low, high = max(0.0, 1 - augment.color_jitter), 1 + augment.color_jitter
         images = fn.color_twist(images, brightness=fn.random.uniform(range=[low, high]),
@@ -244,9 +242,11 @@ class _DaliSource:
             images = _graph(images, self.augment, "mixed" if gpu else "cpu")
             return (images, outputs[1]) if self.labels else images
 
-        pipe = pipeline(batch_size=self.batch_size, num_threads=self.threads,
-                        device_id=(self.device.index or 0) if gpu else None, seed=seed, prefetch_queue_depth=2)
-        pipe.build()
+        with warnings.catch_warnings():  # DALI's RandAugment still calls operators DALI has since renamed
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pipe = pipeline(batch_size=self.batch_size, num_threads=self.threads,
+                            device_id=(self.device.index or 0) if gpu else None, seed=seed, prefetch_queue_depth=2)
+            pipe.build()
         return pipe
 
     def batch(self, outputs) -> dict[str, torch.Tensor]:

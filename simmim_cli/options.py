@@ -25,7 +25,13 @@ Data = Annotated[str | None, typer.Option(
 EpochSize = Annotated[int | None, typer.Option(
     help="Samples per epoch, when the shards' _info.json does not say (remote shards).",
     rich_help_panel=DATA, show_default=False)]
-Workers = Annotated[int, typer.Option(help="Data loader processes per training process.", rich_help_panel=DATA)]
+Workers = Annotated[int, typer.Option(help="Data loader processes per training process (DALI threads with "
+                                           "--decode gpu).", rich_help_panel=DATA)]
+Decode = Annotated[str, typer.Option(
+    help="cpu: decode and augment in loader processes. gpu: NVIDIA DALI decodes JPEGs on the GPU and augments "
+         "there, for few CPU cores per GPU (pip install \"simmim-cli[dali]\"; writes DALI index files next to the "
+         "shards once). With gpu a resumed run continues at the right batch of the epoch, but the rest of that "
+         "epoch's order differs from an uninterrupted run's.", rich_help_panel=DATA)]
 Model = Annotated[str, typer.Option(
     help="timm model name: vit_*, deit_*, beit_*, swin_* or swinv2_* (no weights are downloaded).",
     rich_help_panel=MODEL)]
