@@ -36,7 +36,7 @@ import torch
 
 from .errors import SimmimError
 from .masking import MaskGenerator
-from .shards import ShardSet, read_dali_index_count, write_dali_index
+from .shards import ShardSet, dali_index_path, read_dali_index_count, write_dali_index
 from .transforms import PRETRAIN_RATIO, PRETRAIN_SCALE, decode_image
 
 DECODES = ("cpu", "gpu")
@@ -205,7 +205,7 @@ class _DaliSource:
     def __init__(self, source: ShardSet | list[tuple[Path, int]], augment: DaliAugment, batch_size: int,
                  device: torch.device | str, labels: bool, workers: int, num_classes: int | None):
         if not dali_installed():
-            require_dali()
+            raise DaliUnavailable(f"--decode gpu needs NVIDIA DALI, which is not installed; run: {INSTALL}")
         self.source = source
         self.augment = augment
         self.batch_size = batch_size
@@ -225,8 +225,6 @@ class _DaliSource:
         @pipeline_def(enable_conditionals=self.augment.rand_augment is not None)
         def pipeline():
             if isinstance(self.source, ShardSet):
-                from .shards import dali_index_path
-
                 outputs = fn.readers.webdataset(
                     paths=urls, index_paths=[str(dali_index_path(u)) for u in urls],
                     ext=[";".join(IMAGE_EXTENSIONS)] + (["cls"] if self.labels else []),
