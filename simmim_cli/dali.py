@@ -20,6 +20,7 @@ What differs from the CPU stream:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import random
@@ -175,6 +176,23 @@ def _graph(images, augment: DaliAugment, decoder: str):
 # ---------------------------------------------------------------------------------------------- streams
 
 
+@contextlib.contextmanager
+def _without_deprecation_warnings():
+    """DALI's RandAugment calls operators DALI has since renamed, and DALI shows those warnings whatever the
+    filters say (at every pipeline build, i.e. every epoch); they are not the user's business."""
+    show = warnings.showwarning
+
+    def show_others(message, category, *args, **kwargs):
+        if not issubclass(category, DeprecationWarning):
+            show(message, category, *args, **kwargs)
+
+    warnings.showwarning = show_others
+    try:
+        yield
+    finally:
+        warnings.showwarning = show
+
+
 def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0]) % 2**31
 
@@ -240,8 +258,7 @@ class _DaliSource:
             images = _graph(images, self.augment, "mixed" if gpu else "cpu")
             return (images, outputs[1]) if self.labels else images
 
-        with warnings.catch_warnings():  # DALI's RandAugment still calls operators DALI has since renamed
-            warnings.simplefilter("ignore", DeprecationWarning)
+        with _without_deprecation_warnings():
             pipe = pipeline(batch_size=self.batch_size, num_threads=self.threads,
                             device_id=(self.device.index or 0) if gpu else None, seed=seed, prefetch_queue_depth=2)
             pipe.build()

@@ -29,7 +29,7 @@ Workers = Annotated[int, typer.Option(help="Data loader processes per training p
                                            "--decode gpu).", rich_help_panel=DATA)]
 Decode = Annotated[str, typer.Option(
     help="cpu: decode and augment in loader processes. gpu: NVIDIA DALI decodes JPEGs on the GPU and augments "
-         "there, for few CPU cores per GPU (pip install \"simmim-cli[dali]\"; writes DALI index files next to the "
+         "there, for few CPU cores per GPU (pip install \"simmim-cli\\[dali]\"; writes DALI index files next to the "
          "shards once). With gpu a resumed run continues at the right batch of the epoch, but the rest of that "
          "epoch's order differs from an uninterrupted run's.", rich_help_panel=DATA)]
 Model = Annotated[str, typer.Option(

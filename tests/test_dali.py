@@ -279,6 +279,13 @@ def test_without_a_gpu_decode_gpu_is_one_line(photo_shards, monkeypatch, tmp_pat
         "error: --decode gpu decodes on an NVIDIA GPU and no CUDA GPU is visible here; use --decode cpu"]
 
 
+@pytest.mark.parametrize("command", ["pretrain", "finetune", "linear-probe", "evaluate"])
+def test_help_names_the_install_and_the_resume_order(command):
+    result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+    text = " ".join(result.output.replace("│", " ").split())
+    assert 'pip install "simmim-cli[dali]"' in text and "epoch's order differs" in text
+
+
 def test_an_unknown_decoder_is_one_line(photo_shards, tmp_path):
     result = runner.invoke(app, [*tiny_pretrain(photo_shards, tmp_path / "run"), "--decode", "nvjpeg"])
     assert result.exit_code == 2 and "--decode must be one of cpu, gpu" in result.output
