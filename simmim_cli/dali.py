@@ -334,8 +334,8 @@ class DaliStream(_DaliSource):
                     if failures > MAX_FAILED_BATCHES:
                         raise SimmimError(f"DALI failed on {failures} batches this epoch ({reason}); check the "
                                           "shards, or use --decode cpu") from error
-                    skipped += [f"DALI could not decode a batch ({reason}); dropped its {self.batch_size} samples"
-                                ] + ["(same batch)"] * (self.batch_size - 1)
+                    skipped += [f"DALI could not decode a batch ({reason}); dropped it, sample {n + 1} of "
+                                f"{self.batch_size}" for n in range(self.batch_size)]
                     del pipe
                     pipe = self._pipeline(failures)
             if self.masks is not None:
