@@ -40,6 +40,7 @@ from .options import (
     CropPct,
     D,
     Data,
+    Decode,
     Device,
     DistTimeout,
     DropPath,
@@ -209,6 +210,7 @@ def pretrain(
         rich_help_panel=DATA)] = False,
     epoch_size: EpochSize = None,
     workers: Workers = D.workers,
+    decode: Decode = D.decode,
     model: Model = D.model,
     model_kwargs: ModelKwargs = None,
     img_size: ImgSize = D.img_size,
@@ -273,6 +275,7 @@ def finetune(
     val_data: ValData = None,
     epoch_size: EpochSize = None,
     workers: Workers = FT.workers,
+    decode: Decode = FT.decode,
     auto_augment: Annotated[str | None, typer.Option(
         help="timm RandAugment policy; 'none' turns it off.", rich_help_panel=DATA)] = FT.auto_augment,
     color_jitter: Annotated[float, typer.Option(help="Colour jitter (used when RandAugment is off).",
@@ -362,6 +365,7 @@ def linear_probe(
     val_data: ValData = None,
     epoch_size: EpochSize = None,
     workers: Workers = LP.workers,
+    decode: Decode = LP.decode,
     crop_pct: CropPct = LP.crop_pct,
     cache_features: Annotated[bool, typer.Option(
         help="Extract features once (centre crops, no augmentation) and train on them: fast repeated probes.",
@@ -436,6 +440,7 @@ def evaluate(
         show_default=False)] = None,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = EV.batch_size,
     workers: Annotated[int, typer.Option(help="Data loader processes.")] = EV.workers,
+    decode: Decode = EV.decode,
     crop_pct: Annotated[float | None, typer.Option(
         help="Centre-crop fraction [default: the checkpoint's].", show_default=False)] = None,
     device: Device = EV.device,

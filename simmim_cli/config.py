@@ -16,6 +16,7 @@ from .errors import SimmimError
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SCHEDULES = ("cosine", "multistep")
 DEVICES = ("auto", "cuda", "cpu")
+DECODES = ("cpu", "gpu")  # --decode: loader processes (pipeline.py) or NVIDIA DALI on the GPU (dali.py)
 
 
 @dataclass
@@ -26,6 +27,7 @@ class TrainConfig:
     data: str | None = None
     epoch_size: int | None = None  # samples per epoch when the shards do not say
     workers: int | None = None  # loader processes per training process; None: sized to the node
+    decode: str = "cpu"  # cpu | gpu (NVIDIA DALI)
     # model
     model: str = "vit_base_patch16_224"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -75,7 +77,8 @@ class TrainConfig:
             if value is not None and value < (0 if name == "workers" else 1):
                 raise SimmimError(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'workers' else '> 0'}, "
                                   f"got {value}")
-        for name, choices in (("precision", PRECISIONS), ("schedule", SCHEDULES), ("device", DEVICES)):
+        for name, choices in (("precision", PRECISIONS), ("schedule", SCHEDULES), ("device", DEVICES),
+                              ("decode", DECODES)):
             if getattr(self, name) not in choices:
                 raise SimmimError(f"--{name} must be one of {', '.join(choices)}, got '{getattr(self, name)}'")
         for name in ("base_lr", "warmup_lr", "min_lr", "weight_decay", "clip_grad", "drop_path", "warmup_epochs"):
@@ -221,6 +224,7 @@ class EvaluateConfig:
     output: str | None = None
     batch_size: int = 64
     workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
+    decode: str = "cpu"  # cpu | gpu (NVIDIA DALI)
     crop_pct: float | None = None  # the checkpoint's own unless given
     device: str = "auto"
     precision: str = "auto"
@@ -235,6 +239,8 @@ class EvaluateConfig:
             raise SimmimError("--batch-size must be > 0 and --workers >= 0")
         if self.precision not in PRECISIONS:
             raise SimmimError(f"--precision must be one of {', '.join(PRECISIONS)}")
+        if self.decode not in DECODES:
+            raise SimmimError(f"--decode must be one of {', '.join(DECODES)}, got '{self.decode}'")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -139,11 +139,12 @@ class Trainer:
                f"after {config.dist_timeout:g} min\n" if context.distributed else "")
             + f"output: {self.output}"
         )
-        if context.is_main and hasattr(dataset, "shards") and len(dataset.shards.urls) < dataset.num_consumers:
+        consumers = getattr(dataset, "num_consumers", 0)  # loader processes of the CPU stream, over all ranks
+        if context.is_main and consumers and len(dataset.shards.urls) < consumers:
             self.reporter.print(
-                f"warning: {len(dataset.shards.urls)} shard(s) for {dataset.num_consumers} loader processes "
+                f"warning: {len(dataset.shards.urls)} shard(s) for {consumers} loader processes "
                 f"({context.world_size} process(es) × {max(dataset.workers, 1)} worker(s)): processes share shards "
-                f"and read past each other's samples; write at least {dataset.num_consumers} shards "
+                f"and read past each other's samples; write at least {consumers} shards "
                 "(simmim make-shards --max-size)")
         self.window = _Window(self.device)
 

@@ -28,7 +28,13 @@ EpochSize = Annotated[int | None, typer.Option(
 Workers = Annotated[int | None, typer.Option(
     help="Data loader processes per training process [default: the cores this process may use ÷ training "
          "processes on the node, minus one, at most 12]. One process decodes and crops about 500 images/s; an "
-         "H100 trains ViT-B/16 SimMIM on about 4,000/s.", rich_help_panel=DATA, show_default=False)]
+         "H100 trains ViT-B/16 SimMIM on about 4,000/s. With --decode gpu: DALI threads.", rich_help_panel=DATA,
+    show_default=False)]
+Decode = Annotated[str, typer.Option(
+    help="cpu: decode and augment in loader processes. gpu: NVIDIA DALI decodes JPEGs on the GPU and augments "
+         "there, for few CPU cores per GPU (pip install \"simmim-cli\\[dali]\"; writes DALI index files next to the "
+         "shards once). With gpu a resumed run continues at the right batch of the epoch, but the rest of that "
+         "epoch's order differs from an uninterrupted run's.", rich_help_panel=DATA)]
 Model = Annotated[str, typer.Option(
     help="timm model name: vit_*, deit_*, beit_*, swin_* or swinv2_* (no weights are downloaded).",
     rich_help_panel=MODEL)]

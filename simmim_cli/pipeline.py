@@ -258,7 +258,10 @@ def default_workers(local_processes: int) -> int:
 
 
 def make_loader(dataset: ShardStream, pin_memory: bool = False) -> DataLoader:
-    """A DataLoader over the stream (batches are made in the workers)."""
+    """A DataLoader over the stream (batches are made in the workers); a stream that is no torch dataset, such
+    as ``dali.DaliStream`` (batches already on the GPU), is iterated as it is."""
+    if not isinstance(dataset, torch.utils.data.Dataset):
+        return dataset
     return DataLoader(
         dataset,
         batch_size=None,

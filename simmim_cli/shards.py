@@ -22,6 +22,7 @@ from .errors import SimmimError
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm"}
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # stored as their original bytes
 INFO_FILE = "_info.json"
+DALI_INDEX_VERSION = "v1.2"  # the index format of DALI's fn.readers.webdataset (as its wds2idx tool writes it)
 
 # ---------------------------------------------------------------------------------------------- shards
 
@@ -237,6 +238,8 @@ def write_shards(
         if on_progress:
             on_progress(index + 1, len(files))
     close_shard()
+    for name in filenames:  # for --decode gpu: DALI reads shards through these (tar headers only, cheap)
+        write_dali_index(output / name)
     if not filenames:
         raise SimmimError(f"none of the {len(files)} images in {source} could be read")
 
@@ -275,3 +278,55 @@ def labelled_shards(data: str, epoch_size: int | None = None, option: str = "--d
         raise SimmimError(f"{option} {data} has no class names in _info.json, so no labels; make the shards from a "
                           "folder with one sub-folder per class (simmim make-shards IMAGES/ OUT/)")
     return shards
+
+
+# ---------------------------------------------------------------------------------------------- DALI index files
+
+
+def dali_index_path(shard: str | Path) -> Path:
+    """Where a shard's DALI index lives: ``train-000000.tar`` → ``train-000000.idx`` beside it."""
+    return Path(shard).with_suffix(".idx")
+
+
+def write_dali_index(shard: str | Path, check: Callable[[str, bytes], None] | None = None) -> list[str]:
+    """Writes the shard's index for DALI's webdataset reader and returns the samples left out.
+
+    The format: a line ``v1.2 <samples>``, then one line per sample listing each of its files as
+    ``<extension> <data offset> <size> <file name>``; a sample is the run of consecutive files that share a
+    name up to the first dot of the base name, as webdataset groups them. ``check(extension, data)`` may
+    raise ``OSError``/``ValueError`` for a file that will not decode: its whole sample is left out of the
+    index, so DALI never reads it (DALI stops the whole pipeline at an undecodable image).
+    """
+    samples: list[tuple[str, list[str]]] = []  # (key, ["ext offset size name", ...])
+    left_out: dict[str, str] = {}  # key → why
+    with tarfile.open(shard) as tar:
+        for member in tar:
+            if not member.isreg() or os.path.basename(member.name).startswith("__"):
+                continue
+            directory, base = os.path.split(member.name)
+            stem, _, extension = base.partition(".")
+            key = os.path.join(directory, stem)
+            if not samples or samples[-1][0] != key:
+                samples.append((key, []))
+            if check is not None and key not in left_out:
+                try:
+                    check(extension, tar.extractfile(member).read())
+                except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+                    left_out[key] = f"{type(error).__name__}: {error}"
+            samples[-1][1].append(f"{extension} {member.offset_data} {member.size} {base}")
+    kept = [files for key, files in samples if key not in left_out]
+    path = dali_index_path(shard)
+    tmp = path.with_suffix(".idx.tmp")
+    tmp.write_text(f"{DALI_INDEX_VERSION} {len(kept)}\n" + "".join(" ".join(files) + "\n" for files in kept))
+    tmp.replace(path)
+    return [f"{shard}:{key}: {why}" for key, why in left_out.items()]
+
+
+def read_dali_index_count(shard: str | Path) -> int | None:
+    """Samples in the shard's DALI index, or None when it is missing or older than the shard."""
+    path = dali_index_path(shard)
+    if not path.is_file() or path.stat().st_mtime < Path(shard).stat().st_mtime:
+        return None
+    with path.open() as index:
+        version, _, count = index.readline().partition(" ")
+    return int(count) if version == DALI_INDEX_VERSION and count.strip().isdigit() else None

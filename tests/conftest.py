@@ -10,6 +10,18 @@ import pytest
 import torch
 from PIL import Image
 
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` are skipped where torch sees no CUDA device."""
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 # tiny encoders of each family: a CPU step takes milliseconds
 TINY_MODELS = {
     "vit": ("vit_tiny_patch16_224", {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}, 32),
@@ -76,12 +88,3 @@ def write_jpeg_bytes(image: Image.Image, **kwargs) -> bytes:
     image.save(buffer, format="JPEG", **kwargs)
     return buffer.getvalue()
 
-
-def pytest_collection_modifyitems(config, items):
-    """Tests marked ``gpu`` run wherever torch sees a CUDA device and are skipped elsewhere."""
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .. import distributed
+from .. import dali, distributed
 from ..config import EvaluateConfig
 from ..errors import SimmimError
 from ..evaluation import evaluate_classifier, image_logits
@@ -24,6 +24,8 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     """``simmim evaluate``: top-1/top-5 over every sample once, per-class accuracy and a confusion matrix."""
     from ..evaluation import write_report
 
+    if config.decode == "gpu":
+        dali.require_dali(config.device)
     if config.checkpoint is None:
         found = newest_classifier()
         if found is None:
@@ -58,8 +60,13 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     output = Path(config.output or Path("runs") / f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}")
     if (output / "metrics.json").exists() and not config.force:
         raise SimmimError(f"{output} already holds an evaluation; pass --force to replace it or choose --output")
-    stream = EvalStream(source, CropTransform(img_size, crop_pct), config.batch_size,
-                        workers=config.workers, num_classes=len(classes))
+    if config.decode == "gpu":
+        stream = dali.DaliEvalStream(source, dali.eval_view(img_size, crop_pct), config.batch_size,
+                                     device if device.type == "cuda" else torch.device("cuda"),
+                                     workers=config.workers, num_classes=len(classes))
+    else:
+        stream = EvalStream(source, CropTransform(img_size, crop_pct), config.batch_size,
+                            workers=config.workers, num_classes=len(classes))
     from rich.progress import Progress
 
     with Progress(disable=not sys.stdout.isatty()) as progress:

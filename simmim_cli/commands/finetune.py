@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from .. import distributed
+from typing import Any
+
+from .. import dali, distributed
 from ..config import FinetuneConfig
 from ..models import make_classifier, model_family
 from ..pipeline import ShardStream
@@ -15,13 +17,18 @@ from .training import prepare_run, run_training
 
 
 def prepare_finetune(config: FinetuneConfig) -> None:
+    if config.decode == "gpu":
+        dali.require_dali(config.device)
     prepare_run(config)
     resolve_classifier(config, keep_pretrain_architecture=False)
+    if config.decode == "gpu":
+        dali.classifier_augment(config.img_size, config.auto_augment)  # a policy DALI has, or a one-line error
+        dali.ensure_indexes(labelled_shards(config.data, config.epoch_size))
     if config.layer_decay is None:  # the official values: ViT-B 0.65; Swin-B 0.9 (100-epoch pretraining)
         config.layer_decay = 0.9 if model_family(config.model).startswith("swin") else 0.65
 
 
-def build_finetune(config: FinetuneConfig, context: distributed.Context) -> tuple[Task, ShardStream]:
+def build_finetune(config: FinetuneConfig, context: distributed.Context) -> tuple[Task, Any]:
     shards = labelled_shards(config.data, config.epoch_size)
     classes = shards.classes
     model = make_classifier(config, len(classes), probe=False)
@@ -29,11 +36,18 @@ def build_finetune(config: FinetuneConfig, context: distributed.Context) -> tupl
         report = load_encoder(model, read_weights(config.pretrained), config.allow_missing)
         if context.is_main:
             print_load_report(config.pretrained, report)
-    augment = ClassifierTrainTransform(config.img_size, config.auto_augment, config.color_jitter,
-                                       config.min_crop_scale, config.hflip)
-    dataset = ShardStream(shards, augment,
-                          config.batch_size, workers=config.workers, rank=context.rank,
-                          world_size=context.world_size, seed=config.seed, labels=True, num_classes=len(classes))
+    if config.decode == "gpu":  # mixup/cutmix and random erasing follow on the GPU batch, as with --decode cpu
+        augment = dali.classifier_augment(config.img_size, config.auto_augment, config.color_jitter,
+                                          config.min_crop_scale, config.hflip)
+        dataset = dali.DaliStream(shards, augment, config.batch_size, context.device, rank=context.rank,
+                                  world_size=context.world_size, seed=config.seed, workers=config.workers,
+                                  labels=True, num_classes=len(classes))
+    else:
+        augment = ClassifierTrainTransform(config.img_size, config.auto_augment, config.color_jitter,
+                                           config.min_crop_scale, config.hflip)
+        dataset = ShardStream(shards, augment,
+                              config.batch_size, workers=config.workers, rank=context.rank,
+                              world_size=context.world_size, seed=config.seed, labels=True, num_classes=len(classes))
     val = val_stream(config, context, classes, CropTransform(config.img_size, config.crop_pct))
     return FinetuneTask(model, config, classes, val), dataset
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .. import distributed
+from .. import dali, distributed
 from ..config import PretrainConfig
 from ..masking import MaskGenerator
 from ..models import build_simmim
@@ -39,23 +39,32 @@ def check_model(config: PretrainConfig) -> None:
 
 def prepare_pretrain(config: PretrainConfig) -> None:
     """Fixes the run folder and checks data and model, so that mistakes surface before any worker starts."""
+    if config.decode == "gpu":
+        dali.require_dali(config.device)
     prepare_run(config)
     if config.demo:
         Path(config.output).mkdir(parents=True, exist_ok=True)
         _prepare_demo(config)
-    resolve_shards(config.data, epoch_size=config.epoch_size)
+    shards = resolve_shards(config.data, epoch_size=config.epoch_size)
     check_model(config)
+    if config.decode == "gpu":
+        dali.ensure_indexes(shards)
 
 
 def build_pretrain(config: PretrainConfig, context: distributed.Context) -> tuple[Task, ShardStream]:
     shards = resolve_shards(config.data, epoch_size=config.epoch_size)
     model = build_simmim(config.model, config.img_size, config.model_kwargs, config.drop_path)
     masks = MaskGenerator(config.img_size, config.mask_patch_size, model.patch_size, config.mask_ratio)
-    dataset = ShardStream(
-        shards, PretrainTransform(config.img_size, masks), config.batch_size, workers=config.workers,
-        rank=context.rank, world_size=context.world_size, seed=config.seed,
-        decode=functools.partial(decode_tensor, min_size=pretrain_decode_size(config.img_size)),
-    )
+    if config.decode == "gpu":
+        dataset = dali.DaliStream(shards, dali.pretrain_augment(config.img_size), config.batch_size, context.device,
+                                  rank=context.rank, world_size=context.world_size, seed=config.seed,
+                                  workers=config.workers, masks=masks)
+    else:
+        dataset = ShardStream(
+            shards, PretrainTransform(config.img_size, masks), config.batch_size, workers=config.workers,
+            rank=context.rank, world_size=context.world_size, seed=config.seed,
+            decode=functools.partial(decode_tensor, min_size=pretrain_decode_size(config.img_size)),
+        )
     return PretrainTask(model, config), dataset
 
 

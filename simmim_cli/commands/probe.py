@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .. import distributed
+from .. import dali, distributed
 from ..config import LinearProbeConfig
 from ..features import cached_features
 from ..models import make_classifier
@@ -19,8 +19,12 @@ from .training import prepare_run, run_training
 
 
 def prepare_linear_probe(config: LinearProbeConfig) -> None:
+    if config.decode == "gpu" and not config.cache_features:
+        dali.require_dali(config.device)
     prepare_run(config)
     resolve_classifier(config, keep_pretrain_architecture=True)
+    if config.decode == "gpu" and not config.cache_features:
+        dali.ensure_indexes(labelled_shards(config.data, config.epoch_size))
     if config.cache_features and config.cache_dir is None:
         config.cache_dir = str(Path(config.output) / "features")
 
@@ -41,6 +45,11 @@ def build_linear_probe(config: LinearProbeConfig, context: distributed.Context) 
             val_features, val_labels = cached_features(model, config, config.val_data, context, classes)
             val = TensorStream(val_features, val_labels, config.batch_size, context.rank, context.world_size,
                                shuffle=False)
+    elif config.decode == "gpu":  # the same views as CropTransform(random=True): crop 0.08-1, bicubic, flip
+        dataset = dali.DaliStream(shards, dali.classifier_augment(config.img_size), config.batch_size,
+                                  context.device, rank=context.rank, world_size=context.world_size,
+                                  seed=config.seed, workers=config.workers, labels=True, num_classes=len(classes))
+        val = val_stream(config, context, classes, CropTransform(config.img_size, config.crop_pct))
     else:
         dataset = ShardStream(shards, CropTransform(config.img_size, random=True), config.batch_size,
                               workers=config.workers, rank=context.rank, world_size=context.world_size,
