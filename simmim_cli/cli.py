@@ -536,7 +536,7 @@ def export(
     verify: Annotated[bool, typer.Option(help="Compare onnxruntime with PyTorch on real images; fail above "
                                          "--tolerance.")] = True,
     tolerance: Annotated[float, typer.Option(help="Largest accepted absolute difference (fp32).")] = 1e-4,
-    force: Annotated[bool, typer.Option("--force", help="Replace existing files.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace existing files (and a --timm folder's).")] = False,
     timm: Annotated[str | None, typer.Option(
         "--timm", help="Write a folder in timm's hub layout (model.safetensors + config.json + README.md model card): "
         "a pretraining checkpoint's encoder (no head), a fine-tuning checkpoint's whole classifier, a linear "

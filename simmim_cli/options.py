@@ -99,7 +99,7 @@ ValData = Annotated[str | None, typer.Option(
 LabelledData = Annotated[str | None, typer.Option(
     help="Labelled training shards (from class sub-folders; class names come from _info.json), or a folder with "
          "one sub-folder of images per class: written once into shards in FOLDER.simmim-shards/ next to it, "
-         "reused until the folder changes (make-shards is faster for large sets).",
+         "reused until the folder changes (for large sets, run make-shards once).",
     rich_help_panel=DATA, show_default=False)]
 ClassifierModel = Annotated[str | None, typer.Option(
     "--model", help="timm model name [default: the --pretrained checkpoint's].", rich_help_panel=MODEL,

@@ -311,7 +311,7 @@ def data_shards(data: str, option: str = "--data", labels: bool = False) -> str:
         return str(cache)
     print(f"note: {option} {data}: writing its {len(files)} images into shards in {cache}, once (reused while the "
           f"folder is unchanged); for large sets make shards yourself, once, with simmim make-shards {data} OUT "
-          "(many workers read them faster, and from anywhere) and pass --data OUT", file=sys.stderr)
+          "(a progress bar, shard sizes of your choice, any storage) and pass --data OUT", file=sys.stderr)
     tmp = source.parent / f".{cache.name}.tmp-{os.getpid()}"
     try:
         shutil.rmtree(tmp, ignore_errors=True)
