@@ -156,3 +156,20 @@ def test_push_to_hub_uploads_the_exported_folder(tmp_path, monkeypatch):
     line = one_line_error(runner.invoke(app, ["export", "--checkpoint", str(checkpoint), "--timm",
                                               str(tmp_path / "again"), "--push-to-hub", "me/vit-cls"]))
     assert "Unauthorized" in line and "hf auth login" in line
+
+
+def test_a_linear_probe_exports_its_encoder_with_a_note(tmp_path):
+    from simmim_cli.config import LinearProbeConfig
+    from simmim_cli.models import make_classifier
+    from simmim_cli.tasks import save_model_file
+
+    name, kwargs, size = TINY_MODELS["swin"]
+    config = LinearProbeConfig(data="x", model=name, model_kwargs=kwargs, img_size=size)
+    torch.manual_seed(2)
+    probe = make_classifier(config, len(CLASSES), probe=True)
+    save_model_file(tmp_path / "probe.pth", "linear-probe", probe, config, CLASSES, {})
+    result = export_timm(tmp_path / "probe.pth", tmp_path / "out")
+    assert "no timm equivalent" in result.output
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_classes"] == 0
+    for model in load_both_ways(tmp_path / "out"):
+        assert_holds_exactly(model, probe.backbone.state_dict())
