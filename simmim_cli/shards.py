@@ -379,5 +379,5 @@ def warn_unlisted_shards(path: Path, option: str = "--data") -> None:
         print(f"warning: {option} {path}: {len(unlisted)} .tar file(s) are not listed in its {INFO_FILE} and are "
               f"ignored ({', '.join(unlisted[:3])}{', ...' if len(unlisted) > 3 else ''}); to include them, re-make "
               f"the shards with simmim make-shards IMAGES {path} --force, or add their names and sample counts to a "
-              f"split's filenames and shard_lengths in {INFO_FILE}, or pass --data as a pattern or list file naming "
+              f"split's filenames and shard_lengths in {INFO_FILE}, or pass {option} as a pattern or list file naming "
               "every shard", file=sys.stderr)
