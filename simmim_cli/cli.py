@@ -520,7 +520,11 @@ def visualize_recon(
     "Examples:\n\n  simmim export --onnx                                   # the newest finetune run's best.pth\n\n"
     "  simmim export --onnx --checkpoint runs/finetune-X/best.pth --output vit.onnx --fp16\n\n"
     "  simmim export --onnx --checkpoint runs/finetune-X/best.pth --output vit-cpu.onnx --int8\n\n"
-    "  simmim export --onnx --checkpoint runs/pretrain-X/checkpoint-00012345.pth --what features"))
+    "  simmim export --onnx --checkpoint runs/pretrain-X/checkpoint-00012345.pth --what features\n\n"
+    "  simmim export --timm vit-simmim/ --checkpoint runs/pretrain-X/checkpoint-00012345.pth   # the encoder\n\n"
+    "  simmim export --timm vit-cls/ --checkpoint runs/finetune-X/best.pth --push-to-hub me/vit-cls\n\n"
+    "A --timm folder loads with timm.create_model('local-dir:vit-simmim/', pretrained=True), also as a "
+    "detection/segmentation backbone (features_only=True); see the README."))
 @handle_errors
 def export(
     ctx: typer.Context,
@@ -545,12 +549,39 @@ def export(
     verify: Annotated[bool, typer.Option(help="Compare onnxruntime with PyTorch on real images; fail above "
                                          "--tolerance.")] = True,
     tolerance: Annotated[float, typer.Option(help="Largest accepted absolute difference (fp32).")] = 1e-4,
-    force: Annotated[bool, typer.Option("--force", help="Replace existing files.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace existing files (and a --timm folder's).")] = False,
+    timm: Annotated[str | None, typer.Option(
+        "--timm", help="Write a folder in timm's hub layout (model.safetensors + config.json + README.md model card): "
+        "a pretraining checkpoint's encoder (no head), a fine-tuning checkpoint's whole classifier, a linear "
+        "probe's encoder. Load it with timm.create_model('local-dir:DIR', pretrained=True). Without --onnx "
+        "given too, no ONNX file is written. A folder that is not empty is refused unless --force.",
+        show_default=False)] = None,
+    push_to_hub: Annotated[str | None, typer.Option(
+        help="Upload the --timm folder to this Hugging Face Hub repository (user/name). A new repository is "
+             "created private (make it public on the Hub); an existing one gets a new commit. Needs "
+             "`hf auth login` or HF_TOKEN with write access.",
+        show_default=False)] = None,
 ) -> None:
-    """Export a checkpoint to ONNX (dynamic batch, fixed image size, preprocessing in the metadata), verified."""
+    """Export a checkpoint to ONNX (dynamic batch, fixed image size, preprocessing in the metadata), verified;
+    or as a timm model folder (--timm) for timm and the detection/segmentation frameworks built on it."""
     from .commands.export import export as run
 
-    result = run(config_from_context(ExportConfig, ctx))
+    config = config_from_context(ExportConfig, ctx)
+    if config.timm and ctx.get_parameter_source("onnx").name in ("DEFAULT", "DEFAULT_MAP"):
+        config.onnx = False  # --timm alone writes the timm folder only
+    result = run(config)
+    for note in result["notes"]:
+        typer.echo(f"note: {note}", err=True)
+    if "timm" in result:
+        timm_result = result["timm"]
+        folder = timm_result["folder"]
+        typer.echo(f"wrote {folder}/: the {timm_result['what']} of {result['checkpoint']} as timm's "
+                   f"{timm_result['architecture']}; load it with timm.create_model('local-dir:{folder}', "
+                   "pretrained=True)")
+        if "pushed" in timm_result:
+            typer.echo(f"pushed {folder}/ to the Hub: {timm_result['pushed']}")
+    if "what" not in result:
+        return
     check = result.get("verification")
     if check:
         agreement = f", top-1 agreement {100 * check['top1_agreement']:.0f}%" if "top1_agreement" in check else ""
@@ -558,7 +589,8 @@ def export(
                    f"{check['max_abs_diff']:.2e}, "
                    f"cosine similarity >= {check['min_cosine']:.4f}" + agreement)
     exporter_note = f" (exporter: {result['exporter']})" if "exporter" in result else ""
-    typer.echo(f"wrote {', '.join(map(str, result['files']))}: {result['what']} of {result['checkpoint']}"
+    onnx_files = [path for path in result["files"] if path.suffix in (".onnx", ".pt")]
+    typer.echo(f"wrote {', '.join(map(str, onnx_files))}: {result['what']} of {result['checkpoint']}"
                + exporter_note)
 
 

@@ -294,6 +294,8 @@ class ExportConfig:
     verify: bool = True
     tolerance: float = 1e-4
     force: bool = False
+    timm: str | None = None  # a folder in timm's hub layout (model.safetensors + config.json)
+    push_to_hub: str | None = None  # a Hugging Face Hub repository for that folder
 
     command = "export"
 
@@ -302,8 +304,10 @@ class ExportConfig:
             raise SimmimError(f"--what must be classifier, features or reconstruction, got '{self.what}'")
         if self.exporter not in ("auto", "dynamo", "torchscript"):
             raise SimmimError(f"--exporter must be auto, dynamo or torchscript, got '{self.exporter}'")
-        if not self.onnx and not self.torchscript:
-            raise SimmimError("nothing to export: give --onnx and/or --torchscript")
+        if not self.onnx and not self.torchscript and not self.timm:
+            raise SimmimError("nothing to export: give --onnx, --torchscript and/or --timm DIR")
+        if self.push_to_hub and not self.timm:
+            raise SimmimError("--push-to-hub uploads the --timm folder; give --timm DIR too")
         if self.fp16 and self.int8:
             raise SimmimError("choose one of --fp16 (GPUs) and --int8 (CPUs)")
         if self.opset < 17:

@@ -19,8 +19,9 @@ Recipe = Annotated[Path | None, typer.Option(
     help="YAML file of option values (see recipes/); options given on the command line override it.",
     rich_help_panel=RUN, show_default=False)]
 Data = Annotated[str | None, typer.Option(
-    help="Training shards: a folder (with _info.json from make-shards), a brace pattern "
-         "'shards/train-{000000..000099}.tar', or a text file listing one shard per line.",
+    help="Training images: a shard folder (with _info.json from make-shards), a brace pattern "
+         "'shards/train-{000000..000099}.tar', a text file listing one shard per line, or a plain folder of images "
+         "(written once into shards in FOLDER.simmim-shards/ next to it, reused until the folder changes).",
     rich_help_panel=DATA, show_default=False)]
 EpochSize = Annotated[int | None, typer.Option(
     help="Samples per epoch, when the shards' _info.json does not say (remote shards).",
@@ -105,10 +106,13 @@ AllowMissing = Annotated[bool, typer.Option(
     "--allow-missing", help="Load even when backbone keys are missing or left over (they are listed).",
     rich_help_panel=MODEL)]
 ValData = Annotated[str | None, typer.Option(
-    help="Labelled validation shards, evaluated (top-1/top-5) after every epoch.", rich_help_panel=DATA,
+    help="Labelled validation shards, or a folder with one sub-folder per class (made into shards once, like "
+         "--data), evaluated (top-1/top-5) after every epoch.", rich_help_panel=DATA,
     show_default=False)]
 LabelledData = Annotated[str | None, typer.Option(
-    help="Labelled training shards (from class sub-folders; class names come from _info.json).",
+    help="Labelled training shards (from class sub-folders; class names come from _info.json), or a folder with "
+         "one sub-folder of images per class: written once into shards in FOLDER.simmim-shards/ next to it, "
+         "reused until the folder changes (for large sets, run make-shards once).",
     rich_help_panel=DATA, show_default=False)]
 ClassifierModel = Annotated[str | None, typer.Option(
     "--model", help="timm model name [default: the --pretrained checkpoint's].", rich_help_panel=MODEL,

@@ -9,10 +9,11 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from simmim_cli import shards as shards_module
 from simmim_cli.errors import SimmimError
 from simmim_cli.masking import MaskGenerator
 from simmim_cli.pipeline import ShardStream, make_loader
-from simmim_cli.shards import resolve_shards, write_shards
+from simmim_cli.shards import data_shards, resolve_shards, write_shards
 from simmim_cli.transforms import PretrainTransform, decode_image, decode_tensor, to_rgb
 
 
@@ -180,6 +181,66 @@ def test_shards_from_a_folder_a_brace_pattern_and_a_list_file(photo_folder, tmp_
     assert two.num_samples == sum(info["splits"]["train"]["shard_lengths"][:2])
     (tmp_path / "shards" / "_info.json").unlink()
     assert resolve_shards(str(tmp_path / "shards")).num_samples == total  # counted from the tar headers
+
+
+def copy_folder(source: Path, target: Path) -> Path:
+    target.mkdir(parents=True)
+    for path in source.rglob("*"):
+        if path.is_file():
+            (target / path.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
+            (target / path.relative_to(source)).write_bytes(path.read_bytes())
+    return target
+
+
+def test_an_image_folder_becomes_shards_once_and_again_when_it_changes(photo_folder, tmp_path, capsys):
+    images = copy_folder(photo_folder, tmp_path / "photos")
+    count = len(list(images.iterdir()))
+    cache = data_shards(str(images))
+    assert cache == str(tmp_path / "photos.simmim-shards")
+    assert "make-shards" in capsys.readouterr().err  # the advice for large sets
+    made = resolve_shards(cache)
+    assert made.num_samples == count and made.classes is None
+    tars = {p: p.stat().st_mtime_ns for p in Path(cache).glob("*.tar")}
+    assert data_shards(str(images)) == cache and "using its shards" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in Path(cache).glob("*.tar")} == tars  # reused, not rewritten
+    (images / "extra.png").write_bytes((images / "digit00.png").read_bytes())
+    assert data_shards(str(images)) == cache
+    assert resolve_shards(cache).num_samples == count + 1  # a new image invalidates the cache
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos", "photos.simmim-shards"]  # no leftovers
+    assert data_shards(cache) == cache  # shards pass through
+
+
+def test_a_class_folder_gives_labelled_shards_and_a_flat_one_is_refused_where_labels_are_needed(
+        labelled_folder, photo_folder, tmp_path):
+    labelled = copy_folder(labelled_folder, tmp_path / "digits")
+    made = resolve_shards(data_shards(str(labelled), labels=True))
+    assert made.classes == ["class0", "class1", "class2"]
+    (labelled / "class0" / sorted((labelled / "class0").iterdir())[0].name).rename(labelled / "class1" / "moved.png")
+    assert resolve_shards(data_shards(str(labelled), labels=True)).num_samples == made.num_samples  # moved: rebuilt
+    samples = [s for tar in sorted((tmp_path / "digits.simmim-shards").glob("*.tar")) for s in tar_samples(tar)]
+    assert any(key.startswith("class1/moved") for key in samples)
+    flat = copy_folder(photo_folder, tmp_path / "flat")
+    with pytest.raises(SimmimError, match="no class sub-folders"):
+        data_shards(str(flat), labels=True)
+
+
+def test_an_unwritable_cache_is_a_clear_error(photo_folder, tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(shards_module, "write_shards", refuse)
+    with pytest.raises(SimmimError, match="Permission denied.*simmim make-shards"):
+        data_shards(str(photo_folder))
+
+
+def test_tar_files_missing_from_info_are_named_with_how_to_include_them(photo_folder, tmp_path, capsys):
+    write_shards(photo_folder, tmp_path / "shards", maxcount=10)
+    data_shards(str(tmp_path / "shards"))
+    assert "warning" not in capsys.readouterr().err
+    (tmp_path / "shards" / "extra-000000.tar").write_bytes((tmp_path / "shards" / "train-000000.tar").read_bytes())
+    assert data_shards(str(tmp_path / "shards")) == str(tmp_path / "shards")
+    err = capsys.readouterr().err
+    assert "extra-000000.tar" in err and "ignored" in err and "make-shards" in err and "train-000000" not in err
 
 
 def test_missing_data_is_a_clear_error(tmp_path):

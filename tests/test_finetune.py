@@ -230,3 +230,33 @@ def test_recipes_for_finetune_and_probe_load(monkeypatch):
             with torch.device("meta"):
                 model = models.make_classifier(config, 10, probe=config.command == "linear-probe")
                 assert model.eval()(torch.empty(2, 3, config.img_size, config.img_size)).shape == (2, 10)
+
+
+def test_class_folders_finetune_and_evaluate_through_cached_shards(digits, pretrained, tmp_path):
+    images = tmp_path / "images"
+    for split in ("train", "val"):
+        for path in (digits["root"] / "images" / split).rglob("*.png"):
+            target = images / split / path.parent.name / path.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(path.read_bytes())
+    run = tmp_path / "ft"
+    result = runner.invoke(app, ["finetune", "--pretrained", str(pretrained), "--data", str(images / "train"),
+                                 "--val-data", str(images / "val"), "--output", str(run), "--epochs", "2", *TRAIN])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("into shards") == 2
+    assert (images / "train.simmim-shards" / "_info.json").is_file() and (images / "val.simmim-shards").is_dir()
+    best = checkpoints.load_checkpoint(run / "best.pth")
+    assert best["classes"] == ["digit0", "digit1", "digit2"] and best["config"]["data"].endswith(".simmim-shards")
+    val_top1 = [r["val_top1"] for r in rows(run) if "val_top1" in r]
+    result = runner.invoke(app, ["evaluate", "--checkpoint", str(run / "best.pth"), "--data", str(images / "val"),
+                                 "--output", str(tmp_path / "report"), "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert metrics["count"] == 24 and metrics["top1"] == pytest.approx(val_top1[-1])
+    probe = runner.invoke(app, ["linear-probe", "--pretrained", str(pretrained), "--data", str(images / "train"),
+                                "--output", str(tmp_path / "lp"), "--epochs", "2", *TRAIN])
+    assert probe.exit_code == 0, probe.output
+    assert "using its shards" in probe.output
+    flat = runner.invoke(app, ["finetune", "--pretrained", str(pretrained), "--data", str(images / "train" / "digit0"),
+                               "--output", str(tmp_path / "flat"), *TRAIN])
+    assert "no class sub-folders" in one_line_error(flat)

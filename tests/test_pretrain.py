@@ -233,3 +233,44 @@ def test_loader_workers_default_to_the_cores_of_each_process(monkeypatch):
     monkeypatch.setattr(pipeline.os, "cpu_count", lambda: 192)  # bound to 10 of 192 cores, as srun does
     monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: set(range(10)), raising=False)
     assert pipeline.default_workers(8) == 9
+
+
+def test_a_folder_of_jpegs_pretrains_and_its_shards_are_reused_on_resume(photo_folder, tmp_path):
+    images = tmp_path / "jpegs"
+    images.mkdir()
+    for path in photo_folder.glob("*.jpg"):
+        (images / path.name).write_bytes(path.read_bytes())
+    run = tmp_path / "run"
+    first = runner.invoke(app, ["pretrain", "--data", str(images), "--output", str(run), "--epochs", "2",
+                                "--max-steps", "2", "--workers", "0", *tiny_args()])
+    assert first.exit_code == 0, first.output
+    assert "writing its 12 images into shards" in first.output and "make-shards" in first.output
+    cache = tmp_path / "jpegs.simmim-shards"
+    assert json.loads((cache / "_info.json").read_text())["splits"]["train"]["num_samples"] == 12
+    assert checkpoints.latest_checkpoint(run) is not None
+    tars = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.tar")}
+    again = runner.invoke(app, ["pretrain", "--data", str(images), "--output", str(run), "--epochs", "2",
+                                "--max-steps", "4", "--workers", "0", "--resume", "auto", *tiny_args()])
+    assert again.exit_code == 0, again.output
+    assert "using its shards" in again.output and "resumed from" in again.output
+    assert {p.name: p.stat().st_mtime_ns for p in cache.glob("*.tar")} == tars
+
+
+def test_an_image_folder_is_converted_once_before_workers_launch(photo_folder, tmp_path, monkeypatch):
+    from simmim_cli import distributed
+
+    seen = []
+
+    def launch(process, config, *args):  # instead of starting processes: what each worker would be given
+        seen.append((config.data, (Path(config.data) / "_info.json").is_file()))
+
+    monkeypatch.setattr(distributed, "launch", launch)
+    images = tmp_path / "photos"
+    images.mkdir()
+    for path in photo_folder.iterdir():
+        (images / path.name).write_bytes(path.read_bytes())
+    result = runner.invoke(app, ["pretrain", "--data", str(images), "--output", str(tmp_path / "run"),
+                                 "--nproc", "2", "--device", "cpu", *tiny_args()])
+    assert result.exit_code == 0, result.output
+    assert seen == [(f"{images}.simmim-shards", True)]
+    assert result.output.count("into shards") == 1

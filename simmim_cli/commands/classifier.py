@@ -12,11 +12,13 @@ from ..models import make_classifier
 from ..pipeline import EvalStream
 from ..shards import labelled_shards
 from ..weights import architecture_of, classifier_kwargs, load_encoder, read_weights
+from .training import prepare_data
 
 
 def resolve_classifier(config: FinetuneConfig | LinearProbeConfig, keep_pretrain_architecture: bool) -> None:
     """Fixes model, kwargs and image size from --pretrained (explicit options win), and checks that the weights
-    fit and the image size works, on the meta device (no memory, no compute)."""
+    fit and the image size works, on the meta device (no memory, no compute). Image folders become shards first."""
+    prepare_data(config, "data", "val_data", labels=True)
     shards = labelled_shards(config.data, config.epoch_size)
     if config.val_data:
         val = labelled_shards(config.val_data, option="--val-data")

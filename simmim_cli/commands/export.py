@@ -1,4 +1,5 @@
-"""``simmim export``: ONNX (fp32, fp16 or int8) and TorchScript files of a checkpoint, verified against PyTorch."""
+"""``simmim export``: ONNX (fp32, fp16 or int8) and TorchScript files of a checkpoint, verified against PyTorch;
+a folder in timm's hub layout, optionally pushed to the Hugging Face Hub."""
 
 from __future__ import annotations
 
@@ -16,13 +17,40 @@ from ..inference import newest_classifier
 
 
 def export(config: ExportConfig) -> dict[str, Any]:
-    """``simmim export``: ONNX (fp32, fp16 or int8) and/or TorchScript files, verified against PyTorch."""
+    """``simmim export``: ONNX (fp32, fp16 or int8) and/or TorchScript files, verified against PyTorch, and/or a
+    timm folder (``--timm``, ``--push-to-hub``)."""
 
     if config.checkpoint is None:
         found = newest_classifier() or checkpoints.newest_run_checkpoint(Path("runs"), "pretrain")
         if found is None:
             raise SimmimError("no --checkpoint given and no finetune, linear-probe or pretrain run under runs/")
         config.checkpoint = str(found)
+    report: dict[str, Any] = {"checkpoint": config.checkpoint, "files": [], "notes": []}
+    if config.timm:
+        report.update(export_timm(config))
+    if config.onnx or config.torchscript:
+        report.update(export_onnx(config, report["files"]))
+    return report
+
+
+def export_timm(config: ExportConfig) -> dict[str, Any]:
+    """``--timm DIR`` (and ``--push-to-hub REPO``): the checkpoint as a timm model folder."""
+    from ..timm_hub import check_target, push, timm_model, write_folder
+
+    directory = Path(config.timm)
+    check_target(directory, config.force)  # before loading anything
+    found = timm_model(config.checkpoint)
+    files = write_folder(found, directory, config.checkpoint, config.force)
+    result: dict[str, Any] = {"timm": {"folder": directory, "what": found.what,
+                                       "architecture": found.model.pretrained_cfg["architecture"]},
+                              "notes": found.notes}
+    if config.push_to_hub:
+        result["timm"]["pushed"] = push(directory, config.push_to_hub)
+    return {**result, "files": files}
+
+
+def export_onnx(config: ExportConfig, files: list[Path]) -> dict[str, Any]:
+    """ONNX (fp32, fp16 or int8) and/or TorchScript files, verified against PyTorch."""
     module, what, metadata = exportable(config.checkpoint, config.what)
     output = Path(config.output or f"{what}.onnx")
     targets = ([output] if config.onnx else []) + ([output.with_suffix(".pt")] if config.torchscript else [])
@@ -31,7 +59,7 @@ def export(config: ExportConfig) -> dict[str, Any]:
             raise SimmimError(f"{target} exists; pass --force to replace it or choose another --output")
     images = verification_images(metadata["img_size"])
     inputs = example_inputs(module, what, metadata["img_size"], images)
-    report: dict[str, Any] = {"checkpoint": config.checkpoint, "what": what, "files": [], "metadata": metadata}
+    report: dict[str, Any] = {"what": what, "files": files, "metadata": metadata}
     if config.onnx:
         tmp = output.with_name(f".{output.name}.tmp")
         report["exporter"] = to_onnx(module, example_inputs(module, what, metadata["img_size"]), what, tmp,

@@ -16,7 +16,7 @@ from ..pipeline import ShardStream
 from ..shards import resolve_shards, write_shards
 from ..tasks import PretrainTask, Task
 from ..transforms import PretrainTransform, decode_tensor, pretrain_decode_size
-from .training import prepare_run, run_training
+from .training import prepare_data, prepare_run, run_training
 
 
 def _prepare_demo(config: PretrainConfig) -> None:
@@ -45,6 +45,7 @@ def prepare_pretrain(config: PretrainConfig) -> None:
     if config.demo:
         Path(config.output).mkdir(parents=True, exist_ok=True)
         _prepare_demo(config)
+    prepare_data(config, "data")
     shards = resolve_shards(config.data, epoch_size=config.epoch_size)
     check_model(config)
     if config.decode == "gpu":

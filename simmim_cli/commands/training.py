@@ -15,6 +15,7 @@ from ..config import TrainConfig
 from ..engine import Trainer
 from ..errors import SimmimError
 from ..pipeline import default_workers
+from ..shards import data_shards, is_image_folder
 
 
 def resolve_run_paths(config: TrainConfig, runs_root: Path = Path("runs")) -> None:
@@ -90,3 +91,20 @@ def prepare_run(config: TrainConfig) -> None:
     distributed.check_devices(config)
     if config.node_rank == 0:
         resolve_run_paths(config)
+
+
+def prepare_data(config: TrainConfig, *fields: str, labels: bool = False) -> None:
+    """``--data`` (and the other data options named) as shards: an image folder is written into shards once (see
+    :func:`shards.data_shards`) here, before any worker starts; the workers get the shard paths with the config.
+    Under torchrun/SLURM this runs on rank 0 only; the other nodes of a ``--nnodes`` job take node 0's paths."""
+    for name in fields:
+        value = getattr(config, name)
+        option = "--" + name.replace("_", "-")
+        if value is None:
+            continue
+        if config.node_rank != 0:
+            if is_image_folder(Path(value)):
+                raise SimmimError(f"{option} {value}: a multi-node job reads shards, not a folder of images; make "
+                                  f"them once with simmim make-shards {value} OUT and pass {option} OUT on every node")
+            continue
+        setattr(config, name, data_shards(value, option, labels))

@@ -1,0 +1,139 @@
+"""Checkpoints in timm's own hub layout: ``model.safetensors`` + ``config.json`` (+ a model card), written by
+timm's ``save_for_hf`` so that ``timm.create_model("local-dir:DIR", pretrained=True)`` (or the architecture
+with ``pretrained_cfg_overlay=dict(file="DIR/model.safetensors")`` and the config's ``model_args``) rebuilds the
+model and loads the very tensors of the checkpoint; ``push`` uploads such a folder to the Hugging Face Hub.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .errors import SimmimError
+from .transforms import MEAN, STD
+
+FILES = ("model.safetensors", "config.json", "README.md")
+
+
+@dataclass
+class TimmModel:
+    """A plain timm model cut from a checkpoint, with what its config.json and model card should say."""
+
+    model: nn.Module
+    what: str  # "encoder" (num_classes=0) or "classifier"
+    crop_pct: float
+    classes: list[str] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def timm_model(checkpoint: str) -> TimmModel:
+    """The encoder of a pretraining checkpoint (ours or an official SimMIM release, remapped as finetune
+    remaps it), the whole classifier of a fine-tuning checkpoint, the frozen encoder of a linear probe."""
+    from .inference import load_classifier
+    from .weights import load_simmim, read_weights
+
+    kind = read_weights(checkpoint).kind
+    if kind == "finetune":
+        model, config, classes = load_classifier(checkpoint)
+        return TimmModel(model, "classifier", config.crop_pct, classes)
+    if kind == "linear-probe":
+        model, config, _ = load_classifier(checkpoint)
+        note = ("a linear probe's head (BatchNorm + linear on frozen features) has no timm equivalent: exported its "
+                "encoder; fine-tune for a whole timm classifier")
+        return TimmModel(model.backbone, "encoder", config.crop_pct, notes=[note])
+    simmim, _, report = load_simmim(checkpoint)
+    return TimmModel(simmim.encoder.backbone, "encoder", 0.875, notes=report.adapted)
+
+
+def check_target(directory: Path, force: bool) -> None:
+    """Refuses a file, and a folder that already holds anything, unless ``force``."""
+    if directory.exists() and not directory.is_dir():
+        raise SimmimError(f"--timm {directory} is a file; give a folder")
+    if directory.is_dir() and any(directory.iterdir()) and not force:
+        raise SimmimError(f"--timm {directory} is not empty; pass --force to replace its {', '.join(FILES)}, "
+                          "or choose another folder")
+
+
+def write_folder(found: TimmModel, directory: Path, source: str, force: bool = False) -> list[Path]:
+    """Writes ``directory/{model.safetensors,config.json,README.md}`` with timm's ``save_for_hf``; all three
+    are written in a temporary folder first and moved in only when complete. Returns the paths."""
+    from timm.models import save_for_hf
+    from timm.models._hub import generate_readme
+
+    check_target(directory, force)
+    model = found.model
+    size = model.patch_embed.img_size
+    data_config = {"input_size": (3, *size), "mean": tuple(MEAN.flatten().tolist()),
+                   "std": tuple(STD.flatten().tolist()), "crop_pct": found.crop_pct, "crop_mode": "center",
+                   "interpolation": "bicubic"}  # what simmim evaluate and predict do (transforms.CropTransform)
+    model_config: dict[str, Any] = {"pretrained_cfg": {"tag": f"simmim_{found.what}"}}
+    if found.classes:
+        model_config["label_names"] = found.classes
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save_for_hf(model, str(tmp), model_config=model_config, safe_serialization=True, data_config=data_config)
+        config_path = tmp / "config.json"
+        config = json.loads(config_path.read_text())
+        config["pretrained_cfg"].pop("license", None)  # the architecture's default weights' licence, not this one's
+        config_path.write_text(json.dumps(config, indent=2))
+        architecture = config["architecture"]
+        card = {"license": "other", "description": _description(found, source, architecture),
+                "details": {"Model Type": "Image classification" if found.what == "classifier"
+                            else "Image feature backbone", "Architecture": architecture,
+                            "Image size": f"{size[0]} x {size[1]}", "Pretraining": "SimMIM (simmim-cli)"},
+                "usage": _usage(found)}
+        task = "image-classification" if found.what == "classifier" else "image-feature-extraction"
+        readme = generate_readme(card, directory.resolve().name, task_name=task)
+        (tmp / "README.md").write_text(readme, encoding="utf-8")
+        if not directory.exists():
+            tmp.rename(directory)
+        else:
+            for name in FILES:
+                os.replace(tmp / name, directory / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return [directory / name for name in FILES]
+
+
+def _description(found: TimmModel, source: str, architecture: str) -> str:
+    what = ("A classifier fine-tuned" if found.what == "classifier"
+            else "An encoder (no classifier head) pretrained")
+    return (f"{what} with simmim-cli (SimMIM) from `{Path(source).name}`: timm's `{architecture}` "
+            "with the arguments in config.json's `model_args`. Edit this card (licence, data) before sharing it.")
+
+
+def _usage(found: TimmModel) -> str:
+    output = "logits = model(images)  # (batch, num_classes)" if found.what == "classifier" else \
+        "features = model.forward_features(images)  # tokens or feature map; model(images) pools them"
+    return ("```python\nimport timm\n\n"
+            'model = timm.create_model("local-dir:PATH/TO/THIS/FOLDER", pretrained=True).eval()  # or hf-hub:REPO\n'
+            "config = timm.data.resolve_data_config(model=model)\n"
+            "transform = timm.data.create_transform(**config)\n"
+            f"{output}\n```\n")
+
+
+def push(directory: Path, repo: str) -> str:
+    """Uploads the folder to the Hub repository ``repo`` (created private if it does not exist: weights trained on
+    someone's data are not published by accident); returns the commit URL."""
+    try:
+        from huggingface_hub import HfApi
+    except ImportError as error:  # timm depends on it, so this only happens in unusual installs
+        raise SimmimError("--push-to-hub needs huggingface_hub: pip install huggingface_hub") from error
+    api = HfApi(library_name="simmim-cli")
+    try:
+        repo_id = api.create_repo(repo, private=True, exist_ok=True).repo_id
+        commit = api.upload_folder(repo_id=repo_id, folder_path=str(directory),
+                                   commit_message="Add model (simmim export --timm)")
+    except Exception as error:  # HTTP, network and login errors of several libraries: one line for each
+        first = (str(error).splitlines() or [type(error).__name__])[0]
+        raise SimmimError(f"--push-to-hub {repo}: {first}; {directory} is written; log in with `hf auth login` (or "
+                          "set HF_TOKEN) with write access and run again, or upload it with `hf upload`") from error
+    return str(getattr(commit, "commit_url", commit))
