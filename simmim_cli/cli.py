@@ -52,6 +52,7 @@ from .options import (
     Keep,
     LabelledData,
     LogEvery,
+    LogTo,
     LrMilestones,
     MasterAddr,
     MasterPort,
@@ -137,8 +138,9 @@ def config_from_context(config_class: type, ctx: typer.Context) -> Any:
     """The command's parsed options → a validated config (defaults < --recipe < options given)."""
     explicit = {name for name in ctx.params if ctx.get_parameter_source(name).name not in ("DEFAULT", "DEFAULT_MAP")}
     values = dict(ctx.params)
-    if values.get("lr_milestones") is None:
-        values.pop("lr_milestones", None)
+    for name in ("lr_milestones", "log_to"):  # lists: absent means the config's default
+        if values.get(name) is None:
+            values.pop(name, None)
     if values.get("demo") and "recipe" not in explicit:
         from .demo import DEMO_SETTINGS
 
@@ -233,6 +235,7 @@ def pretrain(
     resume: Resume = None,
     force: Force = D.force,
     log_every: LogEvery = D.log_every,
+    log_to: LogTo = None,
     save_every: SaveEvery = D.save_every,
     keep: Keep = D.keep,
     max_steps: MaxSteps = D.max_steps,
@@ -318,6 +321,7 @@ def finetune(
     resume: Resume = None,
     force: Force = False,
     log_every: LogEvery = FT.log_every,
+    log_to: LogTo = None,
     save_every: SaveEvery = FT.save_every,
     keep: Keep = FT.keep,
     max_steps: MaxSteps = FT.max_steps,
@@ -393,6 +397,7 @@ def linear_probe(
     resume: Resume = None,
     force: Force = False,
     log_every: LogEvery = LP.log_every,
+    log_to: LogTo = None,
     save_every: SaveEvery = LP.save_every,
     keep: Keep = LP.keep,
     max_steps: MaxSteps = LP.max_steps,

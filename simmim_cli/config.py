@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import yaml
 
 from .errors import SimmimError
+from .tracking import check_trackers
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SCHEDULES = ("cosine", "multistep")
@@ -56,6 +57,7 @@ class TrainConfig:
     keep: int = 3  # checkpoints kept (the newest)
     max_steps: int = 0  # stop after this many optimizer steps (the schedule is unchanged); 0 = no limit
     device: str = "auto"
+    log_to: list[str] = field(default_factory=list)  # experiment trackers: tensorboard, wandb, mlflow
     # distributed
     gpus: int = 0
     nproc: int = 0
@@ -95,6 +97,7 @@ class TrainConfig:
             raise SimmimError(f"--node-rank {self.node_rank} must be below --nnodes {self.nnodes}")
         if not isinstance(self.model_kwargs, dict):
             raise SimmimError("--model-kwargs must be a JSON object, e.g. '{\"embed_dim\": 192, \"depth\": 6}'")
+        check_trackers(self.log_to)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -111,7 +111,7 @@ class Trainer:
         self.train_model = self._wrap(model)
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         self.reporter = Reporter(context.is_main, self.total_steps, 0)
-        self.run_log = RunLog(self.output, context.is_main)
+        self.run_log = RunLog(self.output, context.is_main, config)
         if context.is_main:
             self.output.mkdir(parents=True, exist_ok=True)
             (self.output / "config.yaml").write_text(config.to_yaml())
@@ -225,7 +225,8 @@ class Trainer:
         figures = self.task.after_epoch(self.output, epoch, self.state.step)
         if figures:
             self.run_log.log({"step": self.state.step, "epoch": epoch, **figures})
-            self.reporter.print(f"epoch {epoch}: " + "  ".join(f"{k} {v:.4g}" for k, v in figures.items()))
+            self.reporter.print(f"epoch {epoch}: " + "  ".join(f"{k} {v:.4g}" for k, v in figures.items()
+                                                               if isinstance(v, (int, float))))
 
     # -- logging -----------------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from .optim import build_optimizer
 from .pipeline import EvalStream, TensorStream, make_loader
 from .precision import autocast, resolve_precision
 from .transforms import normalize
-from .visualize import recon_panel, save_png
+from .visualize import confusion_png, recon_panel, save_png
 
 MAX_NONFINITE_IN_A_ROW = 25  # fp16 loss scaling may skip a few steps at the start; 25 in a row is divergence
 
@@ -104,10 +104,10 @@ class PretrainTask(Task):
         _, reconstruction = self.model(images, mask)
         losses = masked_l1_per_image(images, reconstruction, mask, self.model.patch_size)
         captions = [f"masked L1 {value:.3f}" for value in losses.tolist()]
-        save_png(recon_panel(images, mask, reconstruction, self.model.patch_size, captions),
-                 output / f"preview-{step:08d}.png")
+        panel = recon_panel(images, mask, reconstruction, self.model.patch_size, captions)
+        save_png(panel, output / f"preview-{step:08d}.png")
         self.model.train(was_training)
-        return {"preview_loss": round(float(losses.mean()), 5)}
+        return {"preview_loss": round(float(losses.mean()), 5), "preview": panel}
 
 
 def save_model_file(path: Path, kind: str, model: nn.Module, config: TrainConfig, classes: list[str],
@@ -141,7 +141,8 @@ class ClassifierTask(Task):
             was_training = model.training
             model.eval()
             device = next(model.parameters()).device
-            result = evaluate_classifier(self.predict(model), make_loader(self.val), len(self.classes), device)
+            result = evaluate_classifier(self.predict(model), make_loader(self.val), len(self.classes), device,
+                                         with_confusion=bool(self.config.log_to))
             model.train(was_training)
             figures = {k: result[k] for k in ("val_top1", "val_top5", "val_loss")}
         if distributed.is_main():
@@ -152,6 +153,8 @@ class ClassifierTask(Task):
                 save_model_file(output / "best.pth", self.kind, self.evaluation_model(), self.config, self.classes,
                                 {"epoch": epoch, "step": step, **figures})
         self.best_top1 = distributed.broadcast_object(self.best_top1)
+        if figures and self.config.log_to and distributed.is_main():  # the trackers show it as an image
+            return {**figures, "confusion": confusion_png(result["confusion"], self.classes)}
         return figures
 
     def extra_state(self) -> dict[str, Any]:
