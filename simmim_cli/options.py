@@ -7,13 +7,22 @@ from typing import Annotated
 
 import typer
 
-from .config import PRECISIONS, SCHEDULES, EvaluateConfig, FinetuneConfig, LinearProbeConfig, PretrainConfig
+from .config import (
+    PRECISIONS,
+    SCHEDULES,
+    EvaluateConfig,
+    FinetuneConfig,
+    KnnConfig,
+    LinearProbeConfig,
+    PretrainConfig,
+)
 
 DATA, MODEL, MASKING, OPTIM, RUN, DIST = "Data", "Model", "Masking", "Optimisation", "Run", "Distributed"
 D = PretrainConfig()  # the defaults shown in --help
 FT = FinetuneConfig()
 LP = LinearProbeConfig()
 EV = EvaluateConfig()
+KN = KnnConfig()
 
 Recipe = Annotated[Path | None, typer.Option(
     help="YAML file of option values (see recipes/); options given on the command line override it.",
