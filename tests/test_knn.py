@@ -21,15 +21,7 @@ MODEL = ["--model", VIT_NAME, "--model-kwargs", json.dumps(VIT_KWARGS), "--img-s
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory) -> dict[str, Path]:
     """All ten digit classes: 200 images as the memory bank, the next 100 to classify."""
-    root = tmp_path_factory.mktemp("digits")
-    images, labels = digit_images(300, SIZE), digit_labels(300)
-    for split, part in (("train", range(200)), ("val", range(200, 300))):
-        for index in part:
-            folder = root / "images" / split / f"digit{labels[index]}"
-            folder.mkdir(parents=True, exist_ok=True)
-            images[index].convert("L").save(folder / f"{index}.png")
-        write_shards(root / "images" / split, root / split, maxcount=64, split=split)
-    return {"train": root / "train", "val": root / "val"}
+    return write_digit_shards(tmp_path_factory.mktemp("digits"), {"train": range(200), "val": range(200, 300)})
 
 
 def test_weighted_votes_follow_the_temperature():
@@ -46,39 +38,53 @@ def test_weighted_votes_follow_the_temperature():
     assert knn_classify(bank * 7, labels, query * 0.1, truth, num_classes=2, k=3) == sharp
 
 
-def supervised_encoder(path: Path, steps: int = 80) -> Path:
-    """A trained encoder: the tiny ViT fitted to the memory-bank images (the first 200 digits) with labels, in plain
+def write_digit_shards(root: Path, splits: dict[str, range]) -> dict[str, Path]:
+    images, labels = digit_images(max(r.stop for r in splits.values()), SIZE), digit_labels(1797)
+    for split, part in splits.items():
+        for index in part:
+            folder = root / "images" / split / f"digit{labels[index]}"
+            folder.mkdir(parents=True, exist_ok=True)
+            images[index].convert("L").save(folder / f"{index}.png")
+        write_shards(root / "images" / split, root / split, maxcount=500, split=split)
+    return {split: root / split for split in splits}
+
+
+def supervised_encoder(path: Path, count: int, epochs: int = 16) -> Path:
+    """A trained encoder: the tiny ViT fitted with labels to the first ``count`` digits (the memory bank) in plain
     PyTorch, saved as a timm state dict."""
     import timm
 
     from simmim_cli.transforms import normalize
 
-    images = torch.stack([torch.tensor(np.array(image.convert("L").convert("RGB"))).permute(2, 0, 1)
-                          for image in digit_images(200, SIZE)])
-    labels = torch.tensor(digit_labels(200))
+    images = normalize(torch.stack([torch.tensor(np.array(image.convert("L").convert("RGB"))).permute(2, 0, 1)
+                                    for image in digit_images(count, SIZE)]))
+    labels = torch.tensor(digit_labels(count))
     torch.manual_seed(0)
     model = timm.create_model(VIT_NAME, img_size=SIZE, num_classes=10, **VIT_KWARGS)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(steps):
-        loss = torch.nn.functional.cross_entropy(model(normalize(images)), labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    for _ in range(epochs):
+        for batch in torch.randperm(count).split(50):
+            loss = torch.nn.functional.cross_entropy(model(images[batch]), labels[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
     torch.save(model.state_dict(), path)
     return path
 
 
-def test_knn_of_a_trained_encoder_beats_a_random_one(digits, tmp_path):
-    common = [*MODEL, "--data", str(digits["train"]), "--val-data", str(digits["val"]), "--workers", "0",
+def test_knn_of_a_trained_encoder_beats_a_random_one(tmp_path):
+    # 1,000 digits as memory bank, 200 others to classify; the tiny ViT needs that many to generalise at all
+    shards = write_digit_shards(tmp_path, {"train": range(1000), "val": range(1000, 1200)})
+    common = [*MODEL, "--data", str(shards["train"]), "--val-data", str(shards["val"]), "--workers", "0",
               "--crop-pct", "1", "--json"]
     random = runner.invoke(app, ["knn", *common])
     assert random.exit_code == 0, random.output
     baseline = json.loads(random.output)
-    assert {"top1", "top5", "k"} <= baseline.keys() and baseline["k"] == 20 and baseline["count"] == 100
-    result = runner.invoke(app, ["knn", "--pretrained", str(supervised_encoder(tmp_path / "vit.pth")), *common])
+    assert {"top1", "top5", "k"} <= baseline.keys() and baseline["k"] == 20 and baseline["count"] == 200
+    result = runner.invoke(app, ["knn", "--pretrained", str(supervised_encoder(tmp_path / "vit.pth", 1000)), *common])
     assert result.exit_code == 0, result.output
     scores = json.loads(result.output)
-    assert scores["top1"] > baseline["top1"] + 5, (scores, baseline)
+    assert scores["top1"] > baseline["top1"] + 5, (scores, baseline)  # measured: about 64% against 50%
 
 
 def test_knn_caches_features_like_linear_probe(digits, tmp_path):
