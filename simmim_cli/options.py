@@ -88,7 +88,7 @@ LogTo = Annotated[list[str] | None, typer.Option(
     "metrics.jsonl is always written). Scalars, previews/confusion matrices as images, the config as "
     "hyperparameters, the run folder's name as run name; --resume continues the same tracker run. TensorBoard "
     "writes <output>/tensorboard; W&B honours WANDB_MODE=offline and WANDB_PROJECT; MLflow honours "
-    "MLFLOW_TRACKING_URI and MLFLOW_EXPERIMENT_NAME. Each needs its extra: pip install \"simmim-cli[wandb]\".",
+    "MLFLOW_TRACKING_URI and MLFLOW_EXPERIMENT_NAME. Each needs its extra, e.g. pip install \"simmim-cli\\[wandb]\".",
     rich_help_panel=RUN, show_default=False)]
 Gpus = Annotated[int, typer.Option(help="GPUs on this machine: starts one process per GPU (NCCL).",
                                    rich_help_panel=DIST)]
