@@ -14,6 +14,7 @@ from .config import (
     EvaluateConfig,
     ExportConfig,
     FinetuneConfig,
+    KnnConfig,
     LinearProbeConfig,
     PredictConfig,
     PretrainConfig,
@@ -25,6 +26,7 @@ from .options import (
     DATA,
     EV,
     FT,
+    KN,
     LP,
     MASKING,
     MODEL,
@@ -54,6 +56,7 @@ from .options import (
     Keep,
     LabelledData,
     LogEvery,
+    LogTo,
     LrMilestones,
     MasterAddr,
     MasterPort,
@@ -139,8 +142,9 @@ def config_from_context(config_class: type, ctx: typer.Context) -> Any:
     """The command's parsed options → a validated config (defaults < --recipe < options given)."""
     explicit = {name for name in ctx.params if ctx.get_parameter_source(name).name not in ("DEFAULT", "DEFAULT_MAP")}
     values = dict(ctx.params)
-    if values.get("lr_milestones") is None:
-        values.pop("lr_milestones", None)
+    for name in ("lr_milestones", "log_to"):  # lists: absent means the config's default
+        if values.get(name) is None:
+            values.pop(name, None)
     if values.get("demo") and "recipe" not in explicit:
         from .demo import DEMO_SETTINGS
 
@@ -209,6 +213,18 @@ def pretrain(
         "--demo", help="Pretrain a small ViT on a built-in image set (crops of the photos scikit-learn ships).",
         rich_help_panel=DATA)] = False,
     epoch_size: EpochSize = None,
+    val_data: Annotated[str | None, typer.Option(
+        help="Held-out shards (labels not needed): their masked L1 is logged as val_loss after every epoch "
+             "(centre crops, the same masks each time), the loss to watch for overfitting.", rich_help_panel=DATA,
+        show_default=False)] = None,
+    knn_data: Annotated[str | None, typer.Option(
+        help="Labelled shards: the k-NN memory bank. With --knn-val-data, each checkpoint logs knn_top1 and "
+             "knn_top5 (weighted k-NN on the last block's mean-pooled features, k 20, T 0.07; see simmim knn), "
+             "a quick 'is pretraining working?' signal. Keep both small: they are scored on one process.",
+        rich_help_panel=DATA, show_default=False)] = None,
+    knn_val_data: Annotated[str | None, typer.Option(
+        help="Labelled shards classified by k-NN against --knn-data at each checkpoint.", rich_help_panel=DATA,
+        show_default=False)] = None,
     workers: Workers = D.workers,
     decode: Decode = D.decode,
     model: Model = D.model,
@@ -240,6 +256,7 @@ def pretrain(
     resume: Resume = None,
     force: Force = D.force,
     log_every: LogEvery = D.log_every,
+    log_to: LogTo = None,
     save_every: SaveEvery = D.save_every,
     keep: Keep = D.keep,
     max_steps: MaxSteps = D.max_steps,
@@ -327,6 +344,7 @@ def finetune(
     resume: Resume = None,
     force: Force = False,
     log_every: LogEvery = FT.log_every,
+    log_to: LogTo = None,
     save_every: SaveEvery = FT.save_every,
     keep: Keep = FT.keep,
     max_steps: MaxSteps = FT.max_steps,
@@ -404,6 +422,7 @@ def linear_probe(
     resume: Resume = None,
     force: Force = False,
     log_every: LogEvery = LP.log_every,
+    log_to: LogTo = None,
     save_every: SaveEvery = LP.save_every,
     keep: Keep = LP.keep,
     max_steps: MaxSteps = LP.max_steps,
@@ -514,6 +533,70 @@ def visualize_recon(
     losses = result["losses"]
     typer.echo(f"wrote {result['output']} ({len(losses)} image(s), mean masked L1 {sum(losses) / len(losses):.4f})"
                + (f" and {result['arrays']}" if result["arrays"] else ""))
+
+
+KNN_EPILOG = (
+    "Examples:\n\n"
+    "  simmim knn --pretrained runs/pretrain-X/checkpoint-00012345.pth --data train/ --val-data val/\n\n"
+    "  simmim knn --model vit_base_patch16_224 --data train/ --val-data val/   # random-init baseline\n\n"
+    "  simmim knn --pretrained ckpt.pth --data train/ --val-data val/ --layer 8 --pool cls --cache-features --json"
+)
+
+
+@app.command(epilog=KNN_EPILOG)
+@handle_errors
+def knn(
+    ctx: typer.Context,
+    data: Annotated[str | None, typer.Option(
+        help="Labelled shards whose features are the memory bank (e.g. the training split).",
+        rich_help_panel=DATA, show_default=False)] = None,
+    val_data: Annotated[str | None, typer.Option(
+        help="Labelled shards to classify (same class list as --data).", rich_help_panel=DATA,
+        show_default=False)] = None,
+    crop_pct: CropPct = KN.crop_pct,
+    cache_features: Annotated[bool, typer.Option(
+        help="Keep the features on disk and reuse them when encoder, layer, pooling and data match (also "
+             "linear-probe's): try other --k and --temperature for free.", rich_help_panel=DATA)] = KN.cache_features,
+    cache_dir: Annotated[str | None, typer.Option(
+        help="Folder of cached features \\[default: runs/features].", rich_help_panel=DATA, show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.", rich_help_panel=DATA)] = KN.batch_size,
+    workers: Workers = KN.workers,
+    pretrained: Annotated[str | None, typer.Option(
+        help="Encoder checkpoint (simmim, official SimMIM or timm); without it a randomly initialised encoder is "
+             "scored, the baseline to compare against.", rich_help_panel=MODEL, show_default=False)] = None,
+    allow_missing: AllowMissing = False,
+    model: ClassifierModel = None,
+    model_kwargs: ModelKwargs = None,
+    img_size: ClassifierImgSize = None,
+    layer: Annotated[int, typer.Option(
+        help="Block (ViT/BEiT) or stage (Swin) whose output is used; negative counts from the end.",
+        rich_help_panel=MODEL)] = KN.layer,
+    pool: Annotated[str, typer.Option(help="mean (patch tokens) | cls (class token, as DINO).",
+                                      rich_help_panel=MODEL)] = KN.pool,
+    k: Annotated[int, typer.Option("--k", help="Neighbours that vote (at most the memory bank's size).")] = KN.k,
+    temperature: Annotated[float, typer.Option(
+        help="Each neighbour's vote is exp(cosine similarity / temperature): lower trusts the nearest more.")
+    ] = KN.temperature,
+    seed: Annotated[int, typer.Option(help="Seed of the random encoder (without --pretrained).")] = KN.seed,
+    device: Device = KN.device,
+    precision: Precision = KN.precision,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object (top1, top5, k, ...).")] = False,
+) -> None:
+    """Weighted k-NN accuracy of frozen features (DINO's protocol: cosine similarity, k 20, temperature 0.07):
+    no training, a quick measure of what pretraining learned."""
+    import json
+
+    from .commands.knn import knn as run
+
+    values = dict(ctx.params)
+    values["json"] = values.pop("json_output")
+    result = run(resolve_config(KnnConfig, values, set()))
+    if values["json"]:
+        typer.echo(json.dumps(result))
+    else:
+        typer.echo(f"k-NN (k {result['k']}, temperature {result['temperature']:g}, layer {result['layer']}, "
+                   f"{result['pool']} pooling): top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  on "
+                   f"{result['count']} images against a memory bank of {result['bank']}")
 
 
 @app.command(epilog=(

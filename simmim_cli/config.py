@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import yaml
 
 from .errors import SimmimError
+from .tracking import check_trackers
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SCHEDULES = ("cosine", "multistep")
@@ -58,6 +59,7 @@ class TrainConfig:
     keep: int = 3  # checkpoints kept (the newest)
     max_steps: int = 0  # stop after this many optimizer steps (the schedule is unchanged); 0 = no limit
     device: str = "auto"
+    log_to: list[str] = field(default_factory=list)  # experiment trackers: tensorboard, wandb, mlflow
     # distributed
     gpus: int = 0
     nproc: int = 0
@@ -99,6 +101,7 @@ class TrainConfig:
             raise SimmimError(f"--node-rank {self.node_rank} must be below --nnodes {self.nnodes}")
         if not isinstance(self.model_kwargs, dict):
             raise SimmimError("--model-kwargs must be a JSON object, e.g. '{\"embed_dim\": 192, \"depth\": 6}'")
+        check_trackers(self.log_to)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -114,6 +117,9 @@ class PretrainConfig(TrainConfig):
     mask_patch_size: int = 32
     mask_ratio: float = 0.6
     demo: bool = False
+    val_data: str | None = None  # held-out images: masked L1 (val_loss) after every epoch
+    knn_data: str | None = None  # labelled shards: the k-NN memory bank, scored at every checkpoint
+    knn_val_data: str | None = None  # labelled shards: the k-NN queries (knn_top1, knn_top5)
 
     command = "pretrain"
 
@@ -126,6 +132,9 @@ class PretrainConfig(TrainConfig):
             raise SimmimError("--demo brings its own images; drop --data or drop --demo")
         if self.demo and self.nnodes > 1:
             raise SimmimError("--demo runs on one machine; drop --nnodes")
+        if (self.knn_data is None) != (self.knn_val_data is None):
+            raise SimmimError("the k-NN score needs both --knn-data (labelled memory bank) and --knn-val-data "
+                              "(labelled queries)")
 
 
 @dataclass
@@ -213,6 +222,54 @@ class LinearProbeConfig(TrainConfig):
             raise SimmimError(f"--pool must be mean or cls, got '{self.pool}'")
         if self.optimizer not in ("lars", "sgd"):
             raise SimmimError(f"--optimizer must be lars or sgd, got '{self.optimizer}'")
+
+
+@dataclass
+class KnnConfig:
+    """``simmim knn``: weighted k-NN classification on frozen features (DINO's protocol: cosine, k 20, T 0.07)."""
+
+    data: str | None = None  # labelled shards: the memory bank
+    val_data: str | None = None  # labelled shards: scored
+    pretrained: str | None = None  # none: a randomly initialised encoder, the baseline
+    allow_missing: bool = False
+    model: str | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    img_size: int | None = None
+    layer: int = -1
+    pool: str = "mean"
+    k: int = 20
+    temperature: float = 0.07
+    crop_pct: float = 0.875
+    cache_features: bool = False
+    cache_dir: str | None = None  # default runs/features
+    batch_size: int = 64
+    workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
+    device: str = "auto"
+    precision: str = "auto"
+    seed: int = 0  # the random encoder's weights
+    json: bool = False
+    epoch_size: int | None = None  # not used; what the shared checks of --data read
+
+    command = "knn"
+
+    def validate(self) -> None:
+        if self.data is None or self.val_data is None:
+            raise SimmimError("give --data (labelled shards: the memory bank) and --val-data (labelled shards to "
+                              "classify)")
+        if self.model is None and self.pretrained is None:
+            raise SimmimError("no encoder: give --pretrained CHECKPOINT, or --model NAME for a random one")
+        if self.k < 1 or self.temperature <= 0:
+            raise SimmimError(f"--k must be at least 1 and --temperature above 0, got {self.k} and {self.temperature}")
+        if self.pool not in ("mean", "cls"):
+            raise SimmimError(f"--pool must be mean or cls, got '{self.pool}'")
+        if self.batch_size < 1 or self.workers < 0:
+            raise SimmimError("--batch-size must be > 0 and --workers >= 0")
+        for name, choices in (("precision", PRECISIONS), ("device", DEVICES)):
+            if getattr(self, name) not in choices:
+                raise SimmimError(f"--{name} must be one of {', '.join(choices)}, got '{getattr(self, name)}'")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 @dataclass

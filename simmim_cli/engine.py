@@ -120,7 +120,7 @@ class Trainer:
         self.peak_flops = device_peak_flops(self.device, self.precision) if context.is_main else None
         self.starved_windows = 0
         self.reporter = Reporter(context.is_main, self.total_steps, 0)
-        self.run_log = RunLog(self.output, context.is_main)
+        self.run_log = RunLog(self.output, context.is_main, config)
         if context.is_main:
             self.output.mkdir(parents=True, exist_ok=True)
             (self.output / "config.yaml").write_text(config.to_yaml())
@@ -283,7 +283,8 @@ class Trainer:
         figures = self.task.after_epoch(self.output, epoch, self.state.step)
         if figures:
             self.run_log.log({"step": self.state.step, "epoch": epoch, **figures})
-            self.reporter.print(f"epoch {epoch}: " + "  ".join(f"{k} {v:.4g}" for k, v in figures.items()))
+            self.reporter.print(f"epoch {epoch}: " + "  ".join(f"{k} {v:.4g}" for k, v in figures.items()
+                                                               if isinstance(v, (int, float))))
 
     # -- logging -----------------------------------------------------------------------------------
 

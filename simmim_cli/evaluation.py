@@ -1,4 +1,5 @@
-"""Classification accuracy: top-1/top-5 during finetune and linear-probe, and the `simmim evaluate` report."""
+"""Classification accuracy: top-1/top-5 during finetune and linear-probe, the `simmim evaluate` report, and
+weighted k-NN classification on frozen features (`simmim knn`, and during pretraining)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed
+from .errors import SimmimError
 from .transforms import normalize
 
 
@@ -100,3 +102,41 @@ def _write_json(path: Path, value: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(value, indent=2))
     tmp.replace(path)
+
+
+@torch.no_grad()
+def knn_classify(
+    bank_features: torch.Tensor,
+    bank_labels: torch.Tensor,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk: int = 1024,
+) -> dict[str, Any]:
+    """Weighted k-NN (Wu et al. 2018, as DINO evaluates): each query ``(N, C)`` takes the ``k`` most
+    cosine-similar features of the memory bank ``(M, C)``; each votes for its class with weight
+    ``exp(similarity / temperature)``; the classes with the most weight are the prediction.
+
+    Returns ``top1``, ``top5`` (percent), ``k`` (used: at most the bank's size), ``temperature``, ``count``
+    (queries) and ``bank`` (memory-bank size)."""
+    if len(bank_features) == 0 or len(features) == 0:
+        raise SimmimError("k-NN needs features: the memory bank (--knn-data / --data) and the queries "
+                          "(--knn-val-data / --val-data) must each hold at least one readable image")
+    bank = F.normalize(bank_features.float(), dim=1).T  # (C, M)
+    k = min(k, bank.shape[1])
+    top_k = min(5, num_classes)
+    correct = torch.zeros(2, dtype=torch.long)  # top-1, top-5
+    for start in range(0, len(features), chunk):
+        queries = F.normalize(features[start:start + chunk].float(), dim=1)  # (n, C)
+        similarity, nearest = (queries @ bank).topk(k, dim=1)  # (n, k)
+        votes = torch.zeros(len(queries), num_classes).scatter_add_(
+            1, bank_labels[nearest], (similarity / temperature).exp())  # (n, classes)
+        predicted = votes.topk(top_k, dim=1).indices
+        truth = labels[start:start + chunk]
+        correct[0] += (predicted[:, 0] == truth).sum()
+        correct[1] += (predicted == truth[:, None]).any(dim=1).sum()
+    count = len(features)
+    return {"top1": round(100 * int(correct[0]) / count, 3), "top5": round(100 * int(correct[1]) / count, 3),
+            "k": k, "temperature": temperature, "count": count, "bank": len(bank_labels)}

@@ -7,13 +7,22 @@ from typing import Annotated
 
 import typer
 
-from .config import PRECISIONS, SCHEDULES, EvaluateConfig, FinetuneConfig, LinearProbeConfig, PretrainConfig
+from .config import (
+    PRECISIONS,
+    SCHEDULES,
+    EvaluateConfig,
+    FinetuneConfig,
+    KnnConfig,
+    LinearProbeConfig,
+    PretrainConfig,
+)
 
 DATA, MODEL, MASKING, OPTIM, RUN, DIST = "Data", "Model", "Masking", "Optimisation", "Run", "Distributed"
 D = PretrainConfig()  # the defaults shown in --help
 FT = FinetuneConfig()
 LP = LinearProbeConfig()
 EV = EvaluateConfig()
+KN = KnnConfig()
 
 Recipe = Annotated[Path | None, typer.Option(
     help="YAML file of option values (see recipes/); options given on the command line override it.",
@@ -84,6 +93,13 @@ Keep = Annotated[int, typer.Option(help="Newest checkpoints kept.", rich_help_pa
 MaxSteps = Annotated[int, typer.Option(
     help="Stop after this many optimizer steps, schedule unchanged (smoke tests); 0 = no limit.", rich_help_panel=RUN)]
 Device = Annotated[str, typer.Option(help="auto | cuda | cpu.", rich_help_panel=RUN)]
+LogTo = Annotated[list[str] | None, typer.Option(
+    "--log-to", help="Also log to an experiment tracker: tensorboard | wandb | mlflow (repeat for several; "
+    "metrics.jsonl is always written). Scalars, previews/confusion matrices as images, the config as "
+    "hyperparameters, the run folder's name as run name; --resume continues the same tracker run. TensorBoard "
+    "writes <output>/tensorboard; W&B honours WANDB_MODE=offline and WANDB_PROJECT; MLflow honours "
+    "MLFLOW_TRACKING_URI and MLFLOW_EXPERIMENT_NAME. Each needs its extra, e.g. pip install \"simmim-cli\\[wandb]\".",
+    rich_help_panel=RUN, show_default=False)]
 Gpus = Annotated[int, typer.Option(help="GPUs on this machine: starts one process per GPU (NCCL).",
                                    rich_help_panel=DIST)]
 Nproc = Annotated[int, typer.Option(help="Processes on this machine, e.g. CPU processes with --device cpu (gloo).",

@@ -297,8 +297,10 @@ class EvalStream(IterableDataset):
         world_size: int = 1,
         decode: Callable[[bytes], Any] = decode_image,
         num_classes: int | None = None,
+        labels: bool = True,
     ):
         self.source = source
+        self.labels = labels  # False: unlabelled shards, every label -1 (pretraining's --val-data)
         self.transform = transform
         self.batch_size = batch_size
         self.workers = workers
@@ -322,7 +324,8 @@ class EvalStream(IterableDataset):
                 if by_shard or index % consumers == consumer:
                     name = f"{sample.get('__url__')}:{sample.get('__key__')}"
                     try:
-                        yield _image_bytes(sample), sample_label(sample, self.num_classes), name
+                        label = sample_label(sample, self.num_classes) if self.labels else -1
+                        yield _image_bytes(sample), label, name
                     except ValueError as error:
                         skipped.append(f"{name}: {error}")
         else:

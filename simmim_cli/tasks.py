@@ -14,13 +14,15 @@ from torch import nn
 
 from . import checkpoints, distributed
 from .config import FinetuneConfig, PretrainConfig, TrainConfig
-from .evaluation import evaluate_classifier, image_logits
-from .models import SimMIM, masked_l1_per_image
+from .evaluation import evaluate_classifier, image_logits, knn_classify
+from .features import extract_features
+from .masking import MaskGenerator
+from .models import FeatureExtractor, SimMIM, masked_l1_per_image
 from .optim import build_optimizer
 from .pipeline import EvalStream, TensorStream, make_loader
 from .precision import autocast, resolve_precision
 from .transforms import normalize
-from .visualize import recon_panel, save_png
+from .visualize import confusion_png, recon_panel, save_png
 
 MAX_NONFINITE_IN_A_ROW = 25  # fp16 loss scaling may skip a few steps at the start; 25 in a row is divergence
 
@@ -69,14 +71,19 @@ PREVIEW_IMAGES = 8
 
 
 class PretrainTask(Task):
-    """SimMIM: the masked L1 loss of the reconstruction, and a reconstruction preview with every checkpoint."""
+    """SimMIM: the masked L1 loss of the reconstruction; a reconstruction preview (and with ``knn`` a k-NN score)
+    with every checkpoint; with ``val`` the masked L1 of held-out images after every epoch."""
 
     kind = "pretrain"
 
-    def __init__(self, model: SimMIM, config: PretrainConfig):
+    def __init__(self, model: SimMIM, config: PretrainConfig, val: EvalStream | None = None,
+                 masks: MaskGenerator | None = None, knn: tuple[EvalStream, EvalStream, int] | None = None):
         self.model = model
         self.config = config
         self.preview: dict[str, torch.Tensor] | None = None  # the first images seen, reused for every preview
+        self.val = val  # centre crops of held-out images, masked by ``masks`` with a fixed seed each epoch
+        self.masks = masks
+        self.knn = knn  # (memory bank stream, query stream, number of classes)
 
     def build_optimizer(self, lr: float) -> torch.optim.Optimizer:
         return build_optimizer(self.model, lr, self.config.weight_decay)
@@ -93,21 +100,53 @@ class PretrainTask(Task):
         self.model.encoder.backbone.set_grad_checkpointing(True)
 
     @torch.no_grad()
-    def after_checkpoint(self, output: Path, step: int) -> dict[str, float]:
-        if self.preview is None:
+    def after_checkpoint(self, output: Path, step: int) -> dict[str, Any]:
+        figures: dict[str, Any] = {}
+        was_training = self.model.training
+        self.model.eval()
+        device = next(self.model.parameters()).device
+        if self.preview is not None:
+            images = normalize(self.preview["image"].to(device))
+            mask = self.preview["mask"].to(device)
+            _, reconstruction = self.model(images, mask)
+            losses = masked_l1_per_image(images, reconstruction, mask, self.model.patch_size)
+            captions = [f"masked L1 {value:.3f}" for value in losses.tolist()]
+            panel = recon_panel(images, mask, reconstruction, self.model.patch_size, captions)
+            save_png(panel, output / f"preview-{step:08d}.png")
+            figures.update(preview_loss=round(float(losses.mean()), 5), preview=panel)
+        if self.knn is not None:
+            bank, queries, num_classes = self.knn
+            extractor = FeatureExtractor(self.model.encoder.backbone)  # the last block, mean-pooled
+            precision = resolve_precision(self.config.precision, device)
+            result = knn_classify(*extract_features(extractor, bank, device, precision),
+                                  *extract_features(extractor, queries, device, precision), num_classes)
+            figures.update(knn_top1=result["top1"], knn_top5=result["top5"])
+        self.model.train(was_training)
+        return figures
+
+    @torch.no_grad()
+    def after_epoch(self, output: Path, epoch: int, step: int) -> dict[str, float]:
+        """The masked L1 of the held-out images, the same masks every epoch (summed over ranks)."""
+        if self.val is None:
             return {}
         was_training = self.model.training
         self.model.eval()
         device = next(self.model.parameters()).device
-        images = normalize(self.preview["image"].to(device))
-        mask = self.preview["mask"].to(device)
-        _, reconstruction = self.model(images, mask)
-        losses = masked_l1_per_image(images, reconstruction, mask, self.model.patch_size)
-        captions = [f"masked L1 {value:.3f}" for value in losses.tolist()]
-        save_png(recon_panel(images, mask, reconstruction, self.model.patch_size, captions),
-                 output / f"preview-{step:08d}.png")
+        precision = resolve_precision(self.config.precision, device)
+        generator = torch.Generator().manual_seed(self.config.seed + 1000 * self.val.rank)
+        loss_sum, count = 0.0, 0
+        for batch in make_loader(self.val):
+            if len(batch["image"]) == 0:
+                continue
+            images = normalize(batch["image"].to(device))
+            mask = self.masks(len(images), generator).to(device)
+            with autocast(precision, device):
+                _, reconstruction = self.model(images, mask)
+            loss_sum += float(masked_l1_per_image(images, reconstruction, mask, self.model.patch_size).sum())
+            count += len(images)
         self.model.train(was_training)
-        return {"preview_loss": round(float(losses.mean()), 5)}
+        loss_sum, count = distributed.all_reduce_sum([loss_sum, float(count)], device)
+        return {"val_loss": round(loss_sum / max(count, 1), 5)}
 
 
 def save_model_file(path: Path, kind: str, model: nn.Module, config: TrainConfig, classes: list[str],
@@ -141,7 +180,8 @@ class ClassifierTask(Task):
             was_training = model.training
             model.eval()
             device = next(model.parameters()).device
-            result = evaluate_classifier(self.predict(model), make_loader(self.val), len(self.classes), device)
+            result = evaluate_classifier(self.predict(model), make_loader(self.val), len(self.classes), device,
+                                         with_confusion=bool(self.config.log_to))
             model.train(was_training)
             figures = {k: result[k] for k in ("val_top1", "val_top5", "val_loss")}
         if distributed.is_main():
@@ -152,6 +192,8 @@ class ClassifierTask(Task):
                 save_model_file(output / "best.pth", self.kind, self.evaluation_model(), self.config, self.classes,
                                 {"epoch": epoch, "step": step, **figures})
         self.best_top1 = distributed.broadcast_object(self.best_top1)
+        if figures and self.config.log_to and distributed.is_main():  # the trackers show it as an image
+            return {**figures, "confusion": confusion_png(result["confusion"], self.classes)}
         return figures
 
     def extra_state(self) -> dict[str, Any]:

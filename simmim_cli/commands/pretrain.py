@@ -10,12 +10,13 @@ import torch
 
 from .. import dali, distributed
 from ..config import PretrainConfig
+from ..errors import SimmimError
 from ..masking import MaskGenerator
 from ..models import build_simmim
-from ..pipeline import ShardStream
-from ..shards import resolve_shards, write_shards
+from ..pipeline import EvalStream, ShardStream
+from ..shards import labelled_shards, resolve_shards, write_shards
 from ..tasks import PretrainTask, Task
-from ..transforms import PretrainTransform, decode_tensor, pretrain_decode_size
+from ..transforms import CropTransform, PretrainTransform, decode_tensor, pretrain_decode_size
 from .training import prepare_data, prepare_run, run_training
 
 
@@ -45,8 +46,17 @@ def prepare_pretrain(config: PretrainConfig) -> None:
     if config.demo:
         Path(config.output).mkdir(parents=True, exist_ok=True)
         _prepare_demo(config)
-    prepare_data(config, "data")
+    prepare_data(config, "data", "val_data")
+    prepare_data(config, "knn_data", "knn_val_data", labels=True)
     shards = resolve_shards(config.data, epoch_size=config.epoch_size)
+    if config.val_data:
+        resolve_shards(config.val_data)
+    if config.knn_data:
+        bank, queries = labelled_shards(config.knn_data, option="--knn-data"), labelled_shards(
+            config.knn_val_data, option="--knn-val-data")
+        if bank.classes != queries.classes:
+            raise SimmimError(f"--knn-val-data has other classes than --knn-data ({len(queries.classes)} vs "
+                              f"{len(bank.classes)}); make both from folders with the same class sub-folders")
     check_model(config)
     if config.decode == "gpu":
         dali.ensure_indexes(shards)
@@ -66,7 +76,16 @@ def build_pretrain(config: PretrainConfig, context: distributed.Context) -> tupl
             rank=context.rank, world_size=context.world_size, seed=config.seed,
             decode=functools.partial(decode_tensor, min_size=pretrain_decode_size(config.img_size)),
         )
-    return PretrainTask(model, config), dataset
+    val = knn = None
+    if config.val_data:  # centre crops of held-out images
+        val = EvalStream(resolve_shards(config.val_data), CropTransform(config.img_size, 1.0), config.batch_size,
+                         workers=config.workers, rank=context.rank, world_size=context.world_size, labels=False)
+    if config.knn_data:  # scored on rank 0 only, at each checkpoint
+        bank, queries = labelled_shards(config.knn_data), labelled_shards(config.knn_val_data)
+        streams = [EvalStream(s, CropTransform(config.img_size), config.batch_size, workers=config.workers,
+                              num_classes=len(bank.classes)) for s in (bank, queries)]
+        knn = (*streams, len(bank.classes))
+    return PretrainTask(model, config, val, masks, knn), dataset
 
 
 def pretrain(config: PretrainConfig) -> None:

@@ -1,0 +1,52 @@
+"""``simmim knn``: weighted k-NN classification on frozen features, the training shards as memory bank."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from .. import distributed
+from ..config import KnnConfig
+from ..evaluation import knn_classify
+from ..features import cached_features, extract_features
+from ..models import make_classifier
+from ..pipeline import EvalStream
+from ..precision import resolve_precision
+from ..shards import data_shards, labelled_shards
+from ..transforms import CropTransform
+from ..weights import load_encoder, read_weights
+from .classifier import resolve_classifier
+
+
+def knn(config: KnnConfig) -> dict[str, Any]:
+    """Features of --data (the memory bank) and --val-data (the queries), then DINO's weighted k-NN.
+
+    Returns the scores (``top1``, ``top5``, ``k``, ...) and what was measured, for the command line to print."""
+    # a folder of class sub-folders becomes cached shards once, as for the training commands
+    config.data, config.val_data = (data_shards(data, option, labels=True) if data else data
+                                    for data, option in ((config.data, "--data"), (config.val_data, "--val-data")))
+    resolve_classifier(config, keep_pretrain_architecture=True)  # the architecture, checked on the meta device
+    classes = labelled_shards(config.data).classes
+    context = distributed.Context(device=distributed.pick_device(config.device))
+    torch.manual_seed(config.seed)  # the random encoder is the one linear-probe would draw with this seed
+    model = make_classifier(config, len(classes), probe=True)
+    if config.pretrained:
+        load_encoder(model.backbone, read_weights(config.pretrained), config.allow_missing)
+    started = time.perf_counter()
+    if config.cache_features:
+        config.cache_dir = config.cache_dir or "runs/features"
+        bank = cached_features(model, config, config.data, context, classes)
+        queries = cached_features(model, config, config.val_data, context, classes)
+    else:
+        model.to(context.device).eval()
+        precision = resolve_precision(config.precision, context.device)
+        bank, queries = (
+            extract_features(model.features, EvalStream(labelled_shards(data), CropTransform(config.img_size,
+                             config.crop_pct), config.batch_size, workers=config.workers, num_classes=len(classes)),
+                             context.device, precision)
+            for data in (config.data, config.val_data))
+    result = knn_classify(*bank, *queries, len(classes), config.k, config.temperature)
+    return {**result, "layer": config.layer, "pool": config.pool, "model": config.model,
+            "pretrained": config.pretrained, "seconds": round(time.perf_counter() - started, 2)}
