@@ -14,7 +14,7 @@ from ..features import cached_features, extract_features
 from ..models import make_classifier
 from ..pipeline import EvalStream
 from ..precision import resolve_precision
-from ..shards import data_shards, labelled_shards
+from ..shards import labelled_shards
 from ..transforms import CropTransform
 from ..weights import load_encoder, read_weights
 from .classifier import resolve_classifier
@@ -24,10 +24,8 @@ def knn(config: KnnConfig) -> dict[str, Any]:
     """Features of --data (the memory bank) and --val-data (the queries), then DINO's weighted k-NN.
 
     Returns the scores (``top1``, ``top5``, ``k``, ...) and what was measured, for the command line to print."""
-    # a folder of class sub-folders becomes cached shards once, as for the training commands
-    config.data, config.val_data = (data_shards(data, option, labels=True) if data else data
-                                    for data, option in ((config.data, "--data"), (config.val_data, "--val-data")))
-    resolve_classifier(config, keep_pretrain_architecture=True)  # the architecture, checked on the meta device
+    # image folders become cached shards; the architecture is checked on the meta device
+    resolve_classifier(config, keep_pretrain_architecture=True)
     classes = labelled_shards(config.data).classes
     context = distributed.Context(device=distributed.pick_device(config.device))
     torch.manual_seed(config.seed)  # the random encoder is the one linear-probe would draw with this seed

@@ -102,7 +102,7 @@ def prepare_data(config: TrainConfig, *fields: str, labels: bool = False) -> Non
         option = "--" + name.replace("_", "-")
         if value is None:
             continue
-        if config.node_rank != 0:
+        if getattr(config, "node_rank", 0) != 0:  # single-process commands have no nodes
             if is_image_folder(Path(value)):
                 raise SimmimError(f"{option} {value}: a multi-node job reads shards, not a folder of images; make "
                                   f"them once with simmim make-shards {value} OUT and pass {option} OUT on every node")
