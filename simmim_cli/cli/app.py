@@ -1,0 +1,87 @@
+"""The ``simmim`` Typer app: one-line errors, ``--debug``, ``--version``, and options → a validated config."""
+
+from __future__ import annotations
+
+import functools
+from typing import Annotated, Any
+
+import typer
+
+from .. import __version__
+from ..config import resolve_config
+from ..errors import SimmimError, debug_enabled, set_debug
+
+app = typer.Typer(
+    name="simmim",
+    help="Self-supervised pretraining of vision transformers with SimMIM, then finetune, evaluate and export.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    pretty_exceptions_show_locals=False,
+)
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def handle_errors(command):
+    """User errors → one line on stderr and their exit code (2 for bad input); --debug shows tracebacks."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except SimmimError as error:
+            if debug_enabled():
+                raise
+            typer.echo(f"error: {one_line(error)}", err=True)
+            raise typer.Exit(error.exit_code) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def one_line(error: Exception) -> str:
+    """The message of an error; one raised in a data loader worker arrives wrapped in its traceback."""
+    text = str(error)
+    if "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if last.startswith("simmim_cli.errors.") else last
+    return text
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"simmim-cli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """SimMIM (Xie et al., CVPR 2022): mask 32×32 patches, regress their pixels, learn a ViT/Swin encoder."""
+    set_debug(debug)
+
+
+def config_from_context(config_class: type, ctx: typer.Context) -> Any:
+    """The command's parsed options → a validated config (defaults < --recipe < options given)."""
+    explicit = {name for name in ctx.params if ctx.get_parameter_source(name).name not in ("DEFAULT", "DEFAULT_MAP")}
+    values = dict(ctx.params)
+    for name in ("lr_milestones", "log_to"):  # lists: absent means the config's default
+        if values.get(name) is None:
+            values.pop(name, None)
+    if values.get("demo") and "recipe" not in explicit:
+        from ..demo import DEMO_SETTINGS
+
+        values.update({k: v for k, v in DEMO_SETTINGS.items() if k not in explicit})
+    return resolve_config(config_class, values, explicit)
+
+
+def run() -> None:
+    """Entry point of ``python -m simmim_cli``."""
+    app(prog_name="simmim")
+
