@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .. import distributed
 from ..config import FinetuneConfig
+from ..defaults import choose_finetune, encoder_depth
 from ..models import make_classifier, model_family
 from ..pipeline import ShardStream
 from ..shards import labelled_shards
@@ -16,7 +17,10 @@ from .training import prepare_run, run_training
 
 def prepare_finetune(config: FinetuneConfig) -> None:
     prepare_run(config)
-    resolve_classifier(config, keep_pretrain_architecture=False)
+    model = resolve_classifier(config, keep_pretrain_architecture=False)
+    summary = choose_finetune(config, labelled_shards(config.data, config.epoch_size).num_samples,
+                              encoder_depth(model))
+    print(summary, flush=True)
     if config.layer_decay is None:  # the official values: ViT-B 0.65; Swin-B 0.9 (100-epoch pretraining)
         config.layer_decay = 0.9 if model_family(config.model).startswith("swin") else 0.65
 

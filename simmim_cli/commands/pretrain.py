@@ -10,6 +10,7 @@ import torch
 
 from .. import distributed
 from ..config import PretrainConfig
+from ..defaults import choose_pretrain
 from ..masking import MaskGenerator
 from ..models import build_simmim
 from ..pipeline import ShardStream
@@ -43,7 +44,8 @@ def prepare_pretrain(config: PretrainConfig) -> None:
     if config.demo:
         Path(config.output).mkdir(parents=True, exist_ok=True)
         _prepare_demo(config)
-    resolve_shards(config.data, epoch_size=config.epoch_size)
+    shards = resolve_shards(config.data, epoch_size=config.epoch_size)
+    print(choose_pretrain(config, shards.num_samples), flush=True)
     check_model(config)
 
 
