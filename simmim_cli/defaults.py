@@ -81,9 +81,12 @@ def choose_finetune(config: FinetuneConfig, num_images: int, depth: int) -> str:
             config.layer_decay = decay
             notes.append(f"layer decay {decay} so that the lowest of {depth} blocks still learns at half the rate")
     if small:
-        if "mixup" in config.auto and "cutmix" in config.auto and (config.mixup or config.cutmix):
-            config.mixup = config.cutmix = 0.0
-            notes.append("no Mixup/CutMix, which pay off only over long training on large sets")
+        dropped = [name for name in ("mixup", "cutmix") if name in config.auto and getattr(config, name)]
+        for name in dropped:
+            setattr(config, name, 0.0)
+        if dropped:
+            names = "/".join({"mixup": "Mixup", "cutmix": "CutMix"}[name] for name in dropped)
+            notes.append(f"no {names}, which pay off only over long training on large sets")
         if "auto_augment" in config.auto and config.auto_augment:
             config.auto_augment = "rand-m5-mstd0.5-inc1" if size >= MID_IMAGE else None
             notes.append(f"RandAugment {'at magnitude 5' if config.auto_augment else 'off'} for {size}-px images "
