@@ -45,8 +45,9 @@ def prepare_pretrain(config: PretrainConfig) -> None:
         Path(config.output).mkdir(parents=True, exist_ok=True)
         _prepare_demo(config)
     shards = resolve_shards(config.data, epoch_size=config.epoch_size)
-    print(choose_pretrain(config, shards.num_samples), flush=True)
+    summary = choose_pretrain(config, shards.num_samples)
     check_model(config)
+    print(summary, flush=True)  # after the checks, so that a mistake stays a one-line error
 
 
 def build_pretrain(config: PretrainConfig, context: distributed.Context) -> tuple[Task, ShardStream]:
