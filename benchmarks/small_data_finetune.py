@@ -5,9 +5,10 @@ scratch, on small real image sets that ship with scikit-learn and scikit-image (
 - digits: scikit-learn's 1,797 8×8 handwritten digits upscaled to 32×32, 10 classes (1,437 train, 360 held out);
 - faces: scikit-image's LFW subset, 200 25×25 grey crops, face or not, upscaled to 32×32 (160 train, 40 held out).
 
-Pretraining sees the training images of the same set without labels. Only the model (a ViT of patch 4, width 64, depth 4:
-small enough for a busy 2-core CPU), the image size, the precision (fp32), the mask patch size (8: the default 32 is a whole 32-px image), the
-epochs and the data are given. Prints one JSON line per set:
+Pretraining sees the training images of the same set without labels. Given are only the data, the epochs, the
+model (a ViT of patch 4, width 64, depth 4: small enough for a busy 2-core CPU), the image size, fp32 and the
+mask patch size (8: the default 32 would be the whole 32-px image); the rest is left to the defaults.
+Prints one JSON line per set:
 
     python benchmarks/small_data_finetune.py [--pretrain-epochs 30] [--finetune-epochs 15] [--sets digits faces]
 """
