@@ -298,7 +298,8 @@ def finetune(
     batch_size: BatchSize = FT.batch_size,
     base_lr: BaseLr = FT.base_lr,
     layer_decay: Annotated[float | None, typer.Option(
-        help="Layer-wise lr decay [default: 0.65 for ViT/BEiT, 0.9 for Swin, as the official recipes].",
+        help="Layer-wise lr decay [default: 0.65 for ViT/BEiT, 0.9 for Swin as the official recipes; higher for "
+             "short runs, see the summary printed at start].",
         rich_help_panel=OPTIM, show_default=False)] = None,
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing.",
                                                    rich_help_panel=OPTIM)] = FT.label_smoothing,
@@ -330,7 +331,10 @@ def finetune(
     master_port: MasterPort = FT.master_port,
     dist_timeout: DistTimeout = FT.dist_timeout,
 ) -> None:
-    """Fine-tune a pretrained encoder on labelled shards; evaluates every epoch, keeps best.pth and last.pth."""
+    """Fine-tune a pretrained encoder on labelled shards; evaluates every epoch, keeps best.pth and last.pth.
+
+    The defaults shown are the paper's (ImageNet). Without --recipe, the lr, batch, layer decay and augmentation
+    not given are fitted to the data set and the run's length (a summary is printed at start)."""
     from .commands.finetune import finetune as run
 
     config = config_from_context(FinetuneConfig, ctx)
