@@ -48,8 +48,10 @@ def _fitted_batch(config: TrainConfig, num_images: int, notes: list[str]) -> Non
     fitting = 2 ** int(math.log2(max(1, num_images // (MIN_STEPS_PER_EPOCH * processes))))
     batch = max(8, min(config.batch_size, fitting))
     if batch != config.batch_size:
+        before = math.ceil(num_images / global_batch(config))
         config.batch_size = batch
-        notes.append(f"batch {batch} per process, for more steps per epoch (up to {MIN_STEPS_PER_EPOCH} or more)")
+        notes.append(f"batch {batch} per process, for {math.ceil(num_images / global_batch(config))} steps per "
+                     f"epoch instead of {before}")
 
 
 def _short_run_lr(config: TrainConfig, steps: int, notes: list[str]) -> None:
