@@ -114,6 +114,6 @@ def choose_pretrain(config: PretrainConfig, num_images: int) -> str:
 def _summary(what: str, num_images: int, steps: int, config: TrainConfig, notes: list[str]) -> str:
     head = f"{what} defaults for {num_images:,} images of {config.img_size} px, {steps:,} steps"
     if not notes:
-        return f"{head}: the paper's settings (options and recipes override any default)"
+        return f"{head}: nothing to fit (the options given, else the paper's settings)"
     return (f"{head} (the paper's settings are for ImageNet; a recipe from recipes/ restores them): "
             + "; ".join(notes) + ". Any option given on the command line wins.")
