@@ -20,7 +20,8 @@ def prepare_finetune(config: FinetuneConfig) -> None:
     model = resolve_classifier(config, keep_pretrain_architecture=False)
     summary = choose_finetune(config, labelled_shards(config.data, config.epoch_size).num_samples,
                               encoder_depth(model))
-    print(summary, flush=True)
+    if config.node_rank == 0:  # every node makes the same choices; node 0 reports them
+        print(summary, flush=True)
     if config.layer_decay is None:  # the official values: ViT-B 0.65; Swin-B 0.9 (100-epoch pretraining)
         config.layer_decay = 0.9 if model_family(config.model).startswith("swin") else 0.65
 

@@ -47,7 +47,8 @@ def prepare_pretrain(config: PretrainConfig) -> None:
     shards = resolve_shards(config.data, epoch_size=config.epoch_size)
     summary = choose_pretrain(config, shards.num_samples)
     check_model(config)
-    print(summary, flush=True)  # after the checks, so that a mistake stays a one-line error
+    if config.node_rank == 0:  # every node makes the same choices; node 0 reports them
+        print(summary, flush=True)  # after the checks, so that a mistake stays a one-line error
 
 
 def build_pretrain(config: PretrainConfig, context: distributed.Context) -> tuple[Task, ShardStream]:
