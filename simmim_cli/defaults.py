@@ -64,7 +64,7 @@ def _short_run_lr(config: TrainConfig, steps: int, notes: list[str]) -> None:
     if config.base_lr < floor:
         config.base_lr = float(f"{floor:.3g}")
         notes.append(f"base lr {config.base_lr:g} (peak {SHORT_RUN_PEAK_LR:g} at {batch} images per step) because "
-                     f"{steps} steps are too few for the paper's lr to move the weights")
+                     f"{steps:,} steps are too few for the paper's lr to move the weights")
 
 
 def choose_finetune(config: FinetuneConfig, num_images: int, depth: int) -> str:
