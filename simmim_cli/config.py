@@ -69,8 +69,11 @@ class TrainConfig:
     master_port: int = 29500
     dist_timeout: float = 30.0  # minutes a collective may wait before the job fails
     bf16_grad_reduce: bool = False  # all-reduce gradients in bf16: half the traffic, ~3 digits kept
+    # settings nobody gave (command line, recipe) that the command fits to the run and the data (defaults.py)
+    auto: list[str] = field(default_factory=list)
 
     command = "train"
+    data_defaults = ()  # what defaults.py may choose from the data when not given
 
     def validate(self) -> None:
         positive = ["workers", "epochs", "batch_size", "grad_accum", "log_every", "keep", "img_size", "nnodes"]
@@ -122,6 +125,7 @@ class PretrainConfig(TrainConfig):
     knn_val_data: str | None = None  # labelled shards: the k-NN queries (knn_top1, knn_top5)
 
     command = "pretrain"
+    data_defaults = ("batch_size", "base_lr")
 
     def validate(self) -> None:
         super().validate()
@@ -167,6 +171,8 @@ class FinetuneConfig(TrainConfig):
     min_lr: float = 2.5e-7
 
     command = "finetune"
+    data_defaults = ("batch_size", "base_lr", "layer_decay", "mixup", "cutmix", "auto_augment", "min_crop_scale",
+                     "reprob")
 
     def validate(self) -> None:
         super().validate()
@@ -443,15 +449,28 @@ def parse_model_kwargs(text: str | dict | None) -> dict[str, Any]:
 
 
 def resolve_config(config_class: type[C], cli_values: dict[str, Any], explicit: set[str]) -> C:
-    """Dataclass defaults < ``--recipe`` file < options given on the command line; then validated."""
+    """Dataclass defaults < ``--recipe`` file < options given on the command line; then validated.
+
+    Options nobody gave are listed in ``config.auto``: the warmup is fitted to the run here, and without a recipe
+    the command fits ``data_defaults`` to the data (defaults.py). A recipe keeps the paper's values."""
     values = {k: v for k, v in cli_values.items() if k in field_names(config_class)}
+    values.pop("auto", None)
     recipe = cli_values.get("recipe")
+    given = set(explicit)
     if recipe:
         from_recipe = load_recipe(recipe)
         from_dict(config_class, from_recipe, strict=True, source=f"recipe {recipe}")  # reject unknown keys
         values.update({k: v for k, v in from_recipe.items() if k not in explicit})
+        given |= set(from_recipe)
     if "model_kwargs" in field_names(config_class):
         values["model_kwargs"] = parse_model_kwargs(values.get("model_kwargs"))
     config = from_dict(config_class, values)
+    if issubclass(config_class, TrainConfig):
+        default = config_class()
+        given |= {k for k in values if getattr(config, k) != getattr(default, k)}  # e.g. the demo's settings
+        fitted = ("warmup_epochs",) + (() if recipe else config_class.data_defaults)
+        config.auto = [name for name in fitted if name not in given]
+        if "warmup_epochs" in config.auto:  # the paper's share of the run, never more than its length
+            config.warmup_epochs = round(default.warmup_epochs * min(1.0, config.epochs / default.epochs), 2)
     config.validate()
     return config

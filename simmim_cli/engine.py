@@ -134,7 +134,9 @@ class Trainer:
             f"parameters) on {context.world_size}× {self.device.type}, precision {self.precision}\n"
             f"batch {dataset.batch_size} per process × {context.world_size} process(es) × {config.grad_accum} "
             f"accumulation = {global_batch} images per step; lr = {config.base_lr:g} × {global_batch}/512 = "
-            f"{config.base_lr * lr_factor:.3g}; {self.steps_per_epoch} steps per epoch, {self.total_steps} in all\n"
+            f"{config.base_lr * lr_factor:.3g}; {self.steps_per_epoch} steps per epoch, {self.total_steps} in all; "
+            f"warmup {config.warmup_epochs:g} epoch(s)"
+            f"{' (the default, fitted to the run)' if 'warmup_epochs' in config.auto else ''}\n"
             + (f"process group: {torch.distributed.get_backend()}, {context.world_size} ranks, collectives time out "
                f"after {config.dist_timeout:g} min\n" if context.distributed else "")
             + f"output: {self.output}"

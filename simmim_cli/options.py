@@ -59,7 +59,9 @@ Epochs = Annotated[int, typer.Option(help="Training epochs.", rich_help_panel=OP
 BatchSize = Annotated[int, typer.Option(help="Images per process (per GPU) and step.", rich_help_panel=OPTIM)]
 BaseLr = Annotated[float, typer.Option(
     help="Learning rate per 512 images: lr = base-lr × global batch / 512.", rich_help_panel=OPTIM)]
-WarmupEpochs = Annotated[float, typer.Option(help="Linear warmup length in epochs.", rich_help_panel=OPTIM)]
+WarmupEpochs = Annotated[float, typer.Option(
+    help="Linear warmup length in epochs; not given, the default keeps its share of a shorter run (printed).",
+    rich_help_panel=OPTIM)]
 WarmupLr = Annotated[float, typer.Option(help="Warmup start lr, per 512 images.", rich_help_panel=OPTIM)]
 MinLr = Annotated[float, typer.Option(help="Final lr of the cosine schedule, per 512 images.", rich_help_panel=OPTIM)]
 WeightDecay = Annotated[float, typer.Option(

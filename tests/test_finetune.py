@@ -63,7 +63,8 @@ def test_finetune_from_a_pretrain_checkpoint_evaluates_and_keeps_best_and_last(d
     assert best["metrics"]["val_top1"] == max(r["val_top1"] for r in val_rows)
     assert last["metrics"]["epoch"] == 3 and "optimizer" not in last
     config = best["config"]
-    assert config["model"] == VIT_NAME and config["img_size"] == SIZE and config["layer_decay"] == 0.65
+    assert config["model"] == VIT_NAME and config["img_size"] == SIZE
+    assert config["layer_decay"] == round(0.5 ** (1 / 3), 3)  # a short run: fitted to the 2 blocks
     # evaluate gives the same top-1 on the same validation data as the run's last epoch
     report = tmp_path / "report"
     result = runner.invoke(app, ["evaluate", "--checkpoint", str(run / "last.pth"), "--data", str(digits["val"]),

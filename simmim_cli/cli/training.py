@@ -242,7 +242,8 @@ def finetune(
     batch_size: BatchSize = FT.batch_size,
     base_lr: BaseLr = FT.base_lr,
     layer_decay: Annotated[float | None, typer.Option(
-        help="Layer-wise lr decay [default: 0.65 for ViT/BEiT, 0.9 for Swin, as the official recipes].",
+        help="Layer-wise lr decay [default: 0.65 for ViT/BEiT, 0.9 for Swin as the official recipes; higher for "
+             "short runs, see the summary printed at start].",
         rich_help_panel=OPTIM, show_default=False)] = None,
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing.",
                                                    rich_help_panel=OPTIM)] = FT.label_smoothing,
@@ -276,7 +277,10 @@ def finetune(
     dist_timeout: DistTimeout = FT.dist_timeout,
     bf16_grad_reduce: Bf16GradReduce = FT.bf16_grad_reduce,
 ) -> None:
-    """Fine-tune a pretrained encoder on labelled shards; evaluates every epoch, keeps best.pth and last.pth."""
+    """Fine-tune a pretrained encoder on labelled shards; evaluates every epoch, keeps best.pth and last.pth.
+
+    The defaults shown are the paper's (ImageNet). Without --recipe, the lr, batch, layer decay and augmentation
+    not given are fitted to the data set and the run's length (a summary is printed at start)."""
     from ..commands.finetune import finetune as run
 
     config = config_from_context(FinetuneConfig, ctx)

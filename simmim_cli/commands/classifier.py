@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+from torch import nn
 
 from ..config import FinetuneConfig, LinearProbeConfig
 from ..errors import SimmimError
@@ -15,9 +16,10 @@ from ..weights import architecture_of, classifier_kwargs, load_encoder, read_wei
 from .training import prepare_data
 
 
-def resolve_classifier(config: FinetuneConfig | LinearProbeConfig, keep_pretrain_architecture: bool) -> None:
+def resolve_classifier(config: FinetuneConfig | LinearProbeConfig, keep_pretrain_architecture: bool) -> nn.Module:
     """Fixes model, kwargs and image size from --pretrained (explicit options win), and checks that the weights
-    fit and the image size works, on the meta device (no memory, no compute). Image folders become shards first."""
+    fit and the image size works, on the meta device (no memory, no compute). Image folders become shards first.
+    Returns that meta model."""
     prepare_data(config, "data", "val_data", labels=True)
     shards = labelled_shards(config.data, config.epoch_size)
     if config.val_data:
@@ -34,9 +36,11 @@ def resolve_classifier(config: FinetuneConfig | LinearProbeConfig, keep_pretrain
         config.model_kwargs = {**kwargs, **config.model_kwargs}
         config.img_size = config.img_size or img_size
     config.img_size = config.img_size or 224
-    with torch.device("meta"), warnings.catch_warnings():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "copying into a meta parameter is a no-op": we know
-        model = make_classifier(config, len(shards.classes), keep_pretrain_architecture)
+        with torch.device("meta"):
+            model = make_classifier(config, len(shards.classes), keep_pretrain_architecture)
+        # outside the meta context: timm's table resizing makes new tensors, which must share the checkpoint's device
         if weights is not None:
             load_encoder(model.backbone if hasattr(model, "backbone") else model, weights, config.allow_missing)
         patch = (model.backbone if hasattr(model, "backbone") else model).patch_embed.patch_size[0]
@@ -44,10 +48,12 @@ def resolve_classifier(config: FinetuneConfig | LinearProbeConfig, keep_pretrain
             raise SimmimError(f"--img-size {config.img_size} is not a multiple of {config.model}'s patch size {patch}; "
                               f"use e.g. {round(config.img_size / patch) * patch}")
         try:
-            model.eval()(torch.empty(2, 3, config.img_size, config.img_size))
+            with torch.device("meta"):
+                model.eval()(torch.empty(2, 3, config.img_size, config.img_size))
         except (AssertionError, RuntimeError, ValueError) as error:
             raise SimmimError(f"--img-size {config.img_size} does not work with {config.model}: "
                               f"{str(error).splitlines()[0]}; choose a size the model takes") from error
+    return model
 
 
 def val_stream(config, context, classes: list[str], transform) -> EvalStream | None:

@@ -6,6 +6,7 @@ from typing import Any
 
 from .. import dali, distributed
 from ..config import FinetuneConfig
+from ..defaults import choose_finetune, encoder_depth
 from ..models import make_classifier, model_family
 from ..pipeline import ShardStream
 from ..shards import labelled_shards
@@ -20,7 +21,11 @@ def prepare_finetune(config: FinetuneConfig) -> None:
     if config.decode == "gpu":
         dali.require_dali(config.device)
     prepare_run(config)
-    resolve_classifier(config, keep_pretrain_architecture=False)
+    model = resolve_classifier(config, keep_pretrain_architecture=False)
+    summary = choose_finetune(config, labelled_shards(config.data, config.epoch_size).num_samples,
+                              encoder_depth(model))
+    if config.node_rank == 0:  # every node makes the same choices; node 0 reports them
+        print(summary, flush=True)
     if config.decode == "gpu":
         dali.classifier_augment(config.img_size, config.auto_augment)  # a policy DALI has, or a one-line error
         dali.ensure_indexes(labelled_shards(config.data, config.epoch_size))

@@ -10,6 +10,7 @@ import torch
 
 from .. import dali, distributed
 from ..config import PretrainConfig
+from ..defaults import choose_pretrain
 from ..errors import SimmimError
 from ..masking import MaskGenerator
 from ..models import build_simmim
@@ -57,7 +58,10 @@ def prepare_pretrain(config: PretrainConfig) -> None:
         if bank.classes != queries.classes:
             raise SimmimError(f"--knn-val-data has other classes than --knn-data ({len(queries.classes)} vs "
                               f"{len(bank.classes)}); make both from folders with the same class sub-folders")
+    summary = choose_pretrain(config, shards.num_samples)
     check_model(config)
+    if config.node_rank == 0:  # every node makes the same choices; node 0 reports them
+        print(summary, flush=True)  # after the checks, so that a mistake stays a one-line error
     if config.decode == "gpu":
         dali.ensure_indexes(shards)
 

@@ -1,0 +1,124 @@
+"""Official-layout checkpoints at another window or image size: checked on the meta device before launch, then
+loaded for real, in finetune, linear-probe and visualize-recon (issue 12)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import digit_images
+from test_weights import BEIT, SWIN, official_checkpoint
+from typer.testing import CliRunner
+
+from simmim_cli.cli import app
+from simmim_cli.commands.classifier import resolve_classifier
+from simmim_cli.commands.visualize import visualize_recon
+from simmim_cli.config import FinetuneConfig, LinearProbeConfig, VisualizeConfig
+from simmim_cli.models import build_simmim, make_classifier
+from simmim_cli.shards import write_shards
+from simmim_cli.weights import load_encoder, read_weights
+
+runner = CliRunner()
+# Swin: patch 4, two stages; each image size gives a window that tiles both stages' grids
+WINDOW_SIZES = {5: 40, 6: 48, 7: 56}
+
+
+@pytest.fixture(scope="module")
+def shards(labelled_folder, tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("resize") / "shards"
+    write_shards(labelled_folder, output, maxcount=64)
+    return output
+
+
+@pytest.fixture(scope="module")
+def swin_window4(tmp_path_factory) -> Path:
+    """An official-layout (old Swin code) pretraining checkpoint, window 4 at 32 px, with a constant table per
+    head, so that a resized table shows whether it came from the checkpoint."""
+    torch.manual_seed(0)
+    name, kwargs = SWIN
+    model = build_simmim(name, 32, {**kwargs, "window_size": 4}, 0.0)
+    with torch.no_grad():
+        for stage in model.encoder.backbone.layers:
+            for block in stage.blocks:
+                table = block.attn.relative_position_bias_table
+                table.copy_(torch.arange(1, table.shape[1] + 1, dtype=table.dtype).expand_as(table))
+    path = tmp_path_factory.mktemp("official") / "simmim_swin_w4.pth"
+    official_checkpoint(path, model, old_swin_layout=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def beit_32(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("official") / "simmim_vit_32.pth"
+    official_checkpoint(path, build_simmim(BEIT[0], 32, BEIT[1], 0.0))
+    return path
+
+
+def trains(model: torch.nn.Module, size: int, classes: int = 3) -> None:
+    """A forward pass gives finite logits and one optimizer step lowers the loss on a fixed batch."""
+    torch.manual_seed(0)
+    images, labels = torch.randn(4, 3, size, size), torch.arange(4) % classes
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model.train()
+    losses = []
+    for _ in range(3):
+        logits = model(images)
+        assert logits.shape == (4, classes) and torch.isfinite(logits).all()
+        loss = torch.nn.functional.cross_entropy(logits, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("window", sorted(WINDOW_SIZES))
+@pytest.mark.parametrize("config_class", [FinetuneConfig, LinearProbeConfig])
+def test_official_swin_window_4_loads_at_a_new_window(shards, swin_window4, window, config_class):
+    size = WINDOW_SIZES[window]
+    probe = config_class is LinearProbeConfig
+    config = config_class(data=str(shards), pretrained=str(swin_window4), img_size=size,
+                          model_kwargs={"window_size": window})
+    resolve_classifier(config, keep_pretrain_architecture=probe)  # the meta-device check before launch
+    assert config.model_kwargs["window_size"] == window and config.model_kwargs["embed_dim"] == SWIN[1]["embed_dim"]
+    model = make_classifier(config, 3, probe)
+    backbone = model.backbone if probe else model
+    report = load_encoder(backbone, read_weights(swin_window4))
+    assert report.missing == [] and any("resized" in note for note in report.adapted)
+    for stage in backbone.layers:
+        table = stage.blocks[0].attn.relative_position_bias_table
+        assert table.shape[0] == (2 * window - 1) ** 2
+        heads = torch.arange(1, table.shape[1] + 1, dtype=table.dtype).expand_as(table)
+        assert torch.allclose(table, heads, atol=1e-4)  # interpolated from the checkpoint, not a fresh init
+    trains(model, size)
+
+
+@pytest.mark.parametrize("config_class", [FinetuneConfig, LinearProbeConfig])
+def test_official_beit_loads_at_a_new_image_size(shards, beit_32, config_class):
+    probe = config_class is LinearProbeConfig
+    config = config_class(data=str(shards), pretrained=str(beit_32), img_size=48)
+    resolve_classifier(config, keep_pretrain_architecture=probe)
+    model = make_classifier(config, 3, probe)
+    report = load_encoder(model.backbone if probe else model, read_weights(beit_32))
+    assert report.missing == [] and any("resized" in note for note in report.adapted)
+    trains(model, 48)
+
+
+def test_finetune_command_takes_an_official_swin_at_window_7(shards, swin_window4, tmp_path):
+    result = runner.invoke(app, ["finetune", "--data", str(shards), "--pretrained", str(swin_window4),
+                                 "--img-size", "56", "--model-kwargs", json.dumps({"window_size": 7}),
+                                 "--epochs", "1", "--batch-size", "8", "--workers", "0",
+                                 "--output", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert "resized" in result.output and (tmp_path / "run" / "last.pth").is_file()
+
+
+@pytest.mark.parametrize("window", [5, 7])
+def test_visualize_recon_takes_an_official_swin_at_a_new_window(swin_window4, tmp_path, window):
+    image = tmp_path / "digit.png"
+    digit_images(1, 64)[0].save(image)
+    report = visualize_recon(VisualizeConfig(images=[str(image)], checkpoint=str(swin_window4),
+                                             output=str(tmp_path / "recon.png"), img_size=WINDOW_SIZES[window],
+                                             model_kwargs={"window_size": window}, mask_patch_size=8))
+    assert (tmp_path / "recon.png").is_file() and torch.isfinite(torch.tensor(report["losses"])).all()
