@@ -125,7 +125,7 @@ class PretrainConfig(TrainConfig):
     knn_val_data: str | None = None  # labelled shards: the k-NN queries (knn_top1, knn_top5)
 
     command = "pretrain"
-    data_defaults = ("batch_size", "base_lr")
+    data_defaults = ("batch_size", "base_lr", "mask_patch_size")
 
     def validate(self) -> None:
         super().validate()

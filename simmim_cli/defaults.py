@@ -20,6 +20,7 @@ SHORT_RUN_PEAK_LR = 1e-3  # the usual AdamW peak for small transformers; the lr 
 MIN_STEPS_PER_EPOCH = 16
 SMALL_IMAGE = 64  # px: RandAugment's shears and 8% crops leave too little of an image this small
 MID_IMAGE = 96
+MIN_MASK_GRID = 4  # mask patches per image side: fewer makes masking 60% of them nearly all-or-nothing
 
 
 def encoder_depth(model) -> int:
@@ -102,9 +103,25 @@ def choose_finetune(config: FinetuneConfig, num_images: int, depth: int) -> str:
     return _summary("fine-tuning", num_images, steps, config, notes)
 
 
-def choose_pretrain(config: PretrainConfig, num_images: int) -> str:
-    """Fills in ``config``'s automatic settings for ``num_images`` unlabelled images; returns the summary."""
+def _fitted_mask_patch(config: PretrainConfig, patch_size: int, notes: list[str]) -> None:
+    """Small images get smaller mask patches: the paper's 32 px leave a 32-px image one patch, masked or not."""
+    if "mask_patch_size" not in config.auto:
+        return
+    size = config.mask_patch_size
+    while config.img_size // size < MIN_MASK_GRID and size // 2 >= patch_size and (size // 2) % patch_size == 0:
+        size //= 2
+    if size != config.mask_patch_size:
+        grid, paper_grid = config.img_size // size, config.img_size // config.mask_patch_size
+        notes.append(f"mask patches of {size} px ({grid}×{grid} per image; the paper's {config.mask_patch_size} px "
+                     f"would give {paper_grid}×{paper_grid})")
+        config.mask_patch_size = size
+
+
+def choose_pretrain(config: PretrainConfig, num_images: int, patch_size: int) -> str:
+    """Fills in ``config``'s automatic settings for ``num_images`` unlabelled images and an encoder of
+    ``patch_size``-px patches; returns the summary."""
     notes: list[str] = []
+    _fitted_mask_patch(config, patch_size, notes)
     _fitted_batch(config, num_images, notes)
     steps = total_steps(config, num_images)
     _short_run_lr(config, steps, notes)

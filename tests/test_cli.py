@@ -92,7 +92,8 @@ def test_the_shipped_recipes_load(captured):
         assert result.exit_code == 0, f"{recipe}: {result.output}"
     assert {c.model.split("_")[0] for c in captured} >= {"swin", "beit"}
     for config in captured:
-        pretrain_command.check_model(config)  # builds on the meta device: the recipe's model and masking fit together
+        # builds on the meta device: the recipe's model and masking fit together
+        pretrain_command.check_masks(config, pretrain_command.check_model(config))
 
 
 @pytest.mark.parametrize(

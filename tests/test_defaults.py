@@ -103,17 +103,32 @@ def test_a_short_run_on_a_large_set_raises_the_lr_and_layer_decay_only():
 
 def test_pretraining_a_few_thousand_images_gets_a_batch_and_lr_that_learn():
     config = typed(PretrainConfig, data="x/", epochs=30)
-    summary = choose_pretrain(config, num_images=3000)
+    summary = choose_pretrain(config, num_images=3000, patch_size=16)
     assert config.batch_size == 128 and config.base_lr * 128 / 512 == pytest.approx(1e-3)
     assert "base lr" in summary
     paper = typed(PretrainConfig, data="x/", epochs=100)
-    choose_pretrain(paper, num_images=1_281_167)
+    choose_pretrain(paper, num_images=1_281_167, patch_size=16)
     assert (paper.batch_size, paper.base_lr) == (128, 2e-4)
+
+
+def test_small_images_get_mask_patches_that_leave_something_to_mask():
+    config = typed(PretrainConfig, data="x/", img_size=32, epochs=30)
+    summary = choose_pretrain(config, num_images=1500, patch_size=4)
+    assert config.mask_patch_size == 8 and "mask patches of 8 px (4×4 per image" in summary
+    vit16 = typed(PretrainConfig, data="x/", img_size=64, epochs=30)
+    choose_pretrain(vit16, num_images=1500, patch_size=16)
+    assert vit16.mask_patch_size == 16  # never below the encoder's patch
+    paper = typed(PretrainConfig, data="x/", epochs=100)
+    choose_pretrain(paper, num_images=1_281_167, patch_size=16)
+    assert paper.mask_patch_size == 32  # 192/224 px keep the paper's 32
+    given = typed(PretrainConfig, data="x/", img_size=32, epochs=30, mask_patch_size=32)
+    choose_pretrain(given, num_images=1500, patch_size=4)
+    assert given.mask_patch_size == 32
 
 
 def test_pretraining_options_given_are_kept():
     config = typed(PretrainConfig, data="x/", epochs=30, base_lr=1e-4, batch_size=32)
-    choose_pretrain(config, num_images=300)
+    choose_pretrain(config, num_images=300, patch_size=16)
     assert (config.batch_size, config.base_lr) == (32, 1e-4)
 
 

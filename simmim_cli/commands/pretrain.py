@@ -32,11 +32,15 @@ def _prepare_demo(config: PretrainConfig) -> None:
     config.data = str(shards)
 
 
-def check_model(config: PretrainConfig) -> None:
-    """Builds the model on the meta device (no memory) so bad --model/--model-kwargs/sizes fail before launching."""
+def check_model(config: PretrainConfig) -> int:
+    """Builds the model on the meta device (no memory) so bad --model/--model-kwargs/sizes fail before launching;
+    returns its patch size."""
     with torch.device("meta"):
-        model = build_simmim(config.model, config.img_size, config.model_kwargs, config.drop_path)
-    MaskGenerator(config.img_size, config.mask_patch_size, model.patch_size, config.mask_ratio)
+        return build_simmim(config.model, config.img_size, config.model_kwargs, config.drop_path).patch_size
+
+
+def check_masks(config: PretrainConfig, patch_size: int) -> None:
+    MaskGenerator(config.img_size, config.mask_patch_size, patch_size, config.mask_ratio)
 
 
 def prepare_pretrain(config: PretrainConfig) -> None:
@@ -58,8 +62,9 @@ def prepare_pretrain(config: PretrainConfig) -> None:
         if bank.classes != queries.classes:
             raise SimmimError(f"--knn-val-data has other classes than --knn-data ({len(queries.classes)} vs "
                               f"{len(bank.classes)}); make both from folders with the same class sub-folders")
-    summary = choose_pretrain(config, shards.num_samples)
-    check_model(config)
+    patch_size = check_model(config)
+    summary = choose_pretrain(config, shards.num_samples, patch_size)
+    check_masks(config, patch_size)
     if config.node_rank == 0:  # every node makes the same choices; node 0 reports them
         print(summary, flush=True)  # after the checks, so that a mistake stays a one-line error
     if config.decode == "gpu":
