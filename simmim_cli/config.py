@@ -292,6 +292,14 @@ class EvaluateConfig:
     device: str = "auto"
     precision: str = "auto"
     force: bool = False
+    # several processes on this machine, the samples split between them (the fields distributed.py reads)
+    gpus: int = 0
+    nproc: int = 0
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    dist_timeout: float = 30.0
 
     command = "evaluate"
 

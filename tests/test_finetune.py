@@ -1,6 +1,10 @@
 """finetune, linear-probe and evaluate end to end on tiny labelled shards of real digits."""
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -81,6 +85,13 @@ def test_finetune_from_a_pretrain_checkpoint_evaluates_and_keeps_best_and_last(d
     assert again.exit_code == 2 and "--force" in again.output
 
 
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_evaluate_reads_a_class_folder(digits, pretrained, tmp_path):
     run = tmp_path / "ft"
     assert runner.invoke(app, ["finetune", "--pretrained", str(pretrained), "--data", str(digits["train"]),
@@ -91,6 +102,17 @@ def test_evaluate_reads_a_class_folder(digits, pretrained, tmp_path):
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert metrics["count"] == 24
+    # two processes split the images and sum the counts: the same report
+    split = subprocess.run([sys.executable, "-m", "simmim_cli", "evaluate", "--checkpoint", str(run / "last.pth"),
+                            "--data", str(digits["val_images"]), "--output", str(tmp_path / "report2"), "--workers",
+                            "0", "--nproc", "2", "--device", "cpu", "--master-port", str(free_port())],
+                           capture_output=True, text=True, timeout=240, cwd=Path(__file__).parent.parent,
+                           env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    assert split.returncode == 0, split.stderr
+    assert "top-1" in split.stdout and "wrote" in split.stdout
+    split_metrics = json.loads((tmp_path / "report2" / "metrics.json").read_text())
+    assert {k: split_metrics[k] for k in ("count", "top1", "top5", "per_class")} == {
+        k: metrics[k] for k in ("count", "top1", "top5", "per_class")}
     # the exported model scores the same images identically; the int8 one is evaluated the same way
     for flags, name in (([], "m.onnx"), (["--int8", "--no-verify"], "q.onnx")):
         exported = runner.invoke(app, ["export", "--checkpoint", str(run / "last.pth"), "--output",

@@ -25,7 +25,9 @@ from ..options import (
     CropPct,
     Decode,
     Device,
+    MasterPort,
     ModelKwargs,
+    Nproc,
     Precision,
     Workers,
 )
@@ -55,6 +57,10 @@ def evaluate(
     device: Device = EV.device,
     precision: Precision = EV.precision,
     force: Annotated[bool, typer.Option("--force", help="Replace an evaluation in --output.")] = False,
+    gpus: Annotated[int, typer.Option(help="GPUs on this machine: the samples are split over one process per GPU "
+                                           "and the counts summed.")] = EV.gpus,
+    nproc: Nproc = EV.nproc,
+    master_port: MasterPort = EV.master_port,
 ) -> None:
     """Top-1/top-5 of a classifier checkpoint, with per-class accuracy and a confusion matrix (JSON and PNG)."""
     from rich.console import Console

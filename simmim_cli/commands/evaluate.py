@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -21,9 +22,8 @@ from ..transforms import CropTransform
 
 
 def evaluate(config: EvaluateConfig) -> dict[str, Any]:
-    """``simmim evaluate``: top-1/top-5 over every sample once, per-class accuracy and a confusion matrix."""
-    from ..evaluation import write_report
-
+    """``simmim evaluate``: top-1/top-5 over every sample once, per-class accuracy and a confusion matrix; with
+    ``--gpus N``/``--nproc N`` the samples are split over N processes and the counts summed."""
     if config.decode == "gpu":
         dali.require_dali(config.device)
     if config.checkpoint is None:
@@ -32,21 +32,73 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
             raise SimmimError("no --checkpoint given and no finetune or linear-probe run under runs/; "
                               "give --checkpoint PATH")
         config.checkpoint = str(found)
-    if Path(config.checkpoint).suffix == ".onnx":  # an exported model, e.g. to measure what --int8 costs
-        from ..inference import OnnxClassifier
+    launch = distributed.needs_launch(config)
+    if launch and (Path(config.checkpoint).suffix == ".onnx" or config.decode == "gpu"):
+        raise SimmimError("an .onnx model or --decode gpu is evaluated in one process; drop --gpus/--nproc")
+    output = Path(config.output or Path("runs") / f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}")
+    if (output / "metrics.json").exists() and not config.force:
+        raise SimmimError(f"{output} already holds an evaluation; pass --force to replace it or choose --output")
+    config.output = str(output)
+    if not launch:
+        return _evaluate_process(config)
+    distributed.check_devices(config)
+    distributed.launch(_evaluate_process, config)
+    return _read_report(output, config.checkpoint)
 
-        model = OnnxClassifier(config.checkpoint, config.device)
-        if not model.classes:
-            raise SimmimError(f"{config.checkpoint} has no class names in its metadata; export it with simmim export")
-        classes, img_size, crop_pct = model.classes, model.img_size, config.crop_pct or model.crop_pct
-        device, precision = torch.device("cpu"), "fp32"  # onnxruntime places the work itself
-    else:
-        model, train_config, classes = load_classifier(config.checkpoint)
-        img_size, crop_pct = train_config.img_size, config.crop_pct or train_config.crop_pct
-        device = distributed.pick_device(config.device)
-        model.to(device)
-        precision = resolve_precision(config.precision, device)
-    source, data_classes, count = labelled_source(config.data)
+
+def _evaluate_process(config: EvaluateConfig) -> dict[str, Any]:
+    """Evaluates this process's share of the samples (all of them in a single process); rank 0 writes the
+    report."""
+    from ..evaluation import write_report
+
+    onnx = Path(config.checkpoint).suffix == ".onnx"
+    context = distributed.Context() if onnx else distributed.setup(config)  # onnxruntime picks its own device
+    try:
+        if onnx:  # an exported model, e.g. to measure what --int8 costs
+            from ..inference import OnnxClassifier
+
+            model = OnnxClassifier(config.checkpoint, config.device)
+            if not model.classes:
+                raise SimmimError(f"{config.checkpoint} has no class names in its metadata; export it with "
+                                  "simmim export")
+            classes, img_size, crop_pct = model.classes, model.img_size, config.crop_pct or model.crop_pct
+            device, precision = torch.device("cpu"), "fp32"  # onnxruntime places the work itself
+        else:
+            model, train_config, classes = load_classifier(config.checkpoint)
+            img_size, crop_pct = train_config.img_size, config.crop_pct or train_config.crop_pct
+            device = context.device
+            model.to(device)
+            precision = resolve_precision(config.precision, device)
+        source, count = _labelled_data(config.data, classes)
+        if config.decode == "gpu":
+            stream = dali.DaliEvalStream(source, dali.eval_view(img_size, crop_pct), config.batch_size,
+                                         device if device.type == "cuda" else torch.device("cuda"),
+                                         workers=config.workers, num_classes=len(classes))
+        else:
+            stream = EvalStream(source, CropTransform(img_size, crop_pct), config.batch_size,
+                                workers=config.workers, rank=context.rank, world_size=context.world_size,
+                                num_classes=len(classes))
+        from rich.progress import Progress
+
+        with Progress(disable=not (sys.stdout.isatty() and context.is_main)) as progress:
+            task = progress.add_task("evaluating", total=count // context.world_size)
+
+            def batches():
+                for batch in make_loader(stream):
+                    progress.advance(task, batch["label"].numel() + len(batch["skipped"]))
+                    yield batch
+
+            result = evaluate_classifier(image_logits(model, lambda: autocast(precision, device)), batches(),
+                                         len(classes), device, with_confusion=True)
+        paths = write_report(Path(config.output), result, classes, str(config.checkpoint)) if context.is_main else {}
+        return {**result, "paths": paths, "classes": classes, "checkpoint": config.checkpoint}
+    finally:
+        distributed.teardown()
+
+
+def _labelled_data(data: str, classes: list[str]) -> tuple[Any, int]:
+    """--data with labels in the checkpoint's class order: (shards or (path, label) pairs, sample count)."""
+    source, data_classes, count = labelled_source(data)
     if data_classes is not None and data_classes != classes:
         unknown = sorted(set(data_classes) - set(classes))
         if unknown:
@@ -57,27 +109,16 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
         else:
             raise SimmimError("the shards' class list differs from the checkpoint's; re-make them with the same "
                               "class folders")
-    output = Path(config.output or Path("runs") / f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}")
-    if (output / "metrics.json").exists() and not config.force:
-        raise SimmimError(f"{output} already holds an evaluation; pass --force to replace it or choose --output")
-    if config.decode == "gpu":
-        stream = dali.DaliEvalStream(source, dali.eval_view(img_size, crop_pct), config.batch_size,
-                                     device if device.type == "cuda" else torch.device("cuda"),
-                                     workers=config.workers, num_classes=len(classes))
-    else:
-        stream = EvalStream(source, CropTransform(img_size, crop_pct), config.batch_size,
-                            workers=config.workers, num_classes=len(classes))
-    from rich.progress import Progress
+    return source, count
 
-    with Progress(disable=not sys.stdout.isatty()) as progress:
-        task = progress.add_task("evaluating", total=count)
 
-        def batches():
-            for batch in make_loader(stream):
-                progress.advance(task, batch["label"].numel() + len(batch["skipped"]))
-                yield batch
-
-        result = evaluate_classifier(image_logits(model, lambda: autocast(precision, device)), batches(),
-                                     len(classes), device, with_confusion=True)
-    paths = write_report(output, result, classes, str(config.checkpoint))
-    return {**result, "paths": paths, "classes": classes, "checkpoint": config.checkpoint}
+def _read_report(output: Path, checkpoint: str) -> dict[str, Any]:
+    """What the workers' rank 0 wrote, as :func:`_evaluate_process` returns it."""
+    summary = json.loads((output / "metrics.json").read_text())
+    confusion = json.loads((output / "confusion.json").read_text())
+    return {"val_top1": summary["top1"], "val_top5": summary["top5"], "val_loss": summary["loss"],
+            "count": summary["count"], "skipped": summary["skipped"],
+            "confusion": torch.tensor(confusion["matrix"]), "classes": confusion["classes"],
+            "checkpoint": checkpoint,
+            "paths": {"metrics": output / "metrics.json", "confusion": output / "confusion.json",
+                      "confusion_png": output / "confusion.png"}}
