@@ -259,3 +259,20 @@ def test_predict_errors(photo_folder, tmp_path):
     broken.write_bytes(b"nope")
     result = ok(runner.invoke(app, ["predict", str(tmp_path / "m.onnx"), str(broken), image, "--json"]))
     assert "skipped unreadable" in result.output and len(json.loads(result.stdout)) == 1
+
+
+def test_tensorrt_options_cache_the_engine_and_profile_the_dynamic_batch(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from simmim_cli.inference import tensorrt_options
+
+    image = helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, 48, 40])
+    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3, 48, 40])
+    graph = helper.make_graph([helper.make_node("Identity", ["images"], ["logits"])], "g", [image], [logits])
+    path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    options = tensorrt_options(path)
+    assert options["trt_profile_min_shapes"] == "images:1x3x48x40"
+    assert options["trt_profile_max_shapes"] == "images:256x3x48x40"
+    assert options["trt_engine_cache_enable"] and options["trt_engine_cache_path"] == f"{path}.trt-cache"
