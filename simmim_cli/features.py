@@ -41,6 +41,17 @@ def extract_features(features_of: Callable[[torch.Tensor], torch.Tensor], stream
             torch.cat(labels) if labels else torch.empty(0, dtype=torch.long))
 
 
+def data_features(model: ProbeModel, config: LinearProbeConfig | KnnConfig, data: str,
+                  context: distributed.Context, classes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features and labels of this process's share of ``data`` (centre crops), computed now."""
+    stream = EvalStream(resolve_shards(data), CropTransform(config.img_size, config.crop_pct), config.batch_size,
+                        workers=config.workers, rank=context.rank, world_size=context.world_size,
+                        num_classes=len(classes))
+    model.to(context.device).eval()
+    return extract_features(model.features, stream, context.device,
+                            resolve_precision(config.precision, context.device))
+
+
 @torch.no_grad()
 def cached_features(model: ProbeModel, config: LinearProbeConfig | KnnConfig, data: str,
                     context: distributed.Context, classes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,12 +61,7 @@ def cached_features(model: ProbeModel, config: LinearProbeConfig | KnnConfig, da
     folder = Path(config.cache_dir) / _cache_key(config, data)
     parts = [folder / f"part-{rank:03d}-of-{context.world_size:03d}.pt" for rank in range(context.world_size)]
     if not all(p.is_file() for p in parts):
-        stream = EvalStream(resolve_shards(data), CropTransform(config.img_size, config.crop_pct), config.batch_size,
-                            workers=config.workers, rank=context.rank, world_size=context.world_size,
-                            num_classes=len(classes))
-        model.to(context.device).eval()
-        features, labels = extract_features(model.features, stream, context.device,
-                                            resolve_precision(config.precision, context.device))
+        features, labels = data_features(model, config, data, context, classes)
         folder.mkdir(parents=True, exist_ok=True)
         checkpoints.save_checkpoint({"features": features, "labels": labels}, parts[context.rank])
         distributed.barrier()

@@ -10,12 +10,9 @@ import torch
 from .. import distributed
 from ..config import KnnConfig
 from ..evaluation import knn_classify
-from ..features import cached_features, extract_features
+from ..features import cached_features, data_features
 from ..models import make_classifier
-from ..pipeline import EvalStream
-from ..precision import resolve_precision
 from ..shards import labelled_shards
-from ..transforms import CropTransform
 from ..weights import load_encoder, read_weights
 from .classifier import resolve_classifier
 
@@ -38,13 +35,8 @@ def knn(config: KnnConfig) -> dict[str, Any]:
         bank = cached_features(model, config, config.data, context, classes)
         queries = cached_features(model, config, config.val_data, context, classes)
     else:
-        model.to(context.device).eval()
-        precision = resolve_precision(config.precision, context.device)
-        bank, queries = (
-            extract_features(model.features, EvalStream(labelled_shards(data), CropTransform(config.img_size,
-                             config.crop_pct), config.batch_size, workers=config.workers, num_classes=len(classes)),
-                             context.device, precision)
-            for data in (config.data, config.val_data))
+        bank = data_features(model, config, config.data, context, classes)
+        queries = data_features(model, config, config.val_data, context, classes)
     result = knn_classify(*bank, *queries, len(classes), config.k, config.temperature)
     return {**result, "layer": config.layer, "pool": config.pool, "model": config.model,
             "pretrained": config.pretrained, "seconds": round(time.perf_counter() - started, 2)}
