@@ -14,6 +14,7 @@ import os
 import pickle
 import random
 import re
+import socket
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -32,9 +33,10 @@ def checkpoint_name(step: int) -> str:
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """Writes to a temporary file in the same folder, then renames: a crash never leaves half a checkpoint."""
+    """Writes to a temporary file in the same folder, then renames: a crash never leaves half a checkpoint, and
+    processes on several machines writing the same file to a shared folder do not mix their bytes."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
     torch.save({"format_version": FORMAT_VERSION, **state}, tmp)
     os.replace(tmp, path)
 

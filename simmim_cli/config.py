@@ -231,7 +231,21 @@ class LinearProbeConfig(TrainConfig):
 
 
 @dataclass
-class KnnConfig:
+class LocalProcesses:
+    """Several processes on this machine with the images split between them (``--gpus N``/``--nproc N``): the
+    fields distributed.py reads, for the commands that are not training runs."""
+
+    gpus: int = 0
+    nproc: int = 0
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    dist_timeout: float = 30.0
+
+
+@dataclass
+class KnnConfig(LocalProcesses):
     """``simmim knn``: weighted k-NN classification on frozen features (DINO's protocol: cosine, k 20, T 0.07)."""
 
     data: str | None = None  # labelled shards: the memory bank
@@ -279,7 +293,7 @@ class KnnConfig:
 
 
 @dataclass
-class EvaluateConfig:
+class EvaluateConfig(LocalProcesses):
     """``simmim evaluate``: accuracy, per-class accuracy and a confusion matrix of a classifier checkpoint."""
 
     checkpoint: str | None = None
@@ -292,14 +306,6 @@ class EvaluateConfig:
     device: str = "auto"
     precision: str = "auto"
     force: bool = False
-    # several processes on this machine, the samples split between them (the fields distributed.py reads)
-    gpus: int = 0
-    nproc: int = 0
-    nnodes: int = 1
-    node_rank: int = 0
-    master_addr: str = "127.0.0.1"
-    master_port: int = 29500
-    dist_timeout: float = 30.0
 
     command = "evaluate"
 

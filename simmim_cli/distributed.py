@@ -120,8 +120,9 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def launch(entrypoint: Callable[..., Any], config: Any, *args: Any) -> None:
-    """Runs ``entrypoint(config, *args)`` in ``--gpus``/``--nproc`` processes per node on ``--nnodes`` nodes.
+def launch(entrypoint: Callable[..., Any], config: Any, *args: Any) -> Any:
+    """Runs ``entrypoint(config, *args)`` in ``--gpus``/``--nproc`` processes per node on ``--nnodes`` nodes and
+    returns what this node's first process returned (on node 0: rank 0's result).
 
     A worker that fails stops the whole job; the error names the rank and its message.
     """
@@ -149,7 +150,7 @@ def launch(entrypoint: Callable[..., Any], config: Any, *args: Any) -> None:
             if name.startswith("torch.distributed.elastic"):  # each of its loggers has its own level
                 logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
-        elastic_launch(launch_config, _worker)(entrypoint, config, *args)
+        return elastic_launch(launch_config, _worker)(entrypoint, config, *args).get(0)
     except ChildFailedError as error:
         rank, failure = min(error.failures.items(), key=lambda item: (item[1].exitcode == 130, item[0]))
         message = _failure_message(failure)
@@ -163,13 +164,13 @@ def launch(entrypoint: Callable[..., Any], config: Any, *args: Any) -> None:
         raise Interrupted(f"stopped by {signal_exception.sigval.name}; {resume_hint(config)}") from None
 
 
-def _worker(entrypoint: Callable[..., Any], config: Any, *args: Any) -> None:
+def _worker(entrypoint: Callable[..., Any], config: Any, *args: Any) -> Any:
     """Runs in each launched process: errors go to the launcher through torchelastic's error file, and on
     screen only with --debug."""
     from torch.distributed.elastic.multiprocessing.errors import get_error_handler
 
     try:
-        entrypoint(config, *args)
+        return entrypoint(config, *args)
     except Exception as error:
         get_error_handler().record_exception(error)
         if debug_enabled():
@@ -236,6 +237,32 @@ def gather_objects(value: Any) -> list[Any]:
     values: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(values, value)
     return values
+
+
+GATHER_ROWS = 65_536  # rows per collective: bounds the extra memory of gathering features, ~200 MB at width 768
+
+
+def gather_rows(tensor: torch.Tensor, context: Context) -> torch.Tensor:
+    """Every rank's rows of ``tensor`` (CPU; first dimension may differ between ranks), concatenated in rank
+    order, on every rank. Over the host-side gloo group: the rows stay in host memory, none on a GPU."""
+    if not dist.is_initialized():
+        return tensor
+    group = context.host_group
+    counts = [torch.zeros(1, dtype=torch.long) for _ in range(context.world_size)]
+    dist.all_gather(counts, torch.tensor([len(tensor)]), group=group)
+    counts = [int(count) for count in counts]
+    if not max(counts):
+        return tensor
+    padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))
+    padded[:len(tensor)] = tensor
+    pieces: list[list[torch.Tensor]] = [[] for _ in counts]
+    for start in range(0, max(counts), GATHER_ROWS):
+        chunk = padded[start:start + GATHER_ROWS].contiguous()
+        received = [torch.empty_like(chunk) for _ in counts]
+        dist.all_gather(received, chunk, group=group)
+        for rank, rows in enumerate(received):
+            pieces[rank].append(rows)
+    return torch.cat([torch.cat(rows)[:count] for rows, count in zip(pieces, counts, strict=True)])
 
 
 def check_devices(config: Any) -> None:

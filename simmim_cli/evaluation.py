@@ -113,6 +113,7 @@ def knn_classify(
     num_classes: int,
     k: int = 20,
     temperature: float = 0.07,
+    device: torch.device | str = "cpu",
     chunk: int = 1024,
 ) -> dict[str, Any]:
     """Weighted k-NN (Wu et al. 2018, as DINO evaluates): each query ``(N, C)`` takes the ``k`` most
@@ -124,17 +125,18 @@ def knn_classify(
     if len(bank_features) == 0 or len(features) == 0:
         raise SimmimError("k-NN needs features: the memory bank (--knn-data / --data) and the queries "
                           "(--knn-val-data / --val-data) must each hold at least one readable image")
-    bank = F.normalize(bank_features.float(), dim=1).T  # (C, M)
+    bank = F.normalize(bank_features.to(device).float(), dim=1).T  # (C, M)
+    bank_labels = bank_labels.to(device)
     k = min(k, bank.shape[1])
     top_k = min(5, num_classes)
-    correct = torch.zeros(2, dtype=torch.long)  # top-1, top-5
+    correct = torch.zeros(2, dtype=torch.long, device=device)  # top-1, top-5
     for start in range(0, len(features), chunk):
-        queries = F.normalize(features[start:start + chunk].float(), dim=1)  # (n, C)
+        queries = F.normalize(features[start:start + chunk].to(device).float(), dim=1)  # (n, C)
         similarity, nearest = (queries @ bank).topk(k, dim=1)  # (n, k)
-        votes = torch.zeros(len(queries), num_classes).scatter_add_(
+        votes = torch.zeros(len(queries), num_classes, device=device).scatter_add_(
             1, bank_labels[nearest], (similarity / temperature).exp())  # (n, classes)
         predicted = votes.topk(top_k, dim=1).indices
-        truth = labels[start:start + chunk]
+        truth = labels[start:start + chunk].to(device)
         correct[0] += (predicted[:, 0] == truth).sum()
         correct[1] += (predicted == truth[:, None]).any(dim=1).sum()
     count = len(features)

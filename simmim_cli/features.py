@@ -1,4 +1,5 @@
-"""Frozen features of a data set (centre crops through an encoder), computed once and cached on disk."""
+"""Frozen features of a data set (centre crops through an encoder): each process extracts its share, the shares
+are gathered, and the whole is cached on disk."""
 
 from __future__ import annotations
 
@@ -43,27 +44,29 @@ def extract_features(features_of: Callable[[torch.Tensor], torch.Tensor], stream
 
 def data_features(model: ProbeModel, config: LinearProbeConfig | KnnConfig, data: str,
                   context: distributed.Context, classes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features and labels of this process's share of ``data`` (centre crops), computed now."""
+    """Features and labels of every sample of ``data`` (centre crops), computed now: each process extracts its
+    share, and the shares are gathered so that every process holds them all, in the same order."""
     stream = EvalStream(resolve_shards(data), CropTransform(config.img_size, config.crop_pct), config.batch_size,
                         workers=config.workers, rank=context.rank, world_size=context.world_size,
                         num_classes=len(classes))
     model.to(context.device).eval()
-    return extract_features(model.features, stream, context.device,
-                            resolve_precision(config.precision, context.device))
+    features, labels = extract_features(model.features, stream, context.device,
+                                        resolve_precision(config.precision, context.device))
+    return distributed.gather_rows(features, context), distributed.gather_rows(labels, context)
 
 
 @torch.no_grad()
 def cached_features(model: ProbeModel, config: LinearProbeConfig | KnnConfig, data: str,
                     context: distributed.Context, classes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features of every sample of ``data`` (centre crops), computed once and kept under --cache-dir.
-
-    Each rank extracts its share into its own file; then every rank reads all files."""
-    folder = Path(config.cache_dir) / _cache_key(config, data)
-    parts = [folder / f"part-{rank:03d}-of-{context.world_size:03d}.pt" for rank in range(context.world_size)]
-    if not all(p.is_file() for p in parts):
-        features, labels = data_features(model, config, data, context, classes)
-        folder.mkdir(parents=True, exist_ok=True)
-        checkpoints.save_checkpoint({"features": features, "labels": labels}, parts[context.rank])
-        distributed.barrier()
-    loaded = [checkpoints.load_checkpoint(p) for p in parts]
-    return torch.cat([p["features"] for p in loaded]), torch.cat([p["labels"] for p in loaded])
+    """:func:`data_features`, kept in one file under --cache-dir and read back by later runs with any number of
+    processes. A node-local cache folder works too: each node's first process writes its copy, and the features
+    are computed again whenever any process lacks the file."""
+    path = Path(config.cache_dir) / _cache_key(config, data) / "features.pt"
+    if not distributed.any_rank(not path.is_file(), context):
+        loaded = checkpoints.load_checkpoint(path)
+        return loaded["features"], loaded["labels"]
+    features, labels = data_features(model, config, data, context, classes)
+    if context.local_rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        checkpoints.save_checkpoint({"features": features, "labels": labels}, path)
+    return features, labels

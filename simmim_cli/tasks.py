@@ -119,7 +119,8 @@ class PretrainTask(Task):
             extractor = FeatureExtractor(self.model.encoder.backbone)  # the last block, mean-pooled
             precision = resolve_precision(self.config.precision, device)
             result = knn_classify(*extract_features(extractor, bank, device, precision),
-                                  *extract_features(extractor, queries, device, precision), num_classes)
+                                  *extract_features(extractor, queries, device, precision), num_classes,
+                                  device=device)
             figures.update(knn_top1=result["top1"], knn_top5=result["top5"])
         self.model.train(was_training)
         return figures

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +36,23 @@ TINY_MODELS = {
     "swinv2": ("swinv2_tiny_window8_256", {"embed_dim": 16, "depths": [1, 1], "num_heads": [1, 2],
                                            "window_size": 2}, 32),
 }
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def simmim(*arguments: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`python -m simmim_cli ...` as a user would run it (a process of its own: launchers, signals)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("WORLD_SIZE", None)  # not a worker of some outer launcher
+    return subprocess.run([sys.executable, "-m", "simmim_cli", *arguments], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
 
 
 def digit_images(count: int, size: int = 48) -> list[Image.Image]:

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_MODELS
+from conftest import ROOT, TINY_MODELS, free_port, simmim
 from torch.utils.data import IterableDataset
 
 from simmim_cli import checkpoints, distributed
@@ -20,22 +19,6 @@ from simmim_cli.errors import SimmimError
 from simmim_cli.masking import MaskGenerator
 from simmim_cli.models import build_simmim
 from simmim_cli.tasks import PretrainTask
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def simmim(*arguments: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    """`python -m simmim_cli ...` as a user would run it."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("WORLD_SIZE", None)
-    return subprocess.run([sys.executable, "-m", "simmim_cli", *arguments], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=ROOT)
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import webdataset as wds
-from conftest import TINY_MODELS, digit_images, digit_labels
+from conftest import TINY_MODELS, digit_images, digit_labels, free_port
 from typer.testing import CliRunner
 
 from simmim_cli import checkpoints
@@ -86,12 +85,6 @@ def test_finetune_from_a_pretrain_checkpoint_evaluates_and_keeps_best_and_last(d
 
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_evaluate_reads_a_class_folder(digits, pretrained, tmp_path):
     run = tmp_path / "ft"
     assert runner.invoke(app, ["finetune", "--pretrained", str(pretrained), "--data", str(digits["train"]),
@@ -152,7 +145,7 @@ def test_linear_probe_pretrained_and_random(digits, pretrained, tmp_path, cache)
     best = checkpoints.load_checkpoint(tmp_path / "lp" / "best.pth")
     assert best["kind"] == "linear-probe" and best["config"]["layer"] == 0
     if cache:
-        assert list((tmp_path / "lp" / "features").glob("*/part-000-of-001.pt"))
+        assert list((tmp_path / "lp" / "features").glob("*/features.pt"))
     # the baseline: a random encoder of the same architecture (no --pretrained)
     result = runner.invoke(app, ["linear-probe", "--model", VIT_NAME, "--model-kwargs", json.dumps(VIT_KWARGS),
                                  "--img-size", str(SIZE), "--output", str(tmp_path / "random"), *common])

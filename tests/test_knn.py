@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_MODELS, digit_images, digit_labels
+from conftest import TINY_MODELS, digit_images, digit_labels, free_port, simmim
 from typer.testing import CliRunner
 
 from simmim_cli.cli import app
@@ -103,6 +103,54 @@ def test_knn_caches_features_like_linear_probe(digits, tmp_path):
     assert json.loads(plain.output)["top1"] == json.loads(first.output)["top1"]
     text = runner.invoke(app, [a for a in args if a != "--json"])
     assert text.exit_code == 0 and "top-1" in text.output and "memory bank of 200" in text.output
+
+
+def test_knn_on_two_processes_gathers_features_into_one_cache_any_process_count_reads(digits, tmp_path):
+    cache = tmp_path / "cache"
+    args = ["knn", *MODEL, "--data", str(digits["train"]), "--val-data", str(digits["val"]), "--workers", "0",
+            "--layer", "0", "--json"]
+    single = runner.invoke(app, args)
+    assert single.exit_code == 0, single.output
+    expected = json.loads(single.output)
+    # 2 processes: each extracts half of the images, the halves are gathered, rank 0 scores and its result is printed
+    split = simmim(*args, "--nproc", "2", "--device", "cpu", "--master-port", str(free_port()), "--cache-features",
+                   "--cache-dir", str(cache))
+    assert split.returncode == 0, split.stderr
+    result = json.loads(split.stdout.strip().splitlines()[-1])
+    assert {k: result[k] for k in ("top1", "top5", "count", "bank")} == {
+        k: expected[k] for k in ("top1", "top5", "count", "bank")}
+    files = sorted(cache.rglob("features.pt"))
+    sizes = sorted(len(torch.load(p, weights_only=True)["labels"]) for p in files)
+    assert sizes == [100, 200]  # one file per data set, every image once, whatever the process count
+    stamps = [p.stat().st_mtime_ns for p in files]
+    again = runner.invoke(app, [*args, "--cache-features", "--cache-dir", str(cache)])  # one process reads them
+    assert again.exit_code == 0 and json.loads(again.output)["top1"] == expected["top1"]
+    assert [p.stat().st_mtime_ns for p in files] == stamps
+    assert not list(cache.rglob("*.tmp"))
+
+
+def test_gathered_rows_keep_rank_order_with_uneven_and_empty_shares():
+    import torch.multiprocessing as mp
+
+    port = free_port()
+    results = mp.get_context("spawn").Manager().dict()
+    mp.start_processes(_gather_rows_worker, args=(3, port, results), nprocs=3, start_method="spawn")
+    # ranks hold 2, 0 and 5 rows; rank r's rows are r*100 + 0, 1, ...
+    expected = torch.tensor([0, 1, 200, 201, 202, 203, 204])
+    for rank in range(3):
+        assert torch.equal(results[rank], expected), (rank, results[rank])
+
+
+def _gather_rows_worker(rank: int, world_size: int, port: int, results) -> None:
+    import torch.distributed as dist
+
+    from simmim_cli import distributed
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    distributed.GATHER_ROWS = 2  # several collectives, one share shorter than a chunk
+    rows = torch.arange({0: 2, 1: 0, 2: 5}[rank]) + 100 * rank
+    results[rank] = distributed.gather_rows(rows, distributed.Context(rank=rank, world_size=world_size))
+    dist.destroy_process_group()
 
 
 @pytest.mark.parametrize(("extra", "message"), [

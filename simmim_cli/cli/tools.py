@@ -135,6 +135,7 @@ KNN_EPILOG = (
     "Examples:\n\n"
     "  simmim knn --pretrained runs/pretrain-X/checkpoint-00012345.pth --data train/ --val-data val/\n\n"
     "  simmim knn --model vit_base_patch16_224 --data train/ --val-data val/   # random-init baseline\n\n"
+    "  simmim knn --pretrained ckpt.pth --data train/ --val-data val/ --gpus 8   # features on 8 GPUs\n\n"
     "  simmim knn --pretrained ckpt.pth --data train/ --val-data val/ --layer 8 --pool cls --cache-features --json"
 )
 
@@ -176,6 +177,10 @@ def knn(
     seed: Annotated[int, typer.Option(help="Seed of the random encoder (without --pretrained).")] = KN.seed,
     device: Device = KN.device,
     precision: Precision = KN.precision,
+    gpus: Annotated[int, typer.Option(help="GPUs on this machine: the images are split over one process per GPU "
+                                           "for the features, which are then gathered.")] = KN.gpus,
+    nproc: Nproc = KN.nproc,
+    master_port: MasterPort = KN.master_port,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object (top1, top5, k, ...).")] = False,
 ) -> None:
     """Weighted k-NN accuracy of frozen features (DINO's protocol: cosine similarity, k 20, temperature 0.07):

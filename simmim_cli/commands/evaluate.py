@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -42,8 +41,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     if not launch:
         return _evaluate_process(config)
     distributed.check_devices(config)
-    distributed.launch(_evaluate_process, config)
-    return _read_report(output, config.checkpoint)
+    return distributed.launch(_evaluate_process, config)
 
 
 def _evaluate_process(config: EvaluateConfig) -> dict[str, Any]:
@@ -110,15 +108,3 @@ def _labelled_data(data: str, classes: list[str]) -> tuple[Any, int]:
             raise SimmimError("the shards' class list differs from the checkpoint's; re-make them with the same "
                               "class folders")
     return source, count
-
-
-def _read_report(output: Path, checkpoint: str) -> dict[str, Any]:
-    """What the workers' rank 0 wrote, as :func:`_evaluate_process` returns it."""
-    summary = json.loads((output / "metrics.json").read_text())
-    confusion = json.loads((output / "confusion.json").read_text())
-    return {"val_top1": summary["top1"], "val_top5": summary["top5"], "val_loss": summary["loss"],
-            "count": summary["count"], "skipped": summary["skipped"],
-            "confusion": torch.tensor(confusion["matrix"]), "classes": confusion["classes"],
-            "checkpoint": checkpoint,
-            "paths": {"metrics": output / "metrics.json", "confusion": output / "confusion.json",
-                      "confusion_png": output / "confusion.png"}}
