@@ -373,6 +373,8 @@ class ExportConfig:
     force: bool = False
     timm: str | None = None  # a folder in timm's hub layout (model.safetensors + config.json)
     push_to_hub: str | None = None  # a Hugging Face Hub repository for that folder
+    img_size: int | None = None  # the --timm folder's model at another input size; the checkpoint's unless given
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # likewise, e.g. {"window_size": 7}
 
     command = "export"
 
@@ -389,6 +391,8 @@ class ExportConfig:
             raise SimmimError("choose one of --fp16 (GPUs) and --int8 (CPUs)")
         if self.opset < 17:
             raise SimmimError(f"--opset {self.opset} is too old for these models; use 17 or newer (default 18)")
+        if self.img_size is not None and self.img_size < 1:
+            raise SimmimError(f"--img-size must be a positive number of pixels, got {self.img_size}")
 
 
 @dataclass

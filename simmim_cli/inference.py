@@ -4,6 +4,7 @@ way evaluate, predict and export get one.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -13,14 +14,20 @@ from torch import nn
 
 from .config import FinetuneConfig, LinearProbeConfig, TrainConfig, from_dict
 from .errors import SimmimError
-from .models import make_classifier
-from .weights import read_weights
+from .models import check_img_size, make_classifier
+from .weights import Weights, load_encoder, read_weights
 
 PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 
 
-def load_classifier(path: str | Path) -> tuple[nn.Module, TrainConfig, list[str]]:
-    """A finetune or linear-probe checkpoint → (model in eval mode, its run config, class names)."""
+def load_classifier(
+    path: str | Path, img_size: int | None = None, model_kwargs: dict[str, Any] | None = None
+) -> tuple[nn.Module, TrainConfig, list[str]]:
+    """A finetune or linear-probe checkpoint → (model in eval mode, its run config, class names).
+
+    ``img_size``/``model_kwargs`` rebuild it at another input size or window (export --timm): position embeddings
+    and relative position tables are resized as finetune resizes pretrained ones (``weights.load_encoder``), and
+    the returned config says the new size."""
     weights = read_weights(path)
     config_class = {"finetune": FinetuneConfig, "linear-probe": LinearProbeConfig}.get(weights.kind or "")
     if config_class is None:
@@ -28,13 +35,31 @@ def load_classifier(path: str | Path) -> tuple[nn.Module, TrainConfig, list[str]
                           "last.pth of a simmim finetune or linear-probe run")
     config = from_dict(config_class, weights.config or {}, strict=False)
     classes = weights.classes or [str(i) for i in range(_head_size(weights.encoder))]
-    model = make_classifier(config, len(classes), probe=weights.kind == "linear-probe")
+    probe = weights.kind == "linear-probe"
+    model = make_classifier(config, len(classes), probe=probe)
     try:
         model.load_state_dict(weights.encoder)
     except RuntimeError as error:
         raise SimmimError(f"{path} does not fit the model its config describes: "
                           f"{str(error).splitlines()[1].strip()}") from error
+    if img_size is not None or model_kwargs:
+        model, config = _resized(model, config, len(classes), probe, img_size, model_kwargs or {}, weights)
     return model.eval(), config, classes
+
+
+def _resized(model: nn.Module, config: TrainConfig, num_classes: int, probe: bool, img_size: int | None,
+             model_kwargs: dict[str, Any], weights: Weights) -> tuple[nn.Module, TrainConfig]:
+    """The classifier built again at ``img_size`` with ``model_kwargs``, holding ``model``'s weights fitted to it."""
+    config = copy.copy(config)
+    config.img_size = img_size or config.img_size
+    config.model_kwargs = {**config.model_kwargs, **model_kwargs}
+    resized = make_classifier(config, num_classes, probe)
+    source, target = (model.backbone, resized.backbone) if probe else (model, resized)
+    load_encoder(target, Weights(encoder=source.state_dict(), source=weights.source, path=weights.path))
+    if probe:
+        resized.head.load_state_dict(model.head.state_dict())
+    check_img_size(resized, config.img_size, config.model)
+    return resized, config
 
 
 def _head_size(state: dict[str, torch.Tensor]) -> int:

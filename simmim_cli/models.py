@@ -251,6 +251,23 @@ def make_classifier(config, num_classes: int, probe: bool) -> nn.Module:
                            norm_all_tokens=False)
 
 
+def check_img_size(model: nn.Module, img_size: int, model_name: str) -> None:
+    """Refuses an input size the model cannot take: one that is not a multiple of its patch size (timm would drop
+    the edge pixels without a word), or one its forward pass rejects. A model on the meta device is run there (no
+    memory, no compute)."""
+    backbone = model.backbone if hasattr(model, "backbone") else model
+    patch = backbone.patch_embed.patch_size[0]
+    if img_size % patch:
+        raise SimmimError(f"--img-size {img_size} is not a multiple of {model_name}'s patch size {patch}; "
+                          f"use e.g. {max(1, round(img_size / patch)) * patch}")
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad(), torch.device(device):
+            model.eval()(torch.zeros(2, 3, img_size, img_size))
+    except (AssertionError, RuntimeError, ValueError) as error:
+        raise SimmimError(f"--img-size {img_size} does not work with {model_name}: "
+                          f"{str(error).splitlines()[0]}; choose a size the model takes") from error
+
 
 class ProbeModel(nn.Module):
     """A frozen encoder (always in eval mode) and a trainable BatchNorm (no affine) + linear head."""

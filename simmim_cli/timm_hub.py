@@ -32,23 +32,40 @@ class TimmModel:
     notes: list[str] = field(default_factory=list)
 
 
-def timm_model(checkpoint: str) -> TimmModel:
+def timm_model(checkpoint: str, img_size: int | None = None, model_kwargs: dict[str, Any] | None = None) -> TimmModel:
     """The encoder of a pretraining checkpoint (ours or an official SimMIM release, remapped as finetune
-    remaps it), the whole classifier of a fine-tuning checkpoint, the frozen encoder of a linear probe."""
+    remaps it), the whole classifier of a fine-tuning checkpoint, the frozen encoder of a linear probe.
+
+    ``img_size`` and ``model_kwargs`` (e.g. ``{"window_size": 7}``) build it at another input size or window, its
+    position embeddings and relative position tables resized as finetune resizes them (``weights.adapt_state``);
+    the folder's config.json then describes that model."""
     from .inference import load_classifier
+    from .models import check_img_size
     from .weights import load_simmim, read_weights
 
     kind = read_weights(checkpoint).kind
     if kind == "finetune":
-        model, config, classes = load_classifier(checkpoint)
-        return TimmModel(model, "classifier", config.crop_pct, classes)
+        model, config, classes = load_classifier(checkpoint, img_size, model_kwargs)
+        return TimmModel(model, "classifier", config.crop_pct, classes,
+                         notes=_resize_note(img_size, model_kwargs, config.img_size))
     if kind == "linear-probe":
-        model, config, _ = load_classifier(checkpoint)
+        model, config, _ = load_classifier(checkpoint, img_size, model_kwargs)
         note = ("a linear probe's head (BatchNorm + linear on frozen features) has no timm equivalent: exported its "
                 "encoder; fine-tune for a whole timm classifier")
-        return TimmModel(model.backbone, "encoder", config.crop_pct, notes=[note])
-    simmim, _, report = load_simmim(checkpoint)
-    return TimmModel(simmim.encoder.backbone, "encoder", 0.875, notes=report.adapted)
+        return TimmModel(model.backbone, "encoder", config.crop_pct,
+                         notes=[note, *_resize_note(img_size, model_kwargs, config.img_size)])
+    simmim, _, report = load_simmim(checkpoint, model_kwargs=model_kwargs, img_size=img_size)
+    backbone = simmim.encoder.backbone
+    if img_size is not None or model_kwargs:
+        check_img_size(backbone, backbone.patch_embed.img_size[0], backbone.pretrained_cfg["architecture"])
+    return TimmModel(backbone, "encoder", 0.875, notes=report.adapted)
+
+
+def _resize_note(img_size: int | None, model_kwargs: dict[str, Any] | None, size: int) -> list[str]:
+    if img_size is None and not model_kwargs:
+        return []
+    return [f"built at {size} x {size}" + (f" with {json.dumps(model_kwargs)}" if model_kwargs else "")
+            + ": position embeddings and relative position tables resized from the checkpoint's"]
 
 
 def check_target(directory: Path, force: bool) -> None:

@@ -113,7 +113,7 @@ def visualize_recon(
         help="timm model name, when the checkpoint has no config (official releases: usually read off the "
              "weights).", show_default=False)] = None,
     model_kwargs: ModelKwargs = None,
-    img_size: Annotated[int | None, typer.Option(help="Input size [default: the checkpoint's].",
+    img_size: Annotated[int | None, typer.Option(help="Input size \\[default: the checkpoint's].",
                                                  show_default=False)] = None,
     limit: Annotated[int, typer.Option(help="At most this many images in the panel.")] = 16,
     device: Device = "auto",
@@ -207,6 +207,8 @@ def knn(
     "  simmim export --onnx --checkpoint runs/pretrain-X/checkpoint-00012345.pth --what features\n\n"
     "  simmim export --timm vit-simmim/ --checkpoint runs/pretrain-X/checkpoint-00012345.pth   # the encoder\n\n"
     "  simmim export --timm vit-cls/ --checkpoint runs/finetune-X/best.pth --push-to-hub me/vit-cls\n\n"
+    "  simmim export --timm swin-224/ --checkpoint simmim_swin_base_192.pth --img-size 224 --model-kwargs "
+    "'{\"window_size\": 7}'\n\n"
     "A --timm folder loads with timm.create_model('local-dir:vit-simmim/', pretrained=True), also as a "
     "detection/segmentation backbone (features_only=True); see the README."))
 @handle_errors
@@ -244,6 +246,14 @@ def export(
         help="Upload the --timm folder to this Hugging Face Hub repository (user/name). A new repository is "
              "created private (make it public on the Hub); an existing one gets a new commit. Needs "
              "`hf auth login` or HF_TOKEN with write access.",
+        show_default=False)] = None,
+    img_size: Annotated[int | None, typer.Option(
+        help="Input size of the --timm folder's model \\[default: the checkpoint's]; position embeddings and "
+             "relative position tables are resized as finetune resizes them, and config.json says the new size.",
+        show_default=False)] = None,
+    model_kwargs: Annotated[str | None, typer.Option(
+        help="JSON of timm.create_model arguments that change the --timm folder's model, as for finetune: "
+             "'{\"window_size\": 7}' for a Swin at another window, usually with --img-size (224 for window 7).",
         show_default=False)] = None,
 ) -> None:
     """Export a checkpoint to ONNX (dynamic batch, fixed image size, preprocessing in the metadata), verified;

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..config import FinetuneConfig, LinearProbeConfig
 from ..errors import SimmimError
-from ..models import make_classifier
+from ..models import check_img_size, make_classifier
 from ..pipeline import EvalStream
 from ..shards import labelled_shards
 from ..weights import architecture_of, classifier_kwargs, load_encoder, read_weights
@@ -43,16 +43,7 @@ def resolve_classifier(config: FinetuneConfig | LinearProbeConfig, keep_pretrain
         # outside the meta context: timm's table resizing makes new tensors, which must share the checkpoint's device
         if weights is not None:
             load_encoder(model.backbone if hasattr(model, "backbone") else model, weights, config.allow_missing)
-        patch = (model.backbone if hasattr(model, "backbone") else model).patch_embed.patch_size[0]
-        if config.img_size % patch:
-            raise SimmimError(f"--img-size {config.img_size} is not a multiple of {config.model}'s patch size {patch}; "
-                              f"use e.g. {round(config.img_size / patch) * patch}")
-        try:
-            with torch.device("meta"):
-                model.eval()(torch.empty(2, 3, config.img_size, config.img_size))
-        except (AssertionError, RuntimeError, ValueError) as error:
-            raise SimmimError(f"--img-size {config.img_size} does not work with {config.model}: "
-                              f"{str(error).splitlines()[0]}; choose a size the model takes") from error
+        check_img_size(model, config.img_size, config.model)
     return model
 
 

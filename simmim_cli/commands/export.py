@@ -20,6 +20,9 @@ def export(config: ExportConfig) -> dict[str, Any]:
     """``simmim export``: ONNX (fp32, fp16 or int8) and/or TorchScript files, verified against PyTorch, and/or a
     timm folder (``--timm``, ``--push-to-hub``)."""
 
+    if (config.img_size is not None or config.model_kwargs) and (config.onnx or config.torchscript or not config.timm):
+        raise SimmimError("--img-size and --model-kwargs change the model of the --timm folder only; give --timm DIR "
+                          "without --onnx/--torchscript (export those in another run at the checkpoint's size)")
     if config.checkpoint is None:
         found = newest_classifier() or checkpoints.newest_run_checkpoint(Path("runs"), "pretrain")
         if found is None:
@@ -39,7 +42,7 @@ def export_timm(config: ExportConfig) -> dict[str, Any]:
 
     directory = Path(config.timm)
     check_target(directory, config.force)  # before loading anything
-    found = timm_model(config.checkpoint)
+    found = timm_model(config.checkpoint, config.img_size, config.model_kwargs)
     files = write_folder(found, directory, config.checkpoint, config.force)
     result: dict[str, Any] = {"timm": {"folder": directory, "what": found.what,
                                        "architecture": found.model.pretrained_cfg["architecture"]},
