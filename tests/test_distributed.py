@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -284,9 +285,11 @@ def test_nproc_in_a_slurm_shell_trains_two_processes_without_hanging(uneven_shar
     assert "process group: gloo, 2 ranks" in result.stdout
 
 
-def test_ctrl_c_in_the_terminal_of_a_launched_job_saves_once_and_resumes(uneven_shards, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_in_the_terminal_of_a_launched_job_saves_once_and_resumes(uneven_shards, tmp_path, sig):
     """The terminal sends SIGINT to every process of the foreground group (launcher and workers), and the
-    launcher passes its own on: one checkpoint, exit 130, no traceback, then --resume auto finishes."""
+    launcher passes its own on: one checkpoint, exit 130, no traceback, then --resume auto finishes. A
+    scheduler's SIGTERM to every process of the job (SLURM's scancel, preemption) does the same."""
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("WORLD_SIZE", None)
@@ -298,10 +301,10 @@ def test_ctrl_c_in_the_terminal_of_a_launched_job_saves_once_and_resumes(uneven_
     while not ((run / "metrics.jsonl").exists() and len(train_rows(run)) >= 3):
         assert job.poll() is None and time.monotonic() < deadline, job.communicate()
         time.sleep(0.2)
-    os.killpg(job.pid, 2)  # SIGINT to the whole group, as Ctrl-C does
+    os.killpg(job.pid, sig)  # to the whole group, as Ctrl-C or the scheduler does
     out, err = job.communicate(timeout=120)
     assert job.returncode == 130, err
-    assert "Traceback" not in err and "--resume auto" in err
+    assert "Traceback" not in err and "--resume auto" in err and f"stopped by {sig.name}" in err
     latest = checkpoints.latest_checkpoint(run)
     stopped_at = checkpoints.load_checkpoint(latest)["step"]
     assert stopped_at >= 3 and latest.name in err  # saved where it stopped, and says so
