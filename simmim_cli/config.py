@@ -403,6 +403,7 @@ class PredictConfig:
     images: list[str] = field(default_factory=list)
     top_k: int = 5
     batch_size: int = 32
+    workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))  # loader processes: decode, crop
     provider: str = "auto"  # auto | cuda | tensorrt | cpu (ONNX); the torch device for checkpoints
     json: bool = False
     img_size: int | None = None
@@ -419,6 +420,8 @@ class PredictConfig:
             raise SimmimError(f"--provider must be auto, cuda, tensorrt or cpu, got '{self.provider}'")
         if self.top_k < 1 or self.batch_size < 1:
             raise SimmimError("--top-k and --batch-size must be at least 1")
+        if self.workers < 0:
+            raise SimmimError(f"--workers must be >= 0, got {self.workers}")
 
 
 C = TypeVar("C", bound=TrainConfig)

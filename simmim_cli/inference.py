@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -147,9 +148,19 @@ def session(path: Path, provider: str = "cpu", optimize: bool = True):
     return created, active
 
 
+# onnxruntime's input/output types → torch's and numpy's (simmim export writes float32 inputs and outputs, also
+# with --fp16; a model converted to fp16 elsewhere may take and return float16)
+ONNX_TYPES = {"tensor(float)": (torch.float32, np.float32), "tensor(float16)": (torch.float16, np.float16)}
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+
 class OnnxClassifier(nn.Module):
     """An exported classifier behind PyTorch's module interface (normalised images in, logits out), so that
-    ``predict`` and ``evaluate`` score an ``.onnx`` file exactly as they score a checkpoint."""
+    ``predict`` and ``evaluate`` score an ``.onnx`` file exactly as they score a checkpoint.
+
+    Images and logits are bound to onnxruntime in place (IO binding): on the CUDA and TensorRT providers a CUDA
+    tensor is read where it lies and the logits are written into a CUDA tensor, with no copy through the host;
+    other tensors go through CPU memory."""
 
     def __init__(self, path: Path | str, provider: str = "auto"):
         super().__init__()
@@ -159,12 +170,41 @@ class OnnxClassifier(nn.Module):
         if metadata.get("what", "classifier") != "classifier":
             raise SimmimError(f"{path} computes {metadata['what']}, not class scores; export --what classifier")
         self.session, self.provider = session(Path(path), provider)
-        self.input_name = self.session.get_inputs()[0].name
-        shape = self.session.get_inputs()[0].shape
+        graph_input, graph_output = self.session.get_inputs()[0], self.session.get_outputs()[0]
+        for value in (graph_input, graph_output):
+            if value.type not in ONNX_TYPES:
+                raise SimmimError(f"{path}: {value.name} is a {value.type}; simmim reads classifiers with float32 "
+                                  "or float16 images and logits (export them with simmim export)")
+        self.input_name, self.output_name = graph_input.name, graph_output.name
+        self.input_type, self.output_type = ONNX_TYPES[graph_input.type], ONNX_TYPES[graph_output.type]
+        shape = graph_input.shape
         self.img_size = shape[-1] if isinstance(shape[-1], int) else metadata.get("img_size")
         self.classes: list[str] = metadata.get("class_names") or []
         self.crop_pct: float = metadata.get("crop_pct", 0.875)
+        self.num_outputs = graph_output.shape[-1] if isinstance(graph_output.shape[-1], int) else len(self.classes)
+        if not self.num_outputs:
+            raise SimmimError(f"{path}: the number of classes is neither in its output shape nor in its metadata; "
+                              "export it with simmim export")
+
+    @property
+    def on_gpu(self) -> bool:
+        """Whether onnxruntime runs the model on a GPU, which then reads CUDA tensors in place."""
+        return self.provider in GPU_PROVIDERS
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        logits = self.session.run(None, {self.input_name: images.float().cpu().numpy()})[0]
-        return torch.from_numpy(logits).float().to(images.device)
+        """Normalised images (B, 3, H, W) → float32 logits (B, classes) on the images' device."""
+        device = images.device if images.is_cuda and self.on_gpu else torch.device("cpu")
+        logits = torch.empty(images.shape[0], self.num_outputs, dtype=self.output_type[0], device=device)
+        if images.shape[0] == 0:  # nothing to bind
+            return logits.float().to(images.device)
+        inputs = images.to(device=device, dtype=self.input_type[0]).contiguous()
+        place = {"device_type": device.type, "device_id": device.index or 0}  # a tensor's CUDA device has an index
+        binding = self.session.io_binding()
+        binding.bind_input(self.input_name, element_type=self.input_type[1], shape=tuple(inputs.shape),
+                           buffer_ptr=inputs.data_ptr(), **place)
+        binding.bind_output(self.output_name, element_type=self.output_type[1], shape=tuple(logits.shape),
+                            buffer_ptr=logits.data_ptr(), **place)
+        if device.type == "cuda":  # onnxruntime reads the input on its own stream: torch's work must be done
+            torch.cuda.current_stream(device).synchronize()
+        self.session.run_with_iobinding(binding)  # returns once the outputs are written (the stream is synced)
+        return logits.float().to(images.device)

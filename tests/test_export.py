@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from simmim_cli import checkpoints
 from simmim_cli.cli import app
-from simmim_cli.config import FinetuneConfig
+from simmim_cli.commands.predict import predict
+from simmim_cli.config import FinetuneConfig, PredictConfig
 from simmim_cli.inference import load_classifier
 from simmim_cli.models import build_simmim, make_classifier
 from simmim_cli.tasks import save_model_file
@@ -259,6 +260,71 @@ def test_predict_errors(photo_folder, tmp_path):
     broken.write_bytes(b"nope")
     result = ok(runner.invoke(app, ["predict", str(tmp_path / "m.onnx"), str(broken), image, "--json"]))
     assert "skipped unreadable" in result.output and len(json.loads(result.stdout)) == 1
+
+
+def test_predict_with_loader_workers_keeps_the_input_order_skips_and_notes(photo_folder, tmp_path):
+    import webdataset as wds
+
+    checkpoint = classifier_checkpoint(tmp_path, "vit")
+    ok(runner.invoke(app, ["export", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "m.onnx")]))
+    broken, small = tmp_path / "broken.jpg", tmp_path / "small.png"
+    broken.write_bytes(b"not an image")
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(small)
+    with wds.TarWriter(str(tmp_path / "mixed.tar")) as shard:  # a shard with a bad sample among good ones
+        for index, path in enumerate(sorted(photo_folder.glob("digit*.png"))[:3]):
+            shard.write({"__key__": f"s{index}", "png": path.read_bytes()})
+            if index == 1:
+                shard.write({"__key__": "bad", "jpg": b"garbage"})
+    files = sorted(photo_folder.glob("photo*.jpg"), reverse=True)[:7]  # not the order a folder listing gives
+    inputs = [*map(str, files[:3]), str(broken), str(small), str(tmp_path / "mixed.tar"), *map(str, files[3:])]
+    runs = {workers: predict(PredictConfig(model=str(tmp_path / "m.onnx"), images=inputs, top_k=3, batch_size=2,
+                                           workers=workers)) for workers in (0, 2, 3)}
+    tar = str(tmp_path / "mixed.tar")
+    assert [p["image"] for p in runs[0]["results"]] == [*map(str, files[:3]), str(small), f"{tar}:s0", f"{tar}:s1",
+                                                        f"{tar}:s2", *map(str, files[3:])]
+    assert [line.split(":")[0] for line in runs[0]["skipped"]] == [str(broken), tar]
+    assert runs[0]["skipped"][1].startswith(f"{tar}:bad: ")
+    assert [line for line in runs[0]["notes"] if str(small) in line] == [
+        f"note: {small} is 8×8, smaller than the model's 32; it was enlarged"]
+    for workers in (2, 3):
+        assert runs[workers]["results"] == runs[0]["results"]  # names, order and probabilities
+        assert runs[workers]["notes"] == runs[0]["notes"]
+        # PIL's messages name the address of the buffer it was given: compare the images and errors
+        assert ([line.rsplit(" <", 1)[0] for line in runs[workers]["skipped"]]
+                == [line.rsplit(" <", 1)[0] for line in runs[0]["skipped"]])
+    result = ok(runner.invoke(app, ["predict", str(tmp_path / "m.onnx"), *inputs, "--json", "--workers", "2"]))
+    assert [p["image"] for p in json.loads(result.stdout)] == [p["image"] for p in runs[0]["results"]]
+    assert "--workers must be >= 0" in one_line_error(runner.invoke(app, ["predict", str(tmp_path / "m.onnx"),
+                                                                          inputs[0], "--workers", "-1"]))
+
+
+def test_onnx_classifier_binds_inputs_of_the_models_type_and_matches_a_plain_run(tmp_path):
+    import onnxruntime as ort
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from simmim_cli.inference import OnnxClassifier
+
+    checkpoint = classifier_checkpoint(tmp_path, "vit")
+    ok(runner.invoke(app, ["export", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "m.onnx")]))
+    ok(runner.invoke(app, ["export", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "h.onnx"),
+                           "--fp16", "--no-verify"]))
+    # simmim export --fp16 keeps float32 images and logits; a model converted elsewhere may take float16
+    assert ort.InferenceSession(str(tmp_path / "h.onnx")).get_inputs()[0].type == "tensor(float)"
+    onnx.save(convert_float_to_float16(onnx.load(str(tmp_path / "m.onnx")), keep_io_types=False),
+              str(tmp_path / "h16.onnx"))
+    images = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = load_classifier(checkpoint)[0](images)
+    for name, tolerance in (("m", 1e-5), ("h", 5e-3), ("h16", 5e-3)):
+        model = OnnxClassifier(tmp_path / f"{name}.onnx", "cpu")
+        dtype = torch.float16 if name == "h16" else torch.float32
+        assert model.input_type[0] == dtype
+        plain = model.session.run(None, {"images": images.to(dtype).numpy()})[0]
+        logits = model(images.transpose(2, 3).contiguous().transpose(2, 3))  # not contiguous
+        assert logits.dtype == torch.float32 and logits.shape == (5, 3)
+        assert torch.equal(logits, torch.from_numpy(plain).float())
+        assert (logits - expected).abs().max() < tolerance
+        assert model(images[:0]).shape == (0, 3)
 
 
 def test_tensorrt_options_cache_the_engine_and_profile_the_dynamic_batch(tmp_path):

@@ -91,3 +91,79 @@ def test_fp16_export_is_verified_on_the_cuda_provider(pretrain_checkpoint, tmp_p
                                  what="features", fp16=True))
     assert report["verification"]["provider"] == "CUDAExecutionProvider"
     assert report["verification"]["min_cosine"] > 0.99
+
+
+def onnx_classifier(tmp_path):
+    """A tiny classifier checkpoint and its ONNX export (skips where onnxruntime has no CUDA provider)."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime here has no CUDA provider (install onnxruntime-gpu)")
+    from test_export import classifier_checkpoint
+
+    from simmim_cli.commands.export import export
+    from simmim_cli.config import ExportConfig
+
+    checkpoint = classifier_checkpoint(tmp_path, "vit")
+    export(ExportConfig(checkpoint=str(checkpoint), output=str(tmp_path / "m.onnx"), verify=False))
+    return checkpoint, tmp_path / "m.onnx"
+
+
+def test_onnx_classifier_binds_cuda_tensors_in_place_on_the_cuda_provider(tmp_path):
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from simmim_cli.inference import OnnxClassifier, load_classifier
+
+    checkpoint, path = onnx_classifier(tmp_path)
+    onnx.save(convert_float_to_float16(onnx.load(str(path)), keep_io_types=False), str(tmp_path / "h16.onnx"))
+    images = torch.randn(5, 3, 32, 32, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    with torch.no_grad():
+        expected = load_classifier(checkpoint)[0].cuda()(images)
+    for file, tolerance in ((path, 1e-4), (tmp_path / "h16.onnx", 5e-3)):
+        model = OnnxClassifier(file, "cuda")
+        assert model.provider == "CUDAExecutionProvider" and model.on_gpu
+        logits = model(images * 1.0)  # the product of a queued kernel: the binding must wait for it
+        assert logits.is_cuda and logits.dtype == torch.float32 and logits.shape == (5, 3)
+        assert (logits - expected).abs().max() < tolerance
+        assert torch.equal(model(images.transpose(2, 3)), model(images.transpose(2, 3).contiguous()))
+
+
+def test_predict_and_evaluate_hand_an_onnx_model_its_batches_on_the_gpu(tmp_path, photo_folder, monkeypatch):
+    import shutil
+
+    from test_export import CLASSES
+
+    from simmim_cli.commands.evaluate import evaluate
+    from simmim_cli.commands.predict import predict
+    from simmim_cli.config import EvaluateConfig, PredictConfig
+    from simmim_cli.inference import OnnxClassifier
+
+    _, path = onnx_classifier(tmp_path)
+    seen: list[str] = []
+    forward = OnnxClassifier.forward
+
+    def recorded(self, images):
+        logits = forward(self, images)
+        seen.extend([images.device.type, logits.device.type])
+        return logits
+
+    monkeypatch.setattr(OnnxClassifier, "forward", recorded)
+    on_gpu = predict(PredictConfig(model=str(path), images=[str(photo_folder)], top_k=3, batch_size=4, workers=2,
+                                   provider="cuda"))
+    assert seen and set(seen) == {"cuda"}
+    on_cpu = predict(PredictConfig(model=str(path), images=[str(photo_folder)], top_k=3, batch_size=4, workers=0,
+                                   provider="cpu"))
+    assert [r["image"] for r in on_gpu["results"]] == [r["image"] for r in on_cpu["results"]]
+    for gpu_row, cpu_row in zip(on_gpu["results"], on_cpu["results"], strict=True):
+        cpu_probs = {entry["label"]: entry["prob"] for entry in cpu_row["topk"]}
+        assert all(abs(entry["prob"] - cpu_probs[entry["label"]]) < 1e-3 for entry in gpu_row["topk"])
+    data = tmp_path / "val"
+    files = sorted(photo_folder.iterdir())
+    for index, file in enumerate(files):
+        (data / CLASSES[index % 3]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(file, data / CLASSES[index % 3] / file.name)
+    seen.clear()
+    report = evaluate(EvaluateConfig(checkpoint=str(path), data=str(data), output=str(tmp_path / "report"),
+                                     device="cuda", workers=2, batch_size=4))
+    assert report["count"] == len(files) and seen and set(seen) == {"cuda"}

@@ -299,8 +299,12 @@ def predict(
     images: Annotated[list[str], typer.Argument(help="Image files, folders or shards.", show_default=False)],
     top_k: Annotated[int, typer.Option(help="Classes per image.")] = 5,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
+    workers: Annotated[int, typer.Option(
+        help="Data loader processes that decode and crop the images (0: in this process); the results keep the "
+             "input order.")] = PredictConfig().workers,
     provider: Annotated[str, typer.Option(
-        help="auto (CUDA when onnxruntime can use it, else CPU with a note) | cuda | tensorrt | cpu.")] = "auto",
+        help="auto (CUDA when onnxruntime can use it, else CPU with a note) | cuda | tensorrt | cpu. On CUDA and "
+             "TensorRT the images stay on the GPU (onnxruntime IO binding).")] = "auto",
     json_output: Annotated[bool, typer.Option("--json", help="Print a JSON list instead of a table.")] = False,
     img_size: Annotated[int | None, typer.Option(help="Check the model takes this size.",
                                                  show_default=False)] = None,

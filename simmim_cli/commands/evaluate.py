@@ -60,7 +60,8 @@ def _evaluate_process(config: EvaluateConfig) -> dict[str, Any]:
                 raise SimmimError(f"{config.checkpoint} has no class names in its metadata; export it with "
                                   "simmim export")
             classes, img_size, crop_pct = model.classes, model.img_size, config.crop_pct or model.crop_pct
-            device, precision = torch.device("cpu"), "fp32"  # onnxruntime places the work itself
+            # onnxruntime places the work itself; on a GPU provider, batches on the GPU are bound in place
+            device, precision = torch.device("cuda" if model.on_gpu else "cpu"), "fp32"
         else:
             model, train_config, classes = load_classifier(config.checkpoint)
             img_size, crop_pct = train_config.img_size, config.crop_pct or train_config.crop_pct

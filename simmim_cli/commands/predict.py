@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,26 +12,13 @@ import torch
 from ..config import PredictConfig
 from ..errors import SimmimError
 from ..inference import OnnxClassifier, load_classifier
-from ..pipeline import collect_images, image_views
+from ..pipeline import PredictStream, image_sources, make_loader
 from ..transforms import normalize
 
 
-def _batches(entries: Iterator[tuple[str, bytes]], img_size: int, crop_pct: float, size: int, skipped: list[str],
-             notes: list[str]):
-    """Batches of (names, normalised images) for prediction."""
-    names, tensors = [], []
-    for name, tensor in image_views(entries, img_size, crop_pct, skipped, notes):
-        names.append(name)
-        tensors.append(tensor)
-        if len(names) == size:
-            yield names, normalize(torch.stack(tensors))
-            names, tensors = [], []
-    if names:
-        yield names, normalize(torch.stack(tensors))
-
-
 def predict(config: PredictConfig) -> dict[str, Any]:
-    """``simmim predict``: top-k classes per image with an ONNX model (onnxruntime) or a checkpoint (PyTorch)."""
+    """``simmim predict``: top-k classes per image with an ONNX model (onnxruntime) or a checkpoint (PyTorch).
+    Loader workers decode and crop the images; the results keep the input order."""
     path = Path(config.model)
     if not path.is_file():
         raise SimmimError(f"model {path} not found; give an .onnx file from simmim export or a best.pth")
@@ -45,9 +31,7 @@ def predict(config: PredictConfig) -> dict[str, Any]:
         if config.img_size and config.img_size != size:
             raise SimmimError(f"{path} takes {size}×{size} images, not --img-size {config.img_size}; drop "
                               f"--img-size or export the model at {config.img_size}")
-
-        def scores(batch: torch.Tensor) -> np.ndarray:
-            return model(batch).numpy()
+        device = torch.device("cuda") if model.on_gpu else torch.device("cpu")  # on a GPU: bound in place
         runtime = f"onnxruntime ({model.provider})"
     else:
         from ..distributed import pick_device
@@ -56,26 +40,28 @@ def predict(config: PredictConfig) -> dict[str, Any]:
         device = pick_device({"auto": "auto", "cuda": "cuda", "cpu": "cpu"}.get(config.provider, "auto"))
         model.to(device)
         size, crop_pct = config.img_size or train_config.img_size, train_config.crop_pct
-
-        def scores(batch: torch.Tensor) -> np.ndarray:
-            with torch.no_grad():
-                return model(batch.to(device)).float().cpu().numpy()
         runtime = f"PyTorch ({device})"
+    stream = PredictStream(image_sources(config.images), size, crop_pct, config.batch_size, config.workers,
+                           config.limit)
     skipped: list[str] = []
     results = []
     started, counted = time.perf_counter(), 0
-    for names, batch in _batches(collect_images(config.images, config.limit), size, crop_pct, config.batch_size,
-                                 skipped, notes):
-        logits = scores(batch).astype(np.float64)
+    for batch in make_loader(stream):
+        skipped += batch["skipped"]
+        notes += batch["notes"]
+        if not batch["name"]:
+            continue
+        with torch.no_grad():
+            logits = model(normalize(batch["image"].to(device))).double().cpu().numpy()
         probs = np.exp(logits - logits.max(1, keepdims=True))
         probs /= probs.sum(1, keepdims=True)
         k = min(config.top_k, probs.shape[1])
-        for name, row in zip(names, probs, strict=True):
+        for name, row in zip(batch["name"], probs, strict=True):
             top = np.argsort(-row)[:k]
             entries = [{"label": classes[i] if i < len(classes) else str(i), "index": int(i),
                         "prob": round(float(row[i]), 6)} for i in top]
             results.append({"image": name, "top1": entries[0]["label"], "topk": entries})
-        counted += len(names)
+        counted += len(batch["name"])
     if not results:
         raise SimmimError("none of the images could be read" + (f" ({skipped[0]})" if skipped else ""))
     seconds = time.perf_counter() - started
