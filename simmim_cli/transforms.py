@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms import v2 as T
@@ -75,7 +75,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def decode_image(data: bytes, min_size: int | None = None) -> Image.Image:
     """Bytes of any image format PIL reads → RGB. ``min_size`` lets a JPEG decode at a reduced scale
     (1/2, 1/4, 1/8) as long as both sides stay at least that large: much less work for small crops."""
-    image = Image.open(io.BytesIO(data))
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:  # PIL's own message names a memory address, which tells a user nothing
+        raise UnidentifiedImageError("not an image format PIL reads") from None
     if min_size and image.format == "JPEG":
         image.draft("RGB", (min_size, min_size))  # keeps the result >= min_size on both sides
     image.load()
