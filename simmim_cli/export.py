@@ -47,8 +47,10 @@ class Reconstruction(nn.Module):
         return self.simmim(images, mask)[1]
 
 
-def exportable(checkpoint: str, what: str | None) -> tuple[nn.Module, str, dict[str, Any]]:
-    """(module in eval mode, what it computes, metadata) for a checkpoint."""
+def exportable(checkpoint: str, what: str | None, img_size: int | None = None,
+               model_kwargs: dict[str, Any] | None = None) -> tuple[nn.Module, str, dict[str, Any]]:
+    """(module in eval mode, what it computes, metadata) for a checkpoint; ``img_size``/``model_kwargs`` build
+    it at another input size or window, resized as finetune resizes pretrained weights."""
     from .inference import load_classifier
     from .models import FeatureExtractor
     from .weights import load_simmim, read_weights
@@ -63,7 +65,7 @@ def exportable(checkpoint: str, what: str | None) -> tuple[nn.Module, str, dict[
                                 "mean": MEAN.flatten().tolist(), "std": STD.flatten().tolist(),
                                 "simmim_cli_version": __version__}
     if classifier and what != "reconstruction":
-        model, config, classes = load_classifier(checkpoint)
+        model, config, classes = load_classifier(checkpoint, img_size, model_kwargs)
         metadata.update(img_size=config.img_size, crop_pct=config.crop_pct, model=config.model,
                         class_names=classes if what == "classifier" else [])
         if what == "classifier":
@@ -71,7 +73,7 @@ def exportable(checkpoint: str, what: str | None) -> tuple[nn.Module, str, dict[
         else:  # a linear probe's features are the probed ones; a fine-tuned model's, its pre-logits
             module = model.extractor if hasattr(model, "extractor") else PreLogits(model)
     else:
-        simmim, weights, _ = load_simmim(checkpoint)
+        simmim, weights, _ = load_simmim(checkpoint, model_kwargs=model_kwargs, img_size=img_size)
         img_size = simmim.encoder.backbone.patch_embed.img_size[0]
         metadata.update(img_size=img_size, crop_pct=1.0, model=(weights.config or {}).get("model", weights.source))
         if what == "reconstruction":

@@ -40,7 +40,6 @@ def timm_model(checkpoint: str, img_size: int | None = None, model_kwargs: dict[
     position embeddings and relative position tables resized as finetune resizes them (``weights.adapt_state``);
     the folder's config.json then describes that model."""
     from .inference import load_classifier
-    from .models import check_img_size
     from .weights import load_simmim, read_weights
 
     kind = read_weights(checkpoint).kind
@@ -55,10 +54,7 @@ def timm_model(checkpoint: str, img_size: int | None = None, model_kwargs: dict[
         return TimmModel(model.backbone, "encoder", config.crop_pct,
                          notes=[note, *_resize_note(img_size, model_kwargs, config.img_size)])
     simmim, _, report = load_simmim(checkpoint, model_kwargs=model_kwargs, img_size=img_size)
-    backbone = simmim.encoder.backbone
-    if img_size is not None or model_kwargs:
-        check_img_size(backbone, backbone.patch_embed.img_size[0], backbone.pretrained_cfg["architecture"])
-    return TimmModel(backbone, "encoder", 0.875, notes=report.adapted)
+    return TimmModel(simmim.encoder.backbone, "encoder", 0.875, notes=report.adapted)
 
 
 def _resize_note(img_size: int | None, model_kwargs: dict[str, Any] | None, size: int) -> list[str]:

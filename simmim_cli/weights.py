@@ -219,15 +219,18 @@ def load_simmim(
     img_size: int | None = None,
 ) -> tuple[nn.Module, Weights, LoadReport]:
     """A whole SimMIM model (encoder, mask token, pixel head) from a pretrain checkpoint of this toolkit or an
-    official release; ``model_name``/``model_kwargs``/``img_size`` fill in what the checkpoint does not say.
-    Without decoder weights in the checkpoint the head stays randomly initialised (see ``Weights.decoder``)."""
-    from .models import build_simmim
+    official release; ``model_name``/``model_kwargs``/``img_size`` fill in what the checkpoint does not say, or
+    change it (tables resized, the size checked). Without decoder weights in the checkpoint the head stays randomly
+    initialised (see ``Weights.decoder``)."""
+    from .models import build_simmim, check_img_size
 
     weights = read_weights(path)
     name, kwargs, size = architecture_of(weights)
     kwargs = {**kwargs, **(model_kwargs or {})}
     model = build_simmim(model_name or name, img_size or size or 224, kwargs, 0.0)
     report = load_encoder(model.encoder.backbone, weights)
+    if img_size or model_kwargs:
+        check_img_size(model.encoder.backbone, img_size or size or 224, model_name or name)
     if weights.mask_token is not None:
         if weights.mask_token.shape != model.encoder.mask_token.shape:
             raise SimmimError(f"{path}: its mask token is {tuple(weights.mask_token.shape)}, the model's "

@@ -206,6 +206,35 @@ def test_a_linear_probe_exports_its_encoder_to_timm_at_a_new_window(tmp_path):
         assert model.num_classes == 0 and model.layers[1].blocks[0].attn.relative_position_bias_table.shape[0] == 121
         runs_at(model, 48)
 
+@pytest.mark.parametrize("family", ["vit", "swin"])
+def test_a_finetuned_classifier_exports_to_onnx_at_a_new_size(tmp_path, family):
+    """The same resizing for --onnx: the file takes 56-px images and was verified against PyTorch at 56 px."""
+    import onnxruntime as ort
+
+    checkpoint = classifier_checkpoint(tmp_path, family)  # 32 px; the Swin at window 4
+    window = ["--model-kwargs", json.dumps({"window_size": 7})] if family == "swin" else []
+    output = tmp_path / "m56.onnx"
+    result = runner.invoke(app, ["export", "--checkpoint", str(checkpoint), "--output", str(output), "--img-size",
+                                 "56", *window])
+    assert result.exit_code == 0, result.output
+    assert "verified" in result.output.lower()
+    session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[-2:] == [56, 56]
+    images = torch.randn(2, 3, 56, 56).numpy()
+    assert session.run(None, {session.get_inputs()[0].name: images})[0].shape == (2, len(CLASSES))
+
+
+def test_official_swin_features_export_to_onnx_at_a_new_window(swin_window4, tmp_path):
+    output = tmp_path / "features.onnx"
+    result = runner.invoke(app, ["export", "--checkpoint", str(swin_window4), "--output", str(output), "--what",
+                                 "features", "--img-size", "48", "--model-kwargs", json.dumps({"window_size": 6})])
+    assert result.exit_code == 0, result.output
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[-2:] == [48, 48]
+
+
 def test_sizes_and_windows_that_do_not_fit_are_one_line_errors(beit_32, swin_window4, tmp_path):
     def refused(*options: str) -> str:
         return one_line_error(runner.invoke(app, ["export", "--checkpoint", str(beit_32), "--timm",
@@ -214,7 +243,6 @@ def test_sizes_and_windows_that_do_not_fit_are_one_line_errors(beit_32, swin_win
     line = refused("--img-size", "50")
     assert "not a multiple of" in line and "patch size 8" in line and "use e.g. 48" in line
     assert "--model-kwargs" in refused("--model-kwargs", json.dumps({"window_size": 7}))  # not a Swin
-    assert "--timm folder only" in refused("--img-size", "48", "--onnx")
     assert "--img-size" in refused("--img-size", "0")
     assert not (tmp_path / "out").exists()
     line = one_line_error(runner.invoke(app, ["export", "--checkpoint", str(swin_window4), "--timm",

@@ -248,11 +248,12 @@ def export(
              "`hf auth login` or HF_TOKEN with write access.",
         show_default=False)] = None,
     img_size: Annotated[int | None, typer.Option(
-        help="Input size of the --timm folder's model \\[default: the checkpoint's]; position embeddings and "
-             "relative position tables are resized as finetune resizes them, and config.json says the new size.",
+        help="Input size of the exported model (ONNX, TorchScript or --timm) \\[default: the checkpoint's]; "
+             "position embeddings and relative position tables are resized as finetune resizes them, and the ONNX "
+             "metadata or config.json says the new size.",
         show_default=False)] = None,
     model_kwargs: Annotated[str | None, typer.Option(
-        help="JSON of timm.create_model arguments that change the --timm folder's model, as for finetune: "
+        help="JSON of timm.create_model arguments that change the exported model, as for finetune: "
              "'{\"window_size\": 7}' for a Swin at another window, usually with --img-size (224 for window 7).",
         show_default=False)] = None,
 ) -> None:

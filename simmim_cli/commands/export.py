@@ -20,9 +20,6 @@ def export(config: ExportConfig) -> dict[str, Any]:
     """``simmim export``: ONNX (fp32, fp16 or int8) and/or TorchScript files, verified against PyTorch, and/or a
     timm folder (``--timm``, ``--push-to-hub``)."""
 
-    if (config.img_size is not None or config.model_kwargs) and (config.onnx or config.torchscript or not config.timm):
-        raise SimmimError("--img-size and --model-kwargs change the model of the --timm folder only; give --timm DIR "
-                          "without --onnx/--torchscript (export those in another run at the checkpoint's size)")
     if config.checkpoint is None:
         found = newest_classifier() or checkpoints.newest_run_checkpoint(Path("runs"), "pretrain")
         if found is None:
@@ -54,7 +51,7 @@ def export_timm(config: ExportConfig) -> dict[str, Any]:
 
 def export_onnx(config: ExportConfig, files: list[Path]) -> dict[str, Any]:
     """ONNX (fp32, fp16 or int8) and/or TorchScript files, verified against PyTorch."""
-    module, what, metadata = exportable(config.checkpoint, config.what)
+    module, what, metadata = exportable(config.checkpoint, config.what, config.img_size, config.model_kwargs)
     output = Path(config.output or f"{what}.onnx")
     targets = ([output] if config.onnx else []) + ([output.with_suffix(".pt")] if config.torchscript else [])
     for target in targets:
