@@ -19,6 +19,7 @@ One thread: on a CPU shared with other jobs, two spinning intra-op threads ran 6
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -101,7 +102,8 @@ def run_set(name: str, root: Path, args, seed: int) -> dict:
     run = root / "pretrain"
     config = with_defaults(PretrainConfig, data=str(shards["unlabelled"]), output=str(run), force=True,
                            mask_patch_size=8, epochs=args.pretrain_epochs, **common)
-    pretrain(config)
+    with contextlib.redirect_stdout(sys.stderr):  # the runs' lines: stdout keeps the JSON lines only
+        pretrain(config)
     result = {"set": name, "seed": seed, "train_images": len(list((root / "images" / "labelled").rglob("*.png"))),
               "held_out_images": len(list((root / "images" / "val").rglob("*.png"))),
               "pretrain_epochs": args.pretrain_epochs, "pretrain_batch": config.batch_size,
@@ -115,7 +117,8 @@ def run_set(name: str, root: Path, args, seed: int) -> dict:
         config = with_defaults(FinetuneConfig, data=str(shards["labelled"]), val_data=str(shards["val"]),
                                output=str(output), force=True, epochs=args.finetune_epochs,
                                **({"pretrained": checkpoint} if start == "simmim" else {}), **common)
-        finetune(config)
+        with contextlib.redirect_stdout(sys.stderr):
+            finetune(config)
         top1 = [row["val_top1"] for row in rows(output) if "val_top1" in row]
         result[f"{start}_top1"], result[f"{start}_best_top1"] = top1[-1], max(top1)
     result["finetune_defaults"] = {k: getattr(config, k) for k in (
