@@ -79,11 +79,17 @@ def test_a_one_process_nccl_group_reduces_and_trains_under_ddp():
         torch.distributed.destroy_process_group()
 
 
-def test_fp16_export_is_verified_on_the_cuda_provider(pretrain_checkpoint, tmp_path):  # noqa: F811
+def needs_onnxruntime_cuda() -> None:
+    """Skips where onnxruntime is a CPU build; `pip install -e ".[test]"` installs onnxruntime-gpu on Linux x86_64,
+    whose CUDA provider is then listed, and one that lists it but cannot load it fails the test."""
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("onnxruntime here has no CUDA provider (install onnxruntime-gpu)")
+
+
+def test_fp16_export_is_verified_on_the_cuda_provider(pretrain_checkpoint, tmp_path):  # noqa: F811
+    needs_onnxruntime_cuda()
     from simmim_cli.commands.export import export
     from simmim_cli.config import ExportConfig
 
@@ -95,10 +101,7 @@ def test_fp16_export_is_verified_on_the_cuda_provider(pretrain_checkpoint, tmp_p
 
 def onnx_classifier(tmp_path):
     """A tiny classifier checkpoint and its ONNX export (skips where onnxruntime has no CUDA provider)."""
-    import onnxruntime as ort
-
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        pytest.skip("onnxruntime here has no CUDA provider (install onnxruntime-gpu)")
+    needs_onnxruntime_cuda()
     from test_export import classifier_checkpoint
 
     from simmim_cli.commands.export import export
