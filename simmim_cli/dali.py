@@ -303,27 +303,34 @@ class DaliStream(_DaliSource):
         self.workers = 0  # the engine's DataLoader is bypassed: DALI runs its own threads
         self.epoch = 0
         self.skip_batches = 0
+        self.epochs = 1
 
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        """Next iteration yields ``epoch``'s batches after the first ``skip_batches`` (whose samples are not
-        tracked: the rest of a resumed epoch is drawn in another order)."""
+    def set_epoch(self, epoch: int, skip_batches: int = 0, epochs: int = 1) -> None:
+        """Next iteration yields the batches of ``epochs`` epochs from ``epoch`` on, starting after the first
+        ``skip_batches`` of ``epoch`` (whose samples are not tracked: the rest of a resumed epoch is drawn in
+        another order)."""
         self.epoch = epoch
         self.skip_batches = skip_batches
+        self.epochs = epochs
 
-    def _pipeline(self, attempt: int):
+    def _pipeline(self, epoch: int, skip_batches: int, attempt: int):
         urls = list(self.shards.urls)
-        random.Random(f"{self.seed}/{self.epoch}/{attempt}/{self.skip_batches}").shuffle(urls)  # alike on all ranks
+        random.Random(f"{self.seed}/{epoch}/{attempt}/{skip_batches}").shuffle(urls)  # alike on all ranks
         # DALI deals samples (not whole shards) to ranks, so fewer shards than ranks is fine
-        return self.build(_seed(self.seed, self.epoch, self.rank, self.skip_batches, attempt), urls,
+        return self.build(_seed(self.seed, epoch, self.rank, skip_batches, attempt), urls,
                           shard_id=self.rank, num_shards=self.world_size, shuffle_buffer=self.shuffle_buffer)
 
     def __iter__(self) -> Iterator[dict]:
+        for index in range(self.epochs):
+            yield from self._epoch_batches(self.epoch + index, self.skip_batches if index == 0 else 0)
+
+    def _epoch_batches(self, epoch: int, skip_batches: int) -> Iterator[dict]:
         failures = 0
-        pipe = self._pipeline(failures)
+        pipe = self._pipeline(epoch, skip_batches, failures)
         # samples the indexes leave out: counted once per epoch, by rank 0, as the CPU stream meets them once
         skipped = [f"left out of the DALI index as undecodable ({n + 1} of {self.left_out})"
-                   for n in range(self.left_out)] if self.rank == 0 and self.skip_batches == 0 else []
-        for index in range(self.skip_batches, self.batches_per_epoch):
+                   for n in range(self.left_out)] if self.rank == 0 and skip_batches == 0 else []
+        for index in range(skip_batches, self.batches_per_epoch):
             while True:
                 try:
                     batch = self.batch(pipe.run())
@@ -337,9 +344,9 @@ class DaliStream(_DaliSource):
                     skipped += [f"DALI could not decode a batch ({reason}); dropped it, sample {n + 1} of "
                                 f"{self.batch_size}" for n in range(self.batch_size)]
                     del pipe
-                    pipe = self._pipeline(failures)
+                    pipe = self._pipeline(epoch, skip_batches, failures)
             if self.masks is not None:
-                generator = torch.Generator().manual_seed(_seed(self.seed, self.epoch, self.rank, index))
+                generator = torch.Generator().manual_seed(_seed(self.seed, epoch, self.rank, index))
                 batch["mask"] = self.masks(self.batch_size, generator=generator).to(batch["image"].device)
             batch["skipped"] = skipped
             skipped = []

@@ -81,7 +81,9 @@ class ShardStream(IterableDataset):
     Call :meth:`set_epoch` before iterating. Each of the ``world_size × max(workers, 1)`` consumers yields
     ``batches_per_consumer`` batches per epoch, so each rank gets :attr:`batches_per_epoch` batches.
     Sample order and augmentation depend only on (seed, epoch, consumer, position): a run that resumes in
-    the middle of an epoch sees the same batches as one that never stopped.
+    the middle of an epoch sees the same batches as one that never stopped. One iteration can span several
+    epochs, so that the loader processes live for the whole run (no restart, no empty pipeline, at each
+    epoch's start).
     """
 
     def __init__(
@@ -113,18 +115,21 @@ class ShardStream(IterableDataset):
         self.batches_per_consumer = max(1, math.ceil(shards.num_samples / (self.num_consumers * batch_size)))
         self.epoch = 0
         self.skip_batches = 0
+        self.epochs = 1
 
     @property
     def batches_per_epoch(self) -> int:
         """Batches each rank receives per epoch (the same on every rank)."""
         return self.batches_per_consumer * max(self.workers, 1)
 
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        """Next iteration yields ``epoch``'s batches, starting after the rank's first ``skip_batches``."""
+    def set_epoch(self, epoch: int, skip_batches: int = 0, epochs: int = 1) -> None:
+        """Next iteration yields the batches of ``epochs`` epochs from ``epoch`` on, :attr:`batches_per_epoch`
+        each, starting after the rank's first ``skip_batches`` of ``epoch``."""
         self.epoch = epoch
         self.skip_batches = skip_batches
+        self.epochs = epochs
 
-    def _samples(self, consumer: int, skipped: list[str]) -> Iterator[dict]:
+    def _samples(self, epoch: int, consumer: int, skipped: list[str]) -> Iterator[dict]:
         """This consumer's share of the data, shuffled, pass after pass until the caller stops.
 
         When the shard lengths are known (``_info.json``), each pass lays the shards end to end in a shuffled
@@ -173,7 +178,7 @@ class ShardStream(IterableDataset):
         empty_passes = 0
         for pass_index in range(1_000_000):
             order = list(range(len(self.shards.urls)))
-            random.Random(f"{self.seed}/{self.epoch}/{pass_index}").shuffle(order)  # the same on every consumer
+            random.Random(f"{self.seed}/{epoch}/{pass_index}").shuffle(order)  # the same on every consumer
             if by_range:
                 share = sample_range(order)
             else:
@@ -181,7 +186,7 @@ class ShardStream(IterableDataset):
                 # the sample index runs on over passes, so consumers beyond the sample count still get samples
                 share = strided(urls[consumer :: self.num_consumers] if split_by_shard else urls,
                                 pass_index * self.shards.num_samples)
-            rng = random.Random(f"{self.seed}/{self.epoch}/{pass_index}/{consumer}")
+            rng = random.Random(f"{self.seed}/{epoch}/{pass_index}/{consumer}")
             count = 0
             for sample in wds.filters.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng)(share):
                 count += 1
@@ -196,15 +201,21 @@ class ShardStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         # The DataLoader deals batches round-robin, starting at worker 0, so rank batch i comes from worker
         # i % workers. After skipping k batches, loader worker w plays the part of worker (w + k) % workers,
-        # which keeps the resumed order identical to the uninterrupted one.
+        # which keeps the resumed order identical to the uninterrupted one. An epoch is a whole number of
+        # rounds (batches_per_consumer from each worker), so the part stays the same in the epochs after it.
         role = (worker + self.skip_batches) % workers
         consumer = self.rank * workers + role
-        skip = (self.skip_batches - role + workers - 1) // workers
+        for index in range(self.epochs):
+            skip = (self.skip_batches - role + workers - 1) // workers if index == 0 else 0
+            yield from self._epoch_batches(self.epoch + index, consumer, skip)
+
+    def _epoch_batches(self, epoch: int, consumer: int, skip: int) -> Iterator[dict]:
+        """One consumer's batches of one epoch, after its first ``skip``."""
         remaining = self.batches_per_consumer - skip
         if remaining <= 0:
             return
         skipped: list[str] = []
-        stream = self._samples(consumer, skipped)
+        stream = self._samples(epoch, consumer, skipped)
         position = 0  # raw samples consumed: one batch slot each
         # skip what the interrupted run already trained on, before the (costly) decoding
         for _ in range(skip * self.batch_size):
@@ -228,7 +239,7 @@ class ShardStream(IterableDataset):
             # A bad sample's slot goes to the next good image (with the slot's own augmentation and mask):
             # batch contents then depend only on raw positions, so resuming mid-epoch stays exact.
             for slot in [*bad_slots, position]:
-                seed = int(np.random.SeedSequence([self.seed, self.epoch, consumer, slot]).generate_state(1)[0])
+                seed = int(np.random.SeedSequence([self.seed, epoch, consumer, slot]).generate_state(1)[0])
                 with seeded_rng(seed):
                     outputs = self.transform(image)
                 if label is not None:
@@ -269,7 +280,7 @@ def make_loader(dataset: ShardStream, pin_memory: bool = False) -> DataLoader:
         batch_size=None,
         num_workers=dataset.workers,
         pin_memory=pin_memory,
-        persistent_workers=False,  # workers are re-created each epoch and pick up set_epoch
+        # one iteration spans the run's epochs (set_epoch's ``epochs``): the workers are started once
         # its own generator, so starting an epoch's workers does not draw from the training process's RNG
         # (samples are seeded by position, not by worker seeds)
         generator=torch.Generator().manual_seed(0),
@@ -462,23 +473,28 @@ class TensorStream(torch.utils.data.IterableDataset):
         self.batch_size, self.rank, self.world_size, self.seed, self.shuffle = (
             batch_size, rank, world_size, seed, shuffle)
         self.batches_per_epoch = max(1, len(labels) // (batch_size * world_size))
-        self.epoch, self.skip = 0, 0
+        self.epoch, self.skip, self.epochs = 0, 0, 1
 
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        self.epoch, self.skip = epoch, skip_batches
+    def set_epoch(self, epoch: int, skip_batches: int = 0, epochs: int = 1) -> None:
+        """As :meth:`ShardStream.set_epoch`: ``epochs`` epochs from ``epoch`` on, after ``skip_batches``."""
+        self.epoch, self.skip, self.epochs = epoch, skip_batches, epochs
 
     def __iter__(self):
-        count = len(self.labels)
         if not self.shuffle:
-            mine = torch.arange(self.rank, count, self.world_size)
+            mine = torch.arange(self.rank, len(self.labels), self.world_size)
             for start in range(0, len(mine), self.batch_size):
                 index = mine[start:start + self.batch_size]
                 yield {"features": self.features[index], "label": self.labels[index]}
             return
-        order = torch.randperm(count, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        for index in range(self.epochs):
+            yield from self._epoch_batches(self.epoch + index, self.skip if index == 0 else 0)
+
+    def _epoch_batches(self, epoch: int, skip: int):
+        count = len(self.labels)
+        order = torch.randperm(count, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
         if count < self.batch_size * self.world_size:  # fewer samples than one global batch: repeat them
             order = order.repeat(-(-self.batch_size * self.world_size // count))
-        for batch in range(self.skip, self.batches_per_epoch):
+        for batch in range(skip, self.batches_per_epoch):
             start = (batch * self.world_size + self.rank) * self.batch_size
             index = order[start:start + self.batch_size]
             yield {"features": self.features[index], "label": self.labels[index]}

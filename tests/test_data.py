@@ -342,7 +342,7 @@ def test_every_sample_goes_to_exactly_one_consumer_per_epoch(tmp_path, world_siz
         taken = dataset.batches_per_consumer * batch_size  # what the consumer yields in an epoch
         share = (consumer + 1) * total // consumers - consumer * total // consumers
         assert share <= taken < share + batch_size  # its whole share, padded by less than a batch
-        samples = dataset._samples(consumer, [])
+        samples = dataset._samples(0, consumer, [])
         seen += [int(next(samples)["__key__"][1:]) for _ in range(share)]
     assert sorted(seen) == list(range(total))
 
@@ -362,6 +362,21 @@ def test_order_depends_on_seed_and_epoch_only(tmp_path):
     assert epoch_numbers(stream(folder, workers=2)) == first
     assert epoch_numbers(stream(folder, workers=2), epoch=1) != first
     assert epoch_numbers(stream(folder, workers=2, seed=5)) != first
+
+
+@pytest.mark.parametrize("workers", [0, 1, 3])
+def test_one_iteration_over_several_epochs_equals_the_epochs_one_by_one(tmp_path, workers):
+    """The engine reads the whole run through one loader (its workers live for the run): the batches must be
+    each epoch's own, in order, also when the first epoch resumes in the middle."""
+    folder = numbered_shards(tmp_path / "span", [9, 2, 14, 5, 1, 6])
+    dataset = stream(folder, workers=workers)
+    one_by_one = [epoch_numbers(dataset, epoch=e) for e in (2, 3, 4)]
+    per_epoch = dataset.batches_per_epoch
+    assert all(len(batches) == per_epoch for batches in one_by_one)
+    for skip in (0, 1, 2, per_epoch - 1):
+        dataset.set_epoch(2, skip, epochs=3)
+        spanning = [numbers(batch) for batch in make_loader(dataset)]
+        assert spanning == one_by_one[0][skip:] + one_by_one[1] + one_by_one[2]
 
 
 def test_skipping_batches_resumes_exactly_where_the_epoch_was(tmp_path):

@@ -98,15 +98,16 @@ class SlicedBatches(IterableDataset):
         self.batch_size = global_batches[0]["image"].shape[0] // world_size
         self.rank = rank
         self.batches_per_epoch = len(global_batches)
-        self.skip = 0
+        self.skip, self.epochs = 0, 1
 
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        self.skip = skip_batches
+    def set_epoch(self, epoch: int, skip_batches: int = 0, epochs: int = 1) -> None:
+        self.skip, self.epochs = skip_batches, epochs
 
     def __iter__(self):
         part = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
-        for batch in self.global_batches[self.skip:]:
-            yield {key: value[part] for key, value in batch.items()}
+        for index in range(self.epochs):
+            for batch in self.global_batches[self.skip if index == 0 else 0:]:
+                yield {key: value[part] for key, value in batch.items()}
 
 
 def global_batches(count: int = 4, size: int = 8) -> list[dict]:

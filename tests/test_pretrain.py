@@ -127,6 +127,37 @@ def library_config(shards: Path, output: Path, **overrides) -> PretrainConfig:
     return config
 
 
+def test_the_loader_starts_once_and_every_epoch_trains_on_its_own_batches(shards, tmp_path, monkeypatch):
+    """One loader (its worker processes) for the whole run; each epoch still gets exactly its own batches, the
+    ones a fresh loader gives for that epoch, the tail that --grad-accum leaves unused dropped."""
+    from simmim_cli import distributed
+    from simmim_cli.commands.pretrain import build_pretrain
+    from simmim_cli.pipeline import make_loader
+
+    config = library_config(shards, tmp_path / "run", workers=2, grad_accum=3, epochs=3, drop_path=0.0)
+    _, dataset = build_pretrain(config, distributed.Context())
+    steps_per_epoch = dataset.batches_per_epoch // 3
+    assert dataset.batches_per_epoch % 3  # a tail to drop, or this test would not test it
+    expected = []
+    for epoch in range(3):
+        dataset.set_epoch(epoch)
+        expected += [batch["image"].sum(dim=(1, 2, 3)).tolist() for batch in make_loader(dataset)][
+            :steps_per_epoch * 3]
+
+    starts, trained = [], []
+    original_iter, original_step = torch.utils.data.DataLoader.__iter__, tasks.PretrainTask.training_step
+    monkeypatch.setattr(torch.utils.data.DataLoader, "__iter__", lambda self: starts.append(1) or original_iter(self))
+
+    def recording_step(self, model, batch):
+        trained.append(batch["image"].sum(dim=(1, 2, 3)).tolist())
+        return original_step(self, model, batch)
+
+    monkeypatch.setattr(tasks.PretrainTask, "training_step", recording_step)
+    pretrain(config)
+    assert len(starts) == 1
+    assert trained == expected
+
+
 def test_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(shards, tmp_path, monkeypatch):
     pretrain(library_config(shards, tmp_path / "run", max_steps=2))
     good = tmp_path / "run" / "checkpoint-00000002.pth"
