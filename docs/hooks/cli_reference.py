@@ -1,0 +1,84 @@
+"""MkDocs hook: the CLI reference page, rendered at build time from the Typer app itself.
+
+``docs/reference.md`` holds a marker line; this hook replaces it with every command's usage, help text,
+arguments, options (grouped by their ``--help`` panels, each row the one ``--help`` prints) and examples, read
+from ``typer.main.get_command``. So the reference cannot drift from ``--help``, and a command someone adds
+appears without touching the docs. (``mkdocs-click`` refuses Typer's commands: Typer bundles its own Click.)
+"""
+
+from __future__ import annotations
+
+import html
+import re
+
+MARKER = "<!-- cli-reference -->"
+SKIPPED = {"help", "install_completion", "show_completion"}  # the same on every command, or shell setup
+
+
+def on_page_markdown(markdown: str, page, config, files) -> str:
+    if MARKER not in markdown:
+        return markdown
+    return markdown.replace(MARKER, render_reference())
+
+
+def render_reference() -> str:
+    """Markdown for ``simmim`` and each of its commands, in the order ``simmim --help`` lists them."""
+    import typer.main
+
+    from simmim_cli.cli import app
+
+    group = typer.main.get_command(app)
+    context = group.make_context("simmim", [], resilient_parsing=True)
+    parts = [render_command(group, context, "simmim", is_group=True)]
+    for name, command in group.commands.items():
+        if not command.hidden:
+            sub_context = command.make_context(f"simmim {name}", [], parent=context, resilient_parsing=True)
+            parts.append(render_command(command, sub_context, f"simmim {name}"))
+    return "\n\n".join(parts)
+
+
+def render_command(command, context, path: str, is_group: bool = False) -> str:
+    lines = [f"## `{path}`", "", text(command.help or ""), ""]
+    lines += ["```text", f"{path} {' '.join(command.collect_usage_pieces(context))}", "```", ""]
+    panels: dict[str, list[str]] = {}
+    for param in command.get_params(context):
+        if param.hidden or param.name in SKIPPED:
+            continue
+        names, help_text = param.get_help_record(context)  # the very row --help prints
+        help_text, default = split_default(help_text or "")
+        panel = "Arguments" if param.param_type_name == "argument" else (
+            getattr(param, "rich_help_panel", None) or "Options")
+        panels.setdefault(panel, []).append(f"| {code_names(names)} | {cell(default)} | {cell(help_text)} |")
+    for panel, rows in sorted(panels.items(), key=lambda item: item[0] != "Arguments"):  # arguments first
+        lines += [f"**{panel}**", "", "| | default | description |", "|---|---|---|", *rows, ""]
+    if is_group:
+        lines += ["| command | what it does |", "|---|---|"]
+        lines += [f"| [`simmim {name}`](#simmim-{name}) | {cell(sub.get_short_help_str(limit=300))} |"
+                  for name, sub in command.commands.items() if not sub.hidden]
+        lines.append("")
+    if command.epilog:
+        lines += ["```text", command.epilog.replace("\n\n", "\n").strip(), "```", ""]
+    return "\n".join(lines)
+
+
+def split_default(help_text: str) -> tuple[str, str]:
+    """``'Seed.  [default: 0]'`` → ``('Seed.', '0')``; a trailing ``[required]`` → ``'required'``."""
+    match = re.search(r"\s*\[(?:default: (?P<default>.*)|required)\]$", help_text)
+    if not match:
+        return help_text, ""
+    return help_text[:match.start()], match.group("default") or "required"
+
+
+def code_names(names: str) -> str:
+    """``'--shuffle / --no-shuffle'`` → each name as code; a metavar (``--seed <int>``) stays with its name."""
+    return " / ".join(f"`{part.strip()}`" for part in names.split(" / "))
+
+
+def text(value: str) -> str:
+    """Help text as Markdown: Rich's escaped brackets unescaped, HTML and Markdown specials escaped."""
+    value = html.escape(value.replace("\\[", "["), quote=False)
+    return re.sub(r"([\\`*_\[\]|])", r"\\\1", value)
+
+
+def cell(value: str) -> str:
+    return " ".join(text(value).split())
