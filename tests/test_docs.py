@@ -73,12 +73,26 @@ def command_lines(text: str) -> list[str]:
         for line in joined(lines):
             if language == "console" and not line.startswith("$ "):
                 continue
+            line = line[:comment_start(line)]  # `# ... simmim --gpus 8 ...` in a comment is prose
             found += [line[m.start():] for m in COMMAND_START.finditer(line)]
     prose = re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)
     for span in re.findall(r"`([^`\n]+)`", prose):  # a span that is a command (not a message mentioning one)
         if span.startswith("simmim ") or " -m simmim_cli " in span:
             found.append(span[COMMAND_START.search(span).start():])
     return found
+
+
+def comment_start(line: str) -> int:
+    """Where a shell comment starts (a `#` after a space, outside quotes), or the line's length."""
+    quote = None
+    for index, char in enumerate(line):
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char == "#" and (index == 0 or line[index - 1].isspace()):
+            return index
+    return len(line)
 
 
 def tokens(command_line: str) -> list[str]:
@@ -148,7 +162,8 @@ def test_the_option_check_catches_a_renamed_option():
         "--gpu is not an option of `simmim pretrain`"]
     assert unknown_options("simmim pretrian --data x", names) == ["`simmim pretrian` is not a command"]
     assert unknown_options("simmim --debug COMMAND --anything", names) == []
-    page = "see `simmim knn --gpus 8` and\n```bash\nsimmim export --onnx \\\n  --int8  # for CPUs\n```\n"
+    page = ("see `simmim knn --gpus 8` and\n```bash\nsimmim export --onnx \\\n  --int8  # simmim --no-such\n"
+            "sbatch job.sh   # each runs simmim pretrain --gpus 8\n```\n")
     assert [tokens(line) for line in command_lines(page)] == [["export", "--onnx", "--int8"], ["knn", "--gpus", "8"]]
 
 
