@@ -9,6 +9,7 @@ among them means exit code 2 is expected, else 0.
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import shlex
@@ -179,6 +180,37 @@ def test_the_readme_links_resolve():
     assert [link for link in links if not (ROOT / link).exists()] == []
     assert "pip install -e . && simmim pretrain --demo" in readme
     assert 'pip install -e ".[test]" && pytest' in readme  # .ci/run runs this very command
+
+
+def error_message_heads() -> dict[str, str]:
+    """``file:line`` → the first words of each one-line error the code raises: the first piece of its message's
+    literal text at least 12 characters long, cut at ``;``, ``:`` and brackets (the rest is filled in)."""
+    trees = {path: ast.parse(path.read_text()) for path in sorted((ROOT / "simmim_cli").rglob("*.py"))}
+    error_classes = {"SimmimError"}
+    for _ in range(3):  # subclasses of subclasses
+        error_classes |= {node.name for tree in trees.values() for node in ast.walk(tree)
+                          if isinstance(node, ast.ClassDef)
+                          and any(getattr(base, "id", None) in error_classes for base in node.bases)}
+    heads = {}
+    for path, tree in trees.items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) in error_classes and node.args:
+                pieces = [piece.strip() for literal in ast.walk(node.args[0])
+                          if isinstance(literal, ast.Constant) and isinstance(literal.value, str)
+                          for piece in re.split(r"[;:()]", literal.value)]
+                pieces = [piece for piece in pieces if len(piece) >= 12]
+                if pieces:
+                    heads[f"{path.relative_to(ROOT)}:{node.lineno}"] = " ".join(pieces[0].split())
+    return heads
+
+
+def test_every_error_message_is_in_troubleshooting():
+    """A user who searches the troubleshooting page for the start of an error finds what it means and the fix."""
+    page = " ".join((ROOT / "docs" / "troubleshooting.md").read_text().split())
+    heads = error_message_heads()
+    assert len(heads) > 100 and "simmim_cli/masking.py" in " ".join(heads)
+    missing = [f"{where}: {head}" for where, head in heads.items() if head not in page]
+    assert not missing, "add these errors to docs/troubleshooting.md:\n" + "\n".join(missing)
 
 
 # ---------------------------------------------------------------------------------------------- runnable examples
