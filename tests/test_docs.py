@@ -114,11 +114,17 @@ def tokens(command_line: str) -> list[str]:
 
 
 def option_names() -> dict[str, set[str]]:
-    """Each command's option names, from the Typer app; "" is `simmim` itself."""
-    group = typer.main.get_command(app)
-    return {name: {opt for param in command.params if param.param_type_name == "option"
-                   for opt in [*param.opts, *param.secondary_opts]} | {"--help", "-h"}
-            for name, command in {"": group, **group.commands}.items()}
+    """Each command's option names, from the Typer app: "" is `simmim` itself, "pretrain" `simmim pretrain`."""
+    names = {}
+
+    def visit(command, path: str) -> None:
+        names[path] = {opt for param in command.params if param.param_type_name == "option"
+                       for opt in [*param.opts, *param.secondary_opts]} | {"--help", "-h"}
+        for name, sub in getattr(command, "commands", {}).items():  # a command group's commands
+            visit(sub, f"{path} {name}".strip())
+
+    visit(typer.main.get_command(app), "")
+    return names
 
 
 def unknown_options(command_line: str, names: dict[str, set[str]]) -> list[str]:
@@ -129,12 +135,12 @@ def unknown_options(command_line: str, names: dict[str, set[str]]) -> list[str]:
             option = word.split("=", 1)[0]
             if option.startswith("--") and option not in names[command]:
                 problems.append(f"{option} is not an option of `{f'simmim {command}'.strip()}`")
-        elif command == "":  # the first word that is not an option: the command
+        elif f"{command} {word}".strip() in names:
+            command = f"{command} {word}".strip()
+        elif command == "":  # the first word that is not an option should have been a command
             if not re.fullmatch(r"[a-z][a-z-]*", word):
                 return problems  # a placeholder (COMMAND, ...): nothing more to check
-            if word not in names:
-                return [f"`simmim {word}` is not a command"]
-            command = word
+            return [f"`simmim {word}` is not a command"]
     return problems
 
 

@@ -28,13 +28,18 @@ def render_reference() -> str:
     from simmim_cli.cli import app
 
     group = typer.main.get_command(app)
-    context = group.make_context("simmim", [], resilient_parsing=True)
-    parts = [render_command(group, context, "simmim", is_group=True)]
-    for name, command in group.commands.items():
-        if not command.hidden:
-            sub_context = command.make_context(f"simmim {name}", [], parent=context, resilient_parsing=True)
-            parts.append(render_command(command, sub_context, f"simmim {name}"))
-    return "\n\n".join(parts)
+    return "\n\n".join(render_tree(group, group.make_context("simmim", [], resilient_parsing=True), "simmim"))
+
+
+def render_tree(command, context, path: str) -> list[str]:
+    """This command's section, then its subcommands' (and theirs, should a command group ever be added)."""
+    subcommands = getattr(command, "commands", {})
+    parts = [render_command(command, context, path, is_group=bool(subcommands))]
+    for name, sub in subcommands.items():
+        if not sub.hidden:
+            sub_context = sub.make_context(f"{path} {name}", [], parent=context, resilient_parsing=True)
+            parts += render_tree(sub, sub_context, f"{path} {name}")
+    return parts
 
 
 def render_command(command, context, path: str, is_group: bool = False) -> str:
@@ -53,12 +58,17 @@ def render_command(command, context, path: str, is_group: bool = False) -> str:
         lines += [f"**{panel}**", "", "| | default | description |", "|---|---|---|", *rows, ""]
     if is_group:
         lines += ["| command | what it does |", "|---|---|"]
-        lines += [f"| [`simmim {name}`](#simmim-{name}) | {cell(sub.get_short_help_str(limit=300))} |"
+        lines += [f"| [`{path} {name}`](#{anchor(f'{path} {name}')}) | {cell(sub.get_short_help_str(limit=300))} |"
                   for name, sub in command.commands.items() if not sub.hidden]
         lines.append("")
     if command.epilog:
         lines += ["```text", command.epilog.replace("\n\n", "\n").strip(), "```", ""]
     return "\n".join(lines)
+
+
+def anchor(path: str) -> str:
+    """The id MkDocs gives the heading of ``path``: ``simmim make-shards`` → ``simmim-make-shards``."""
+    return path.replace(" ", "-")
 
 
 def split_default(help_text: str) -> tuple[str, str]:
