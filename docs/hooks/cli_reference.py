@@ -49,7 +49,10 @@ def render_command(command, context, path: str, is_group: bool = False) -> str:
     for param in command.get_params(context):
         if param.hidden or param.name in SKIPPED:
             continue
-        names, help_text = param.get_help_record(context)  # the very row --help prints
+        record = param.get_help_record(context)  # the very row --help prints (None: --help shows nothing)
+        if record is None:
+            continue
+        names, help_text = record
         help_text, default = split_default(help_text or "")
         panel = "Arguments" if param.param_type_name == "argument" else (
             getattr(param, "rich_help_panel", None) or "Options")
