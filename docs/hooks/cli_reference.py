@@ -9,6 +9,7 @@ appears without touching the docs. (``mkdocs-click`` refuses Typer's commands: T
 from __future__ import annotations
 
 import html
+import inspect
 import re
 
 MARKER = "<!-- cli-reference -->"
@@ -43,7 +44,7 @@ def render_tree(command, context, path: str) -> list[str]:
 
 
 def render_command(command, context, path: str, is_group: bool = False) -> str:
-    lines = [f"## `{path}`", "", text(command.help or ""), ""]
+    lines = [f"## `{path}`", "", text(inspect.cleandoc(command.help or "")), ""]
     lines += ["```text", f"{path} {' '.join(command.collect_usage_pieces(context))}", "```", ""]
     panels: dict[str, list[str]] = {}
     for param in command.get_params(context):
