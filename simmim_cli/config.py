@@ -372,7 +372,8 @@ class ExportConfig:
     tolerance: float = 1e-4
     force: bool = False
     timm: str | None = None  # a folder in timm's hub layout (model.safetensors + config.json)
-    push_to_hub: str | None = None  # a Hugging Face Hub repository for that folder
+    hf: str | None = None  # a folder in transformers' layout (config.json + model.safetensors + preprocessor)
+    push_to_hub: str | None = None  # a Hugging Face Hub repository for the --timm or --hf folder
     img_size: int | None = None  # the --timm folder's model at another input size; the checkpoint's unless given
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # likewise, e.g. {"window_size": 7}
 
@@ -383,10 +384,14 @@ class ExportConfig:
             raise SimmimError(f"--what must be classifier, features or reconstruction, got '{self.what}'")
         if self.exporter not in ("auto", "dynamo", "torchscript"):
             raise SimmimError(f"--exporter must be auto, dynamo or torchscript, got '{self.exporter}'")
-        if not self.onnx and not self.torchscript and not self.timm:
-            raise SimmimError("nothing to export: give --onnx, --torchscript and/or --timm DIR")
-        if self.push_to_hub and not self.timm:
-            raise SimmimError("--push-to-hub uploads the --timm folder; give --timm DIR too")
+        if not self.onnx and not self.torchscript and not self.timm and not self.hf:
+            raise SimmimError("nothing to export: give --onnx, --torchscript, --timm DIR and/or --hf DIR")
+        if self.push_to_hub and not (self.timm or self.hf):
+            raise SimmimError("--push-to-hub uploads the --timm or --hf folder; give one of them too")
+        if self.push_to_hub and self.timm and self.hf:
+            raise SimmimError("--push-to-hub uploads one folder: give --timm DIR or --hf DIR, not both")
+        if self.timm and self.hf and Path(self.timm).resolve() == Path(self.hf).resolve():
+            raise SimmimError("--timm and --hf need two folders (both write config.json and model.safetensors)")
         if self.fp16 and self.int8:
             raise SimmimError("choose one of --fp16 (GPUs) and --int8 (CPUs)")
         if self.opset < 17:

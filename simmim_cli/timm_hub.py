@@ -64,12 +64,12 @@ def _resize_note(img_size: int | None, model_kwargs: dict[str, Any] | None, size
             + ": position embeddings and relative position tables resized from the checkpoint's"]
 
 
-def check_target(directory: Path, force: bool) -> None:
+def check_target(directory: Path, force: bool, option: str = "--timm", files: tuple[str, ...] = FILES) -> None:
     """Refuses a file, and a folder that already holds anything, unless ``force``."""
     if directory.exists() and not directory.is_dir():
-        raise SimmimError(f"--timm {directory} is a file; give a folder")
+        raise SimmimError(f"{option} {directory} is a file; give a folder")
     if directory.is_dir() and any(directory.iterdir()) and not force:
-        raise SimmimError(f"--timm {directory} is not empty; pass --force to replace its {', '.join(FILES)}, "
+        raise SimmimError(f"{option} {directory} is not empty; pass --force to replace its {', '.join(files)}, "
                           "or choose another folder")
 
 
@@ -133,7 +133,7 @@ def _usage(found: TimmModel) -> str:
             f"{output}\n```\n")
 
 
-def push(directory: Path, repo: str) -> str:
+def push(directory: Path, repo: str, option: str = "--timm") -> str:
     """Uploads the folder to the Hub repository ``repo`` (created private if it does not exist: weights trained on
     someone's data are not published by accident); returns the commit URL."""
     try:
@@ -144,7 +144,7 @@ def push(directory: Path, repo: str) -> str:
     try:
         repo_id = api.create_repo(repo, private=True, exist_ok=True).repo_id
         commit = api.upload_folder(repo_id=repo_id, folder_path=str(directory),
-                                   commit_message="Add model (simmim export --timm)")
+                                   commit_message=f"Add model (simmim export {option})")
     except Exception as error:  # HTTP, network and login errors of several libraries: one line for each
         first = (str(error).splitlines() or [type(error).__name__])[0]
         raise SimmimError(f"--push-to-hub {repo}: {first}; {directory} is written; log in with `hf auth login` (or "
