@@ -113,6 +113,11 @@ class TrainConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+def check_param_groups(value: str) -> None:
+    if value not in ("timm", "official"):
+        raise SimmimError(f"--param-groups must be timm or official, got '{value}'")
+
+
 @dataclass
 class PretrainConfig(TrainConfig):
     """``simmim pretrain``: SimMIM masking on top of the shared training settings."""
@@ -123,6 +128,7 @@ class PretrainConfig(TrainConfig):
     val_data: str | None = None  # held-out images: masked L1 (val_loss) after every epoch
     knn_data: str | None = None  # labelled shards: the k-NN memory bank, scored at every checkpoint
     knn_val_data: str | None = None  # labelled shards: the k-NN queries (knn_top1, knn_top5)
+    param_groups: str = "timm"  # timm | official: whose weight-decay rules (optim.py)
 
     command = "pretrain"
     data_defaults = ("batch_size", "base_lr", "mask_patch_size")
@@ -136,6 +142,7 @@ class PretrainConfig(TrainConfig):
             raise SimmimError("--demo brings its own images; drop --data or drop --demo")
         if self.demo and self.nnodes > 1:
             raise SimmimError("--demo runs on one machine; drop --nnodes")
+        check_param_groups(self.param_groups)
         if (self.knn_data is None) != (self.knn_val_data is None):
             raise SimmimError("the k-NN score needs both --knn-data (labelled memory bank) and --knn-val-data "
                               "(labelled queries)")
@@ -152,6 +159,7 @@ class FinetuneConfig(TrainConfig):
     val_data: str | None = None
     global_pool: str | None = None  # the model's own pooling unless given (avg, token)
     layer_decay: float | None = None  # None: 0.65 for ViT/BEiT, 0.9 for Swin
+    param_groups: str = "timm"  # timm | official: whose layer ids and weight-decay rules (optim.py)
     drop_path: float = 0.1
     label_smoothing: float = 0.1
     mixup: float = 0.8
@@ -187,6 +195,7 @@ class FinetuneConfig(TrainConfig):
             raise SimmimError("--min-crop-scale must be in (0, 1] and --hflip in [0, 1]")
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
             raise SimmimError(f"--layer-decay must be in (0, 1], got {self.layer_decay}")
+        check_param_groups(self.param_groups)
         if (self.mixup or self.cutmix) and self.batch_size % 2:
             raise SimmimError("mixup/cutmix pair up images: use an even --batch-size, or --mixup 0 --cutmix 0")
 

@@ -396,7 +396,8 @@ def hf_config(backbone: torch.nn.Module, kind: str, what: str, classes: list[str
                             depths=[len(stage.blocks) for stage in backbone.layers],
                             num_heads=[block.attn.num_heads for block in blocks],
                             window_size=(round(table ** 0.5) + 1) // 2,
-                            mlp_ratio=blocks[0].mlp.fc1.out_features / dim, qkv_bias=blocks[0].attn.qkv.bias is not None,
+                            mlp_ratio=blocks[0].mlp.fc1.out_features / dim,
+                            qkv_bias=blocks[0].attn.qkv.bias is not None,
                             layer_norm_eps=backbone.norm.eps, encoder_stride=patch * 2 ** (len(blocks) - 1),
                             hidden_act="gelu")
     config.architectures = [{"vit": "ViT", "swin": "Swin"}[kind] + CLASSES[what]]
@@ -407,7 +408,7 @@ def hf_config(backbone: torch.nn.Module, kind: str, what: str, classes: list[str
 
 
 def simmim_to_hf(simmim: torch.nn.Module) -> HfModel:
-    """A SimMIM model (encoder, mask token, pixel head) → ``SwinForMaskedImageModeling``/``ViTForMaskedImageModeling``."""
+    """A SimMIM model (encoder, mask token, pixel head) → ``Swin``/``ViTForMaskedImageModeling``."""
     backbone = simmim.encoder.backbone
     kind = encoder_kind(backbone)
     state = _mapped(backbone.state_dict(), kind)

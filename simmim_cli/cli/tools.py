@@ -209,11 +209,12 @@ def knn(
     "  simmim export --timm vit-cls/ --checkpoint runs/finetune-X/best.pth --push-to-hub me/vit-cls\n\n"
     "  simmim export --timm swin-224/ --checkpoint simmim_swin_base_192.pth --img-size 224 --model-kwargs "
     "'{\"window_size\": 7}'\n\n"
-    "  simmim export --hf swin-mim/ --checkpoint runs/pretrain-X/checkpoint-00012345.pth  # SwinForMaskedImageModeling\n\n"
+    "  simmim export --hf swin-mim/ --checkpoint runs/pretrain-X/checkpoint-00012345.pth  # with the pixel head\n\n"
     "  simmim export --hf vit-cls/ --checkpoint runs/finetune-X/best.pth --push-to-hub me/vit-cls\n\n"
     "A --timm folder loads with timm.create_model('local-dir:vit-simmim/', pretrained=True), also as a "
     "detection/segmentation backbone (features_only=True); an --hf folder with transformers' "
-    "AutoModelForMaskedImageModeling / AutoModelForImageClassification.from_pretrained(DIR). See docs/hugging-face.md."))
+    "AutoModelForMaskedImageModeling / AutoModelForImageClassification.from_pretrained(DIR) "
+    "(docs/hugging-face.md)."))
 @handle_errors
 def export(
     ctx: typer.Context,
@@ -238,7 +239,8 @@ def export(
     verify: Annotated[bool, typer.Option(help="Compare onnxruntime with PyTorch on real images; fail above "
                                          "--tolerance.")] = True,
     tolerance: Annotated[float, typer.Option(help="Largest accepted absolute difference (fp32).")] = 1e-4,
-    force: Annotated[bool, typer.Option("--force", help="Replace existing files (and a --timm or --hf folder's).")] = False,
+    force: Annotated[bool, typer.Option("--force",
+                                        help="Replace existing files (and a --timm or --hf folder's).")] = False,
     timm: Annotated[str | None, typer.Option(
         "--timm", help="Write a folder in timm's hub layout (model.safetensors + config.json + README.md model card): "
         "a pretraining checkpoint's encoder (no head), a fine-tuning checkpoint's whole classifier, a linear "
