@@ -205,7 +205,7 @@ def test_a_hub_id_comes_from_the_cache_offline_and_is_one_line_error_otherwise(t
     # as a user runs it: a process of its own, nothing reaches the network
     shutil.rmtree(tmp_path / "hub")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
-    result = simmim("visualize-recon", str(photo_folder), "--checkpoint", "hf-hub:microsoft/swin-base-simmim-window6-192",
-                    "--output", str(tmp_path / "r.png"))
+    hub_id = "hf-hub:microsoft/swin-base-simmim-window6-192"
+    result = simmim("visualize-recon", str(photo_folder), "--checkpoint", hub_id, "--output", str(tmp_path / "r.png"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "hf-hub:microsoft/swin-base-simmim-window6-192" in result.stderr and "HF_HUB_OFFLINE" in result.stderr
+    assert hub_id in result.stderr and "HF_HUB_OFFLINE" in result.stderr
