@@ -240,6 +240,10 @@ def read_folder(source: str | Path) -> HfCheckpoint:
     if unknown:
         raise SimmimError(f"{source}: {len(unknown)} tensor(s) that a transformers {kind} has no place for "
                           f"({', '.join(unknown[:3])}); simmim reads {SUPPORTED}")
+    eps = config.get("layer_norm_eps", 1e-12)
+    if kind == "vit" and eps != 1e-6:
+        notes.append(f"transformers' ViT normalises with layer_norm_eps {eps:g}, timm's with 1e-6: outputs differ "
+                     "slightly where a token's variance is tiny (docs/hugging-face.md)")
     classes = None
     if any(name.startswith("head.") for name in encoder):
         labels = config.get("id2label") or {}

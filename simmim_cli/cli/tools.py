@@ -94,7 +94,9 @@ def visualize_recon(
     images: Annotated[list[str], typer.Argument(help="Image files, folders of images, or shards.",
                                                 show_default=False)],
     checkpoint: Annotated[str | None, typer.Option(
-        help="Pretrain checkpoint (this toolkit's or an official SimMIM release) [default: the newest under runs/].",
+        help="Pretrain checkpoint: this toolkit's, an official SimMIM release, a transformers "
+             "Swin/ViTForMaskedImageModeling folder or Hub id (hf-hub:microsoft/swin-base-simmim-window6-192) "
+             "[default: the newest under runs/].",
         show_default=False)] = None,
     output: Annotated[str, typer.Option(help="PNG panel to write.")] = "recon.png",
     force: Annotated[bool, typer.Option("--force", help="Replace --output and --save-arrays files.")] = False,
@@ -159,8 +161,8 @@ def knn(
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.", rich_help_panel=DATA)] = KN.batch_size,
     workers: Workers = KN.workers,
     pretrained: Annotated[str | None, typer.Option(
-        help="Encoder checkpoint (simmim, official SimMIM or timm); without it a randomly initialised encoder is "
-             "scored, the baseline to compare against.", rich_help_panel=MODEL, show_default=False)] = None,
+        help="Encoder checkpoint (simmim, official SimMIM, timm, a transformers folder or hf-hub: id); without it "
+             "a randomly initialised encoder is scored, the baseline to compare against.", rich_help_panel=MODEL, show_default=False)] = None,
     allow_missing: AllowMissing = False,
     model: ClassifierModel = None,
     model_kwargs: ModelKwargs = None,
