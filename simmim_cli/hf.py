@@ -67,6 +67,7 @@ QKV = ("query", "key", "value")
 BUFFERS = ("relative_position_index", "attn_mask")
 # the timm model a config becomes (its kwargs say the size); a plain ViT and a Swin V1
 TIMM_MODELS = {"vit": "vit_base_patch16_224", "swin": "swin_base_patch4_window7_224"}
+TIMM_NORM_EPS = {"vit": 1e-6, "swin": 1e-5}  # what those models' LayerNorms use (transformers' ViT: 1e-12)
 
 
 def _pattern(template: str) -> re.Pattern:
@@ -240,10 +241,6 @@ def read_folder(source: str | Path) -> HfCheckpoint:
     if unknown:
         raise SimmimError(f"{source}: {len(unknown)} tensor(s) that a transformers {kind} has no place for "
                           f"({', '.join(unknown[:3])}); simmim reads {SUPPORTED}")
-    eps = config.get("layer_norm_eps", 1e-12)
-    if kind == "vit" and eps != 1e-6:
-        notes.append(f"transformers' ViT normalises with layer_norm_eps {eps:g}, timm's with 1e-6: outputs differ "
-                     "slightly where a token's variance is tiny (docs/hugging-face.md)")
     classes = None
     if any(name.startswith("head.") for name in encoder):
         labels = config.get("id2label") or {}
@@ -317,6 +314,9 @@ def architecture(config: dict[str, Any], source: str | Path) -> tuple[str, dict[
                   "num_heads": list(config.get("num_heads", [3, 6, 12, 24])), "patch_size": patch,
                   "window_size": window[0] if isinstance(window, (list, tuple)) else window,
                   "mlp_ratio": config.get("mlp_ratio", 4.0), "qkv_bias": config.get("qkv_bias", True)}
+    eps = config.get("layer_norm_eps", 1e-12 if kind == "vit" else 1e-5)
+    if eps != TIMM_NORM_EPS[kind]:  # models.create_backbone sets it on every LayerNorm
+        kwargs["layer_norm_eps"] = eps
     return TIMM_MODELS[kind], kwargs, size
 
 

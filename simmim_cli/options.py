@@ -118,8 +118,9 @@ Bf16GradReduce = Annotated[bool, typer.Option(
          "gain within one NVLink node.", rich_help_panel=DIST)]
 ParamGroups = Annotated[str, typer.Option(
     help="Whose parameter groups: timm (timm's layer ids and no-weight-decay list) | official (the authors' "
-         "optimizer.py exactly: a Swin patch merging one layer lower, relative position tables (and the ViT's mask "
-         "token) decayed; the paper's recipes set it). See docs/hugging-face.md.",
+         "optimizer.py exactly, set by the paper's recipes: a Swin patch merging one layer lower for layer decay; "
+         "weight decay on the ViT's relative position tables and pretraining mask token, and on Swin's tables in "
+         "pretraining). See docs/hugging-face.md.",
     rich_help_panel=OPTIM)]
 Pretrained = Annotated[str | None, typer.Option(
     help="Start from this checkpoint: a simmim pretrain checkpoint, an official SimMIM release, a timm state "

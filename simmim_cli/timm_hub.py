@@ -46,7 +46,7 @@ def timm_model(checkpoint: str, img_size: int | None = None, model_kwargs: dict[
     if kind == "finetune":
         model, config, classes = load_classifier(checkpoint, img_size, model_kwargs)
         return TimmModel(model, "classifier", config.crop_pct, classes,
-                         notes=_resize_note(img_size, model_kwargs, config.img_size))
+                         notes=_resize_note(img_size, model_kwargs, config.img_size) + _eps_note(model))
     if kind == "linear-probe":
         model, config, _ = load_classifier(checkpoint, img_size, model_kwargs)
         note = ("a linear probe's head (BatchNorm + linear on frozen features) has no timm equivalent: exported its "
@@ -54,7 +54,17 @@ def timm_model(checkpoint: str, img_size: int | None = None, model_kwargs: dict[
         return TimmModel(model.backbone, "encoder", config.crop_pct,
                          notes=[note, *_resize_note(img_size, model_kwargs, config.img_size)])
     simmim, _, report = load_simmim(checkpoint, model_kwargs=model_kwargs, img_size=img_size)
-    return TimmModel(simmim.encoder.backbone, "encoder", 0.875, notes=report.adapted)
+    return TimmModel(simmim.encoder.backbone, "encoder", 0.875, notes=report.adapted + _eps_note(simmim))
+
+
+def _eps_note(model: nn.Module) -> list[str]:
+    """timm's config.json cannot say a LayerNorm epsilon (set for weights from transformers' ViT, 1e-12)."""
+    eps = {module.eps for module in model.modules() if isinstance(module, nn.LayerNorm)}
+    fresh = {1e-6, 1e-5}  # timm's ViT and Swin
+    if not eps or eps & fresh:
+        return []
+    return [f"the model's LayerNorms use epsilon {min(eps):g} (transformers' ViT); timm rebuilds this folder with its "
+            "own (1e-6): outputs differ slightly where a token's variance is tiny; --hf keeps it"]
 
 
 def _resize_note(img_size: int | None, model_kwargs: dict[str, Any] | None, size: int) -> list[str]:

@@ -25,9 +25,10 @@ runner = CliRunner()
 # small configs transformers runs (a Swin needs every stage at least one window wide)
 SWIN = dict(image_size=128, patch_size=4, embed_dim=32, depths=[2, 2, 2, 2], num_heads=[1, 2, 4, 8], window_size=4,
             encoder_stride=32)
-# layer_norm_eps: timm's ViT normalises with 1e-6 (transformers' default is 1e-12, see docs/hugging-face.md)
+# transformers' ViT normalises with layer_norm_eps 1e-12 (timm's with 1e-6): on these random weights that alone would
+# make a difference of 1e-3, so the epsilon is carried over
 VIT = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-           intermediate_size=64, encoder_stride=8, layer_norm_eps=1e-6)
+           intermediate_size=64, encoder_stride=8)
 
 
 def hf_model(kind: str, cls: str, folder: Path, **extra):
@@ -179,9 +180,16 @@ def test_finetune_starts_from_a_transformers_folder(tmp_path):
     assert losses and all(torch.isfinite(torch.tensor(losses)))
     saved = checkpoints.load_checkpoint(tmp_path / "run" / "last.pth")
     assert saved["config"]["model"] == "vit_base_patch16_224" and saved["config"]["model_kwargs"]["embed_dim"] == 32
+    assert saved["config"]["model_kwargs"]["layer_norm_eps"] == 1e-12  # transformers' epsilon, kept
     start = theirs.state_dict()  # trained from transformers' weights: close to them after a few small steps
     key = next(k for k in start if k.endswith("layernorm_before.weight"))
     assert (saved["model"]["blocks.0.norm1.weight"] - start[key]).abs().max() < 0.1
+
+    # and back to transformers, epsilon and all: one command each way
+    ok(runner.invoke(app, ["export", "--checkpoint", str(tmp_path / "run" / "last.pth"), "--hf",
+                           str(tmp_path / "back")]))
+    back = check_loads_strictly(tmp_path / "back", "AutoModelForImageClassification")
+    assert back.config.layer_norm_eps == 1e-12 and back.config.id2label == {0: "digit0", 1: "digit1"}
 
 
 def test_a_hub_id_comes_from_the_cache_offline_and_is_one_line_error_otherwise(tmp_path, monkeypatch, photo_folder):

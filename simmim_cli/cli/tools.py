@@ -162,7 +162,8 @@ def knn(
     workers: Workers = KN.workers,
     pretrained: Annotated[str | None, typer.Option(
         help="Encoder checkpoint (simmim, official SimMIM, timm, a transformers folder or hf-hub: id); without it "
-             "a randomly initialised encoder is scored, the baseline to compare against.", rich_help_panel=MODEL, show_default=False)] = None,
+             "a randomly initialised encoder is scored, the baseline to compare against.", rich_help_panel=MODEL,
+        show_default=False)] = None,
     allow_missing: AllowMissing = False,
     model: ClassifierModel = None,
     model_kwargs: ModelKwargs = None,
