@@ -190,6 +190,9 @@ def test_finetune_starts_from_a_transformers_folder(tmp_path):
                            str(tmp_path / "back")]))
     back = check_loads_strictly(tmp_path / "back", "AutoModelForImageClassification")
     assert back.config.layer_norm_eps == 1e-12 and back.config.id2label == {0: "digit0", 1: "digit1"}
+    result = ok(runner.invoke(app, ["export", "--checkpoint", str(tmp_path / "run" / "last.pth"), "--timm",
+                                    str(tmp_path / "timm")]))
+    assert "epsilon 1e-12" in result.output  # timm's config.json cannot say it: the export tells
 
 
 def test_a_hub_id_comes_from_the_cache_offline_and_is_one_line_error_otherwise(tmp_path, monkeypatch, photo_folder):
