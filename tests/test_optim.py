@@ -149,3 +149,14 @@ def test_official_groups_need_the_authors_architectures_and_the_paper_recipes_us
                      "pretrain_swin_base_192_w6_100ep.yaml", "pretrain_swin_base_192_w6_800ep.yaml",
                      "pretrain_swin_large_192_w12_800ep.yaml", "pretrain_vit_base_224_100ep.yaml",
                      "pretrain_vit_base_224_800ep.yaml"]
+
+
+def test_param_groups_is_an_option_of_pretrain_and_finetune(tmp_path):
+    from typer.testing import CliRunner
+
+    from simmim_cli.cli import app
+
+    for command in ("pretrain", "finetune"):
+        result = CliRunner().invoke(app, [command, "--data", str(tmp_path), "--model", "vit_tiny_patch16_224",
+                                          "--param-groups", "authors"])
+        assert result.exit_code == 2 and "--param-groups must be timm or official, got 'authors'" in result.output
