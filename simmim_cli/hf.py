@@ -14,6 +14,7 @@ into three linear layers, timm fuses them into one.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -70,7 +71,9 @@ TIMM_MODELS = {"vit": "vit_base_patch16_224", "swin": "swin_base_patch4_window7_
 TIMM_NORM_EPS = {"vit": 1e-6, "swin": 1e-5}  # what those models' LayerNorms use (transformers' ViT: 1e-12)
 
 
+@functools.cache
 def _pattern(template: str) -> re.Pattern:
+    """A rule's template as a regex with one named group per placeholder."""
     parts = re.split(r"(\{\w+(?:\+1)?\})", template)
     regex = ""
     for part in parts:
@@ -233,8 +236,9 @@ def read_folder(source: str | Path) -> HfCheckpoint:
         elif name.startswith("decoder."):
             parts["decoder"][name[len("decoder."):]] = tensor
         elif name.startswith("pooler."):
-            notes.append("left out ViTModel's pooler (a dense layer on the class token that SimMIM and the "
-                         "classifiers do not use)")
+            note = ("left out ViTModel's pooler (a dense layer on the class token that SimMIM and the classifiers "
+                    "do not use)")
+            notes += [] if note in notes else [note]
         else:
             parts["encoder"][name] = tensor
     encoder, unknown = hf_to_timm(parts["encoder"], kind)
