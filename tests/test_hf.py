@@ -220,3 +220,43 @@ def test_a_hub_id_comes_from_the_cache_offline_and_is_one_line_error_otherwise(t
     result = simmim("visualize-recon", str(photo_folder), "--checkpoint", hub_id, "--output", str(tmp_path / "r.png"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert hub_id in result.stderr and "HF_HUB_OFFLINE" in result.stderr
+
+
+def test_pytorch_model_bin_is_read_like_safetensors(tmp_path):
+    from safetensors.torch import load_file
+
+    hf_model("vit", "ForMaskedImageModeling", tmp_path / "hf")
+    expected = read_weights(tmp_path / "hf")
+    state = load_file(tmp_path / "hf" / "model.safetensors")
+    torch.save(state, tmp_path / "hf" / "pytorch_model.bin")  # what older transformers wrote
+    (tmp_path / "hf" / "model.safetensors").unlink()
+    found = read_weights(tmp_path / "hf")
+    assert set(found.encoder) == set(expected.encoder)
+    assert all(torch.equal(found.encoder[key], expected.encoder[key]) for key in found.encoder)
+    assert torch.equal(found.decoder["0.weight"], expected.decoder["0.weight"])
+
+
+def test_export_hf_pushes_the_checked_folder(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    seen = {}
+
+    class RepoUrl:
+        repo_id = "me/swin-simmim"
+
+    def create_repo(self, repo_id, private=False, exist_ok=False, **kwargs):
+        seen.update(created=repo_id, private=private)
+        return RepoUrl()
+
+    def upload_folder(self, repo_id, folder_path, commit_message="", **kwargs):
+        seen.update(files=sorted(p.name for p in Path(folder_path).iterdir()), message=commit_message)
+        return "https://huggingface.co/me/swin-simmim/commit/abc"
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    checkpoint, _ = pretrain_checkpoint(tmp_path, "swin")
+    result = ok(runner.invoke(app, ["export", "--checkpoint", str(checkpoint), "--hf", str(tmp_path / "out"),
+                                    "--push-to-hub", "me/swin-simmim"]))
+    assert "commit/abc" in result.output and seen["created"] == "me/swin-simmim" and seen["private"]
+    assert seen["files"] == ["README.md", "config.json", "model.safetensors", "preprocessor_config.json"]
+    assert "--hf" in seen["message"]
