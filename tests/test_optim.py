@@ -160,3 +160,18 @@ def test_param_groups_is_an_option_of_pretrain_and_finetune(tmp_path):
         result = CliRunner().invoke(app, [command, "--data", str(tmp_path), "--model", "vit_tiny_patch16_224",
                                           "--param-groups", "authors"])
         assert result.exit_code == 2 and "--param-groups must be timm or official, got 'authors'" in result.output
+
+
+def test_a_run_resumes_with_the_parameter_groups_it_started_with(tmp_path):
+    from simmim_cli.commands.training import resolve_run_paths
+    from simmim_cli.config import FinetuneConfig
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint-00000010.pth").write_bytes(b"")
+    (tmp_path / "run" / "config.yaml").write_text("epochs: 3\n")  # a run from before --param-groups: timm's
+    resume = str(tmp_path / "run" / "checkpoint-00000010.pth")
+    with pytest.raises(SimmimError, match="resume with --param-groups timm"):
+        resolve_run_paths(FinetuneConfig(data="x", model="m", resume=resume, param_groups="official"))
+    config = FinetuneConfig(data="x", model="m", resume=resume, param_groups="timm")
+    resolve_run_paths(config)
+    assert config.output == str(tmp_path / "run")
