@@ -113,6 +113,11 @@ class TrainConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+def check_param_groups(value: str) -> None:
+    if value not in ("timm", "official"):
+        raise SimmimError(f"--param-groups must be timm or official, got '{value}'")
+
+
 @dataclass
 class PretrainConfig(TrainConfig):
     """``simmim pretrain``: SimMIM masking on top of the shared training settings."""
@@ -123,6 +128,7 @@ class PretrainConfig(TrainConfig):
     val_data: str | None = None  # held-out images: masked L1 (val_loss) after every epoch
     knn_data: str | None = None  # labelled shards: the k-NN memory bank, scored at every checkpoint
     knn_val_data: str | None = None  # labelled shards: the k-NN queries (knn_top1, knn_top5)
+    param_groups: str = "timm"  # timm | official: whose weight-decay rules (optim.py)
 
     command = "pretrain"
     data_defaults = ("batch_size", "base_lr", "mask_patch_size")
@@ -136,6 +142,7 @@ class PretrainConfig(TrainConfig):
             raise SimmimError("--demo brings its own images; drop --data or drop --demo")
         if self.demo and self.nnodes > 1:
             raise SimmimError("--demo runs on one machine; drop --nnodes")
+        check_param_groups(self.param_groups)
         if (self.knn_data is None) != (self.knn_val_data is None):
             raise SimmimError("the k-NN score needs both --knn-data (labelled memory bank) and --knn-val-data "
                               "(labelled queries)")
@@ -152,6 +159,7 @@ class FinetuneConfig(TrainConfig):
     val_data: str | None = None
     global_pool: str | None = None  # the model's own pooling unless given (avg, token)
     layer_decay: float | None = None  # None: 0.65 for ViT/BEiT, 0.9 for Swin
+    param_groups: str = "timm"  # timm | official: whose layer ids and weight-decay rules (optim.py)
     drop_path: float = 0.1
     label_smoothing: float = 0.1
     mixup: float = 0.8
@@ -187,6 +195,7 @@ class FinetuneConfig(TrainConfig):
             raise SimmimError("--min-crop-scale must be in (0, 1] and --hflip in [0, 1]")
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
             raise SimmimError(f"--layer-decay must be in (0, 1], got {self.layer_decay}")
+        check_param_groups(self.param_groups)
         if (self.mixup or self.cutmix) and self.batch_size % 2:
             raise SimmimError("mixup/cutmix pair up images: use an even --batch-size, or --mixup 0 --cutmix 0")
 
@@ -372,7 +381,8 @@ class ExportConfig:
     tolerance: float = 1e-4
     force: bool = False
     timm: str | None = None  # a folder in timm's hub layout (model.safetensors + config.json)
-    push_to_hub: str | None = None  # a Hugging Face Hub repository for that folder
+    hf: str | None = None  # a folder in transformers' layout (config.json + model.safetensors + preprocessor)
+    push_to_hub: str | None = None  # a Hugging Face Hub repository for the --timm or --hf folder
     img_size: int | None = None  # the --timm folder's model at another input size; the checkpoint's unless given
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # likewise, e.g. {"window_size": 7}
 
@@ -383,10 +393,14 @@ class ExportConfig:
             raise SimmimError(f"--what must be classifier, features or reconstruction, got '{self.what}'")
         if self.exporter not in ("auto", "dynamo", "torchscript"):
             raise SimmimError(f"--exporter must be auto, dynamo or torchscript, got '{self.exporter}'")
-        if not self.onnx and not self.torchscript and not self.timm:
-            raise SimmimError("nothing to export: give --onnx, --torchscript and/or --timm DIR")
-        if self.push_to_hub and not self.timm:
-            raise SimmimError("--push-to-hub uploads the --timm folder; give --timm DIR too")
+        if not self.onnx and not self.torchscript and not self.timm and not self.hf:
+            raise SimmimError("nothing to export: give --onnx, --torchscript, --timm DIR and/or --hf DIR")
+        if self.push_to_hub and not (self.timm or self.hf):
+            raise SimmimError("--push-to-hub uploads the --timm or --hf folder; give one of them too")
+        if self.push_to_hub and self.timm and self.hf:
+            raise SimmimError("--push-to-hub uploads one folder: give --timm DIR or --hf DIR, not both")
+        if self.timm and self.hf and Path(self.timm).resolve() == Path(self.hf).resolve():
+            raise SimmimError("--timm and --hf need two folders (both write config.json and model.safetensors)")
         if self.fp16 and self.int8:
             raise SimmimError("choose one of --fp16 (GPUs) and --int8 (CPUs)")
         if self.opset < 17:

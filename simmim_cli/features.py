@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoints, distributed
+from . import checkpoints, distributed, hf
 from .config import KnnConfig, LinearProbeConfig
 from .models import ProbeModel
 from .pipeline import EvalStream, make_loader
@@ -20,12 +20,22 @@ from .transforms import CropTransform, normalize
 
 
 def _cache_key(config: LinearProbeConfig | KnnConfig, data: str) -> str:
-    source = Path(config.pretrained).resolve() if config.pretrained else None
-    stamp = [str(source), source.stat().st_size, source.stat().st_mtime_ns] if source else ["random", config.seed]
+    stamp = weights_stamp(config.pretrained) if config.pretrained else ["random", config.seed]
     description = {"weights": stamp, "model": config.model, "kwargs": config.model_kwargs, "size": config.img_size,
                    "crop": config.crop_pct, "layer": config.layer, "pool": config.pool,
                    "data": resolve_shards(data).urls}
     return hashlib.sha1(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def weights_stamp(source: str) -> list:
+    """What identifies a checkpoint's contents: its path, size and time; for a transformers folder or Hub id
+    (whose cached snapshot path names the commit), those of its weights file."""
+    path = Path(source)
+    if hf.is_hf(source):
+        folder = hf.local_folder(source)
+        path = next((folder / name for name in hf.WEIGHT_FILES if (folder / name).is_file()), folder)
+    path = path.resolve()
+    return [str(path), path.stat().st_size, path.stat().st_mtime_ns]
 
 
 @torch.no_grad()

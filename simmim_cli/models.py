@@ -57,7 +57,9 @@ def create_backbone(
     """A timm model, never with downloaded weights. ``model_kwargs`` win over everything we set.
 
     ``norm_all_tokens`` keeps the final norm on every token (a SimMIM encoder, a probed backbone) rather than
-    on pooled features only (timm's choice for mean-pooling classifiers)."""
+    on pooled features only (timm's choice for mean-pooling classifiers). ``model_kwargs`` may hold one key of ours,
+    ``layer_norm_eps``: the epsilon of every LayerNorm (transformers' ViT uses 1e-12 where timm's uses 1e-6; a
+    JSON number, where timm would need a ``norm_layer`` function)."""
     family = model_family(model_name)
     kwargs: dict[str, Any] = {"num_classes": num_classes, "img_size": img_size}
     if drop_path_rate is not None:
@@ -65,10 +67,16 @@ def create_backbone(
     if norm_all_tokens:
         kwargs.update(_NORM_ALL_TOKENS[family])
     kwargs.update(model_kwargs or {})
+    norm_eps = kwargs.pop("layer_norm_eps", None)
     try:
-        return timm.create_model(model_name, pretrained=False, **kwargs)
+        model = timm.create_model(model_name, pretrained=False, **kwargs)
     except (TypeError, ValueError, AssertionError, RuntimeError) as error:
         raise SimmimError(f"timm cannot build '{model_name}' with {kwargs}: {error}; fix --model-kwargs") from error
+    if norm_eps is not None:
+        for module in model.modules():
+            if isinstance(module, nn.LayerNorm):
+                module.eps = float(norm_eps)
+    return model
 
 
 class MaskedEncoder(nn.Module):

@@ -116,9 +116,17 @@ Bf16GradReduce = Annotated[bool, typer.Option(
     help="All-reduce gradients in bf16 instead of fp32: half the network traffic between nodes, gradients "
          "rounded to 3 significant digits before averaging. Worth it on multi-node jobs with slow links; no "
          "gain within one NVLink node.", rich_help_panel=DIST)]
+ParamGroups = Annotated[str, typer.Option(
+    help="Whose parameter groups: timm (timm's layer ids and no-weight-decay list) | official (the authors' "
+         "optimizer.py exactly, set by the paper's recipes: a Swin patch merging one layer lower for layer decay; "
+         "weight decay on the ViT's relative position tables and pretraining mask token, and on Swin's tables in "
+         "pretraining). See docs/hugging-face.md.",
+    rich_help_panel=OPTIM)]
 Pretrained = Annotated[str | None, typer.Option(
-    help="Start from this checkpoint: a simmim pretrain checkpoint, an official SimMIM release, or a timm state "
-         "dict. Its architecture is used unless --model/--model-kwargs say otherwise.",
+    help="Start from this checkpoint: a simmim pretrain checkpoint, an official SimMIM release, a timm state "
+         "dict, a Hugging Face transformers ViT/Swin folder (save_pretrained, run_mim.py), or a Hub id such as "
+         "hf-hub:microsoft/swin-base-simmim-window6-192 (fetched once into the Hugging Face cache). Its "
+         "architecture is used unless --model/--model-kwargs say otherwise.",
     rich_help_panel=MODEL, show_default=False)]
 AllowMissing = Annotated[bool, typer.Option(
     "--allow-missing", help="Load even when backbone keys are missing or left over (they are listed).",

@@ -86,7 +86,7 @@ class PretrainTask(Task):
         self.knn = knn  # (memory bank stream, query stream, number of classes)
 
     def build_optimizer(self, lr: float) -> torch.optim.Optimizer:
-        return build_optimizer(self.model, lr, self.config.weight_decay)
+        return build_optimizer(self.model, lr, self.config.weight_decay, param_groups=self.config.param_groups)
 
     def training_step(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         loss, _ = model(normalize(batch["image"]), batch["mask"])
@@ -227,7 +227,8 @@ class FinetuneTask(ClassifierTask):
         self.ema = None
 
     def build_optimizer(self, lr: float) -> torch.optim.Optimizer:
-        return build_optimizer(self.model, lr, self.config.weight_decay, layer_decay=self.config.layer_decay)
+        return build_optimizer(self.model, lr, self.config.weight_decay, layer_decay=self.config.layer_decay,
+                               param_groups=self.config.param_groups)
 
     def training_step(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         images, labels = normalize(batch["image"]), batch["label"]

@@ -46,7 +46,7 @@ def timm_model(checkpoint: str, img_size: int | None = None, model_kwargs: dict[
     if kind == "finetune":
         model, config, classes = load_classifier(checkpoint, img_size, model_kwargs)
         return TimmModel(model, "classifier", config.crop_pct, classes,
-                         notes=_resize_note(img_size, model_kwargs, config.img_size))
+                         notes=_resize_note(img_size, model_kwargs, config.img_size) + _eps_note(model))
     if kind == "linear-probe":
         model, config, _ = load_classifier(checkpoint, img_size, model_kwargs)
         note = ("a linear probe's head (BatchNorm + linear on frozen features) has no timm equivalent: exported its "
@@ -54,7 +54,17 @@ def timm_model(checkpoint: str, img_size: int | None = None, model_kwargs: dict[
         return TimmModel(model.backbone, "encoder", config.crop_pct,
                          notes=[note, *_resize_note(img_size, model_kwargs, config.img_size)])
     simmim, _, report = load_simmim(checkpoint, model_kwargs=model_kwargs, img_size=img_size)
-    return TimmModel(simmim.encoder.backbone, "encoder", 0.875, notes=report.adapted)
+    return TimmModel(simmim.encoder.backbone, "encoder", 0.875, notes=report.adapted + _eps_note(simmim))
+
+
+def _eps_note(model: nn.Module) -> list[str]:
+    """timm's config.json cannot say a LayerNorm epsilon (set for weights from transformers' ViT, 1e-12)."""
+    eps = {module.eps for module in model.modules() if isinstance(module, nn.LayerNorm)}
+    fresh = {1e-6, 1e-5}  # timm's ViT and Swin
+    if not eps or eps & fresh:
+        return []
+    return [f"the model's LayerNorms use epsilon {min(eps):g} (transformers' ViT); timm rebuilds this folder with its "
+            "own (1e-6): outputs differ slightly where a token's variance is tiny; --hf keeps it"]
 
 
 def _resize_note(img_size: int | None, model_kwargs: dict[str, Any] | None, size: int) -> list[str]:
@@ -64,12 +74,12 @@ def _resize_note(img_size: int | None, model_kwargs: dict[str, Any] | None, size
             + ": position embeddings and relative position tables resized from the checkpoint's"]
 
 
-def check_target(directory: Path, force: bool) -> None:
+def check_target(directory: Path, force: bool, option: str = "--timm", files: tuple[str, ...] = FILES) -> None:
     """Refuses a file, and a folder that already holds anything, unless ``force``."""
     if directory.exists() and not directory.is_dir():
-        raise SimmimError(f"--timm {directory} is a file; give a folder")
+        raise SimmimError(f"{option} {directory} is a file; give a folder")
     if directory.is_dir() and any(directory.iterdir()) and not force:
-        raise SimmimError(f"--timm {directory} is not empty; pass --force to replace its {', '.join(FILES)}, "
+        raise SimmimError(f"{option} {directory} is not empty; pass --force to replace its {', '.join(files)}, "
                           "or choose another folder")
 
 
@@ -133,7 +143,7 @@ def _usage(found: TimmModel) -> str:
             f"{output}\n```\n")
 
 
-def push(directory: Path, repo: str) -> str:
+def push(directory: Path, repo: str, option: str = "--timm") -> str:
     """Uploads the folder to the Hub repository ``repo`` (created private if it does not exist: weights trained on
     someone's data are not published by accident); returns the commit URL."""
     try:
@@ -144,7 +154,7 @@ def push(directory: Path, repo: str) -> str:
     try:
         repo_id = api.create_repo(repo, private=True, exist_ok=True).repo_id
         commit = api.upload_folder(repo_id=repo_id, folder_path=str(directory),
-                                   commit_message="Add model (simmim export --timm)")
+                                   commit_message=f"Add model (simmim export {option})")
     except Exception as error:  # HTTP, network and login errors of several libraries: one line for each
         first = (str(error).splitlines() or [type(error).__name__])[0]
         raise SimmimError(f"--push-to-hub {repo}: {first}; {directory} is written; log in with `hf auth login` (or "

@@ -2,7 +2,8 @@
 
 Reads this toolkit's checkpoints (pretrain, finetune, linear-probe), the official SimMIM releases (a dict with
 ``model``; ``encoder.*``/``decoder.*`` keys; the ViT is timm's BEiT, the Swin is timm's Swin V1 in its old
-layout) and plain timm state dicts. Tables and position embeddings are resized with timm's own checkpoint
+layout), plain timm state dicts, and Hugging Face ``transformers`` ViT/Swin folders or Hub ids (``hf.py`` maps
+their names). Tables and position embeddings are resized with timm's own checkpoint
 filters (torch interpolation) when the image or window size changes.
 """
 
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checkpoints
+from . import checkpoints, hf
 from .errors import SimmimError
 from .models import model_family
 
@@ -30,19 +31,28 @@ class Weights:
     """The parts of a checkpoint, keyed as timm names them."""
 
     encoder: dict[str, torch.Tensor]  # timm backbone keys (with the classifier head when there is one)
-    source: str  # "simmim-cli pretrain", "simmim-cli finetune", "official SimMIM", "timm"
+    source: str  # "simmim-cli pretrain", "simmim-cli finetune", "official SimMIM", "timm", "Hugging Face <class>"
     path: Path
     kind: str | None = None  # a simmim-cli checkpoint's kind: pretrain, finetune, linear-probe
     decoder: dict[str, torch.Tensor] | None = None  # the SimMIM head's "0.weight", "0.bias"
     mask_token: torch.Tensor | None = None
-    config: dict[str, Any] | None = None  # the run config of a simmim-cli checkpoint
+    config: dict[str, Any] | None = None  # the run config of a simmim-cli checkpoint (model, kwargs, size of others)
     classes: list[str] | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what was left out or changed while reading
 
 
 def read_weights(path: str | Path) -> Weights:
     """Any supported checkpoint → :class:`Weights`."""
+    if hf.is_hf(path):
+        found = hf.read_folder(path)
+        return Weights(encoder=found.encoder, source=f"Hugging Face {found.architecture}", path=Path(str(path)),
+                       decoder=found.decoder, mask_token=found.mask_token, classes=found.classes, notes=found.notes,
+                       config={"model": found.model, "model_kwargs": found.model_kwargs, "img_size": found.img_size})
     path = Path(path)
+    if path.is_dir():
+        raise SimmimError(f"{path} is a folder without config.json; give a checkpoint file, or a folder written by "
+                          "transformers' save_pretrained")
     checkpoint = checkpoints.load_checkpoint(path)
     if "format_version" in checkpoint and "kind" in checkpoint:  # this toolkit
         state = checkpoint["model"]
@@ -209,7 +219,7 @@ def load_encoder(model: nn.Module, weights: Weights, allow_missing: bool = False
                          f"{', ...' if len(unexpected) > 3 else ''})")
         raise SimmimError(f"{weights.path} does not fit this model: {' and '.join(parts)} backbone keys; "
                           "choose the --model/--model-kwargs it was trained with, or pass --allow-missing")
-    return LoadReport(missing=missing, unexpected=unexpected, adapted=notes)
+    return LoadReport(missing=missing, unexpected=unexpected, adapted=[*weights.notes, *notes])
 
 
 def load_simmim(

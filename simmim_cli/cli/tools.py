@@ -94,7 +94,9 @@ def visualize_recon(
     images: Annotated[list[str], typer.Argument(help="Image files, folders of images, or shards.",
                                                 show_default=False)],
     checkpoint: Annotated[str | None, typer.Option(
-        help="Pretrain checkpoint (this toolkit's or an official SimMIM release) [default: the newest under runs/].",
+        help="Pretrain checkpoint: this toolkit's, an official SimMIM release, a transformers "
+             "Swin/ViTForMaskedImageModeling folder or Hub id (hf-hub:microsoft/swin-base-simmim-window6-192) "
+             "[default: the newest under runs/].",
         show_default=False)] = None,
     output: Annotated[str, typer.Option(help="PNG panel to write.")] = "recon.png",
     force: Annotated[bool, typer.Option("--force", help="Replace --output and --save-arrays files.")] = False,
@@ -159,8 +161,9 @@ def knn(
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.", rich_help_panel=DATA)] = KN.batch_size,
     workers: Workers = KN.workers,
     pretrained: Annotated[str | None, typer.Option(
-        help="Encoder checkpoint (simmim, official SimMIM or timm); without it a randomly initialised encoder is "
-             "scored, the baseline to compare against.", rich_help_panel=MODEL, show_default=False)] = None,
+        help="Encoder checkpoint (simmim, official SimMIM, timm, a transformers folder or hf-hub: id); without it "
+             "a randomly initialised encoder is scored, the baseline to compare against.", rich_help_panel=MODEL,
+        show_default=False)] = None,
     allow_missing: AllowMissing = False,
     model: ClassifierModel = None,
     model_kwargs: ModelKwargs = None,
@@ -209,8 +212,12 @@ def knn(
     "  simmim export --timm vit-cls/ --checkpoint runs/finetune-X/best.pth --push-to-hub me/vit-cls\n\n"
     "  simmim export --timm swin-224/ --checkpoint simmim_swin_base_192.pth --img-size 224 --model-kwargs "
     "'{\"window_size\": 7}'\n\n"
+    "  simmim export --hf swin-mim/ --checkpoint runs/pretrain-X/checkpoint-00012345.pth  # with the pixel head\n\n"
+    "  simmim export --hf vit-cls/ --checkpoint runs/finetune-X/best.pth --push-to-hub me/vit-cls\n\n"
     "A --timm folder loads with timm.create_model('local-dir:vit-simmim/', pretrained=True), also as a "
-    "detection/segmentation backbone (features_only=True); see the README."))
+    "detection/segmentation backbone (features_only=True); an --hf folder with transformers' "
+    "AutoModelForMaskedImageModeling / AutoModelForImageClassification.from_pretrained(DIR) "
+    "(docs/hugging-face.md)."))
 @handle_errors
 def export(
     ctx: typer.Context,
@@ -235,20 +242,29 @@ def export(
     verify: Annotated[bool, typer.Option(help="Compare onnxruntime with PyTorch on real images; fail above "
                                          "--tolerance.")] = True,
     tolerance: Annotated[float, typer.Option(help="Largest accepted absolute difference (fp32).")] = 1e-4,
-    force: Annotated[bool, typer.Option("--force", help="Replace existing files (and a --timm folder's).")] = False,
+    force: Annotated[bool, typer.Option("--force",
+                                        help="Replace existing files (and a --timm or --hf folder's).")] = False,
     timm: Annotated[str | None, typer.Option(
         "--timm", help="Write a folder in timm's hub layout (model.safetensors + config.json + README.md model card): "
         "a pretraining checkpoint's encoder (no head), a fine-tuning checkpoint's whole classifier, a linear "
         "probe's encoder. Load it with timm.create_model('local-dir:DIR', pretrained=True). Without --onnx "
         "given too, no ONNX file is written. A folder that is not empty is refused unless --force.",
         show_default=False)] = None,
+    hf: Annotated[str | None, typer.Option(
+        "--hf", help="Write a folder in Hugging Face transformers' layout (config.json, model.safetensors, "
+        "preprocessor_config.json, README.md): a pretraining checkpoint as SwinForMaskedImageModeling/"
+        "ViTForMaskedImageModeling with its pixel head (pretraining can go on with transformers' run_mim.py), a "
+        "fine-tuning checkpoint as …ForImageClassification with id2label. Checked before it is written: loaded by "
+        "transformers with no missing or unexpected key, outputs within --tolerance of simmim's. A plain ViT or a "
+        "Swin V1 only (the BEiT-style ViT and Swin V2: use --timm). Needs pip install \"simmim-cli\\[hf]\".",
+        show_default=False)] = None,
     push_to_hub: Annotated[str | None, typer.Option(
-        help="Upload the --timm folder to this Hugging Face Hub repository (user/name). A new repository is "
+        help="Upload the --timm or --hf folder to this Hugging Face Hub repository (user/name). A new repository is "
              "created private (make it public on the Hub); an existing one gets a new commit. Needs "
              "`hf auth login` or HF_TOKEN with write access.",
         show_default=False)] = None,
     img_size: Annotated[int | None, typer.Option(
-        help="Input size of the exported model (ONNX, TorchScript or --timm) \\[default: the checkpoint's]; "
+        help="Input size of the exported model (ONNX, TorchScript, --timm or --hf) \\[default: the checkpoint's]; "
              "position embeddings and relative position tables are resized as finetune resizes them, and the ONNX "
              "metadata or config.json says the new size.",
         show_default=False)] = None,
@@ -262,8 +278,8 @@ def export(
     from ..commands.export import export as run
 
     config = config_from_context(ExportConfig, ctx)
-    if config.timm and ctx.get_parameter_source("onnx").name in ("DEFAULT", "DEFAULT_MAP"):
-        config.onnx = False  # --timm alone writes the timm folder only
+    if (config.timm or config.hf) and ctx.get_parameter_source("onnx").name in ("DEFAULT", "DEFAULT_MAP"):
+        config.onnx = False  # --timm/--hf alone write their folder only
     result = run(config)
     for note in result["notes"]:
         typer.echo(f"note: {note}", err=True)
@@ -275,6 +291,14 @@ def export(
                    "pretrained=True)")
         if "pushed" in timm_result:
             typer.echo(f"pushed {folder}/ to the Hub: {timm_result['pushed']}")
+    if "hf" in result:
+        hf_result = result["hf"]
+        folder = hf_result["folder"]
+        typer.echo(f"wrote {folder}/: {result['checkpoint']} as transformers' {hf_result['architecture']} "
+                   f"(loaded back strictly; max |transformers - simmim| = {hf_result['max_abs_diff']:.2e} on the "
+                   f"check photos); load it with {hf_result['architecture']}.from_pretrained('{folder}')")
+        if "pushed" in hf_result:
+            typer.echo(f"pushed {folder}/ to the Hub: {hf_result['pushed']}")
     if "what" not in result:
         return
     check = result.get("verification")

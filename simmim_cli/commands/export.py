@@ -1,5 +1,5 @@
 """``simmim export``: ONNX (fp32, fp16 or int8) and TorchScript files of a checkpoint, verified against PyTorch;
-a folder in timm's hub layout, optionally pushed to the Hugging Face Hub."""
+a folder in timm's hub layout or in Hugging Face transformers' layout, optionally pushed to the Hugging Face Hub."""
 
 from __future__ import annotations
 
@@ -28,6 +28,11 @@ def export(config: ExportConfig) -> dict[str, Any]:
     report: dict[str, Any] = {"checkpoint": config.checkpoint, "files": [], "notes": []}
     if config.timm:
         report.update(export_timm(config))
+    if config.hf:
+        hf_report = export_hf(config)
+        report["notes"] += hf_report.pop("notes")
+        report["files"] += hf_report.pop("files")
+        report.update(hf_report)
     if config.onnx or config.torchscript:
         report.update(export_onnx(config, report["files"]))
     return report
@@ -47,6 +52,103 @@ def export_timm(config: ExportConfig) -> dict[str, Any]:
     if config.push_to_hub:
         result["timm"]["pushed"] = push(directory, config.push_to_hub)
     return {**result, "files": files}
+
+
+HF_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "README.md")
+
+
+def export_hf(config: ExportConfig) -> dict[str, Any]:
+    """``--hf DIR`` (and ``--push-to-hub REPO``): a pretraining checkpoint as ``…ForMaskedImageModeling`` (pixel
+    head included), a fine-tuning one as ``…ForImageClassification``; loaded back with transformers (no missing or
+    unexpected key) and compared with PyTorch on the check photos before the folder is moved into place."""
+    import os
+    import shutil
+
+    from ..hf import classifier_to_hf, simmim_to_hf, write_files
+    from ..inference import load_classifier
+    from ..timm_hub import check_target, push
+    from ..weights import load_simmim, read_weights
+
+    try:
+        import transformers  # noqa: F401 - the check below loads the folder with it
+    except ImportError as error:
+        raise SimmimError('--hf needs transformers: pip install "simmim-cli[hf]"') from error
+    directory = Path(config.hf)
+    check_target(directory, config.force, "--hf", HF_FILES)  # before loading anything
+    weights = read_weights(config.checkpoint)
+    if weights.kind == "linear-probe":
+        raise SimmimError("a linear probe's head (BatchNorm + linear on frozen features) has no transformers class; "
+                          "export its encoder with --timm DIR, or fine-tune it and export that")
+    notes: list[str] = []
+    if weights.kind == "finetune":
+        model, run_config, classes = load_classifier(config.checkpoint, config.img_size, config.model_kwargs)
+        found, ours, crop_pct = classifier_to_hf(model, classes), model, run_config.crop_pct
+    else:
+        simmim, weights, report = load_simmim(config.checkpoint, model_kwargs=config.model_kwargs,
+                                              img_size=config.img_size)
+        if not weights.decoder:
+            raise SimmimError(f"{config.checkpoint} has no pixel head (decoder) weights; --hf writes a SimMIM model "
+                              "from a pretraining checkpoint, or a classifier from a fine-tuning one")
+        found, ours, crop_pct, notes = simmim_to_hf(simmim), simmim, None, report.adapted
+    tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write_files(found, tmp, crop_pct, config.checkpoint)
+        difference = check_hf_folder(tmp, found.what, ours, config.tolerance)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        if not directory.exists():
+            tmp.rename(directory)
+        else:
+            for name in HF_FILES:
+                os.replace(tmp / name, directory / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    result: dict[str, Any] = {"hf": {"folder": directory, "architecture": found.architecture,
+                                     "max_abs_diff": difference}, "notes": notes,
+                              "files": [directory / name for name in HF_FILES]}
+    if config.push_to_hub:
+        result["hf"]["pushed"] = push(directory, config.push_to_hub, "--hf")
+    return result
+
+
+def check_hf_folder(folder: Path, what: str, ours: torch.nn.Module, tolerance: float) -> float:
+    """Loads ``folder`` with transformers' Auto class, strictly, and returns the largest difference between its
+    outputs (reconstruction or logits) and ours on the check photos; a SimmimError above ``tolerance``."""
+    import transformers
+
+    from ..hf import AUTO_CLASSES
+
+    auto = getattr(transformers, AUTO_CLASSES[what])
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the loading report is read below, not printed
+    transformers.logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model, info = auto.from_pretrained(str(folder), output_loading_info=True)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        transformers.logging.enable_progress_bar()
+    problems = {key: value for key, value in info.items() if value}
+    if problems:
+        raise SimmimError(f"transformers does not load the exported folder cleanly ({problems}); nothing was "
+                          "written; export with --timm DIR instead and report this")
+    model.eval()
+    size = model.config.image_size
+    images = verification_images(size)
+    with torch.no_grad():
+        if what == "mim":
+            grid = size // ours.patch_size
+            mask = torch.rand(len(images), grid, grid, generator=torch.Generator().manual_seed(1)) < 0.6
+            theirs = model(pixel_values=images, bool_masked_pos=mask.flatten(1)).reconstruction
+            mine = ours.eval()(images, mask)[1]
+        else:
+            theirs, mine = model(pixel_values=images).logits, ours.eval()(images)
+    difference = float((theirs - mine).abs().max())
+    if difference > tolerance:
+        raise SimmimError(f"transformers' outputs differ from simmim's by {difference:.2e} (above --tolerance "
+                          f"{tolerance:g}); nothing was written; export with --timm DIR instead and report this")
+    return difference
 
 
 def export_onnx(config: ExportConfig, files: list[Path]) -> dict[str, Any]:

@@ -38,6 +38,8 @@ def resolve_run_paths(config: TrainConfig, runs_root: Path = Path("runs")) -> No
         if not Path(config.resume).is_file():
             raise SimmimError(f"--resume {config.resume}: no such checkpoint; use --resume auto to take the newest")
         config.output = config.output or str(Path(config.resume).parent)
+    if config.resume:
+        check_resumed_param_groups(config)
     if config.output is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         config.output = str(runs_root / f"{config.command}-{stamp}")
@@ -51,6 +53,24 @@ def resolve_run_paths(config: TrainConfig, runs_root: Path = Path("runs")) -> No
                               "or pass --force to start over in it, or choose another --output")
         for path in previous + list(output.glob("preview-*.png")):
             path.unlink()
+
+
+def check_resumed_param_groups(config: TrainConfig) -> None:
+    """The optimizer state of a resumed run fits only the parameter groups it was made with (config.yaml of the
+    run says which; runs from before --param-groups had timm's)."""
+    wanted = getattr(config, "param_groups", None)
+    saved = Path(config.resume).parent / "config.yaml"
+    if wanted is None or not saved.is_file():
+        return
+    import yaml
+
+    try:
+        previous = (yaml.safe_load(saved.read_text()) or {}).get("param_groups", "timm")
+    except yaml.YAMLError:
+        return  # the checkpoint itself is checked when it loads
+    if previous != wanted:
+        raise SimmimError(f"{config.resume} was trained with --param-groups {previous}, whose optimizer state does "
+                          f"not fit --param-groups {wanted}; resume with --param-groups {previous}")
 
 
 def run_training(config: TrainConfig, prepare, build) -> None:
