@@ -351,10 +351,10 @@ def test_two_processes_stop_together_when_rank_0_cannot_save(shards, tmp_path):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A real tmpfs of a few hundred kB (needs root, as in CI); skipped where mounting is not allowed."""
+    """A real tmpfs of 1.4 MB, room for two checkpoints of the tiny model (~0.53 MB each) (needs root, as in CI); skipped where mounting is not allowed."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(disk)],
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1400k", "tmpfs", str(disk)],
                       capture_output=True).returncode != 0:
         pytest.skip("mounting a tmpfs needs root (CI runs as root); the patched faults above cover the logic")
     yield disk
