@@ -377,3 +377,71 @@ def test_a_run_on_a_disk_that_fills_up_as_a_user_meets_it(shards, small_disk):
     assert "oldest checkpoint(s) before saving" in resumed.output
     assert checkpoints.load_checkpoint(checkpoints.latest_checkpoint(run))["step"] == step + 3
     assert shutil.disk_usage(small_disk).free > 0
+
+
+# ---------------------------------------------------------------------------------------------- other writers
+
+
+def test_best_effort_warns_once_per_kind_and_folder_and_removes_its_temporary(tmp_path):
+    said: list[str] = []
+    for attempt in range(3):
+        tmp = tmp_path / f".cache-{attempt}.tmp"
+        with storage.best_effort("feature cache", tmp_path / "features.pt", temporary=tmp, warn=said.append):
+            tmp.write_bytes(b"\0" * 10)
+            raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+        assert not tmp.exists()
+    assert len(said) == 1 and said[0].startswith(f"warning: cannot write {tmp_path / 'features.pt'}: disk quota")
+    assert said[0].endswith("going on without the feature cache")
+    with pytest.raises(ValueError), storage.best_effort("feature cache", tmp_path / "x", warn=said.append):
+        raise ValueError("not a storage fault: passes through")
+
+
+def test_an_image_folder_whose_shard_cache_cannot_be_written_is_one_line(photo_folder, tmp_path, monkeypatch):
+    from simmim_cli import shards
+
+    folder = tmp_path / "images"
+    shutil.copytree(photo_folder, folder)
+    real_write = wds.TarWriter.write
+
+    def full(self, sample):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(wds.TarWriter, "write", full)
+    with pytest.raises(StorageError, match=r"--data .*images: its shards are kept next to it, and cannot write .*"
+                                           r"no space left on its disk.*simmim make-shards .*images OUT"):
+        shards.data_shards(str(folder))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]  # no cache, no temporary folder
+    monkeypatch.setattr(wds.TarWriter, "write", real_write)
+    assert shards.data_shards(str(folder)).endswith("images.simmim-shards")
+
+
+def test_export_on_a_full_disk_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    from simmim_cli.config import FinetuneConfig
+    from simmim_cli.models import make_classifier
+    from simmim_cli.tasks import save_model_file
+
+    name, kwargs, size = TINY_MODELS["vit"]
+    config = FinetuneConfig(data="x", model=name, model_kwargs=kwargs, img_size=size, drop_path=0.0)
+    checkpoint = tmp_path / "best.pth"
+    save_model_file(checkpoint, "finetune", make_classifier(config, 3, probe=False), config, ["a", "b", "c"], {})
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["export", "--checkpoint", str(checkpoint), "--output", str(out / "m.onnx"), "--exporter", "torchscript",
+            "--torchscript"]
+    assert runner.invoke(app, args).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    import onnx
+
+    def full_disk(model, path, *a, **k):
+        Path(path).write_bytes(b"\0" * 100)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(onnx, "save", full_disk)
+    line = error_line(runner.invoke(app, [*args, "--force"]))
+    assert f"cannot write {out / 'm.onnx'}: no space left on its disk" in line
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # old files intact, no temporary file
+    monkeypatch.undo()
+    monkeypatch.setattr(torch.jit.ScriptModule, "save", lambda self, path, *a, **k: full_disk(None, path))
+    line = error_line(runner.invoke(app, [*args, "--no-onnx", "--force"]))
+    assert f"cannot write {out / 'm.pt'}: no space left on its disk" in line
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
