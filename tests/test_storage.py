@@ -445,3 +445,31 @@ def test_export_on_a_full_disk_keeps_the_old_file_and_leaves_no_temporary(tmp_pa
     line = error_line(runner.invoke(app, [*args, "--no-onnx", "--force"]))
     assert f"cannot write {out / 'm.pt'}: no space left on its disk" in line
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_a_finetune_whose_last_pth_cannot_be_written_stops_with_the_checkpoint_to_resume(
+        labelled_folder, tmp_path, monkeypatch):
+    from simmim_cli.shards import write_shards
+
+    data, run = tmp_path / "labelled", tmp_path / "run"
+    write_shards(labelled_folder, data, maxcount=8)
+    pretrain_only = tiny_args().index("--mask-patch-size")
+    model = tiny_args()[:pretrain_only] + tiny_args()[pretrain_only + 2:]
+    args = ["finetune", "--data", str(data), "--output", str(run), *model, "--epochs", "3", "--warmup-epochs", "0.5"]
+    real_save, calls = torch.save, []
+
+    def second_last_pth_fails(obj, file, *a, **k):
+        calls.append(Path(file.name).name)
+        failing = sum(".last.pth." in name for name in calls) == 2
+        return (full_disk_after(100) if failing else real_save)(obj, file, *a, **k)
+
+    monkeypatch.setattr(checkpoints.torch, "save", second_last_pth_fails)
+    line = error_line(runner.invoke(app, args))
+    first = checkpoints.list_checkpoints(run)
+    assert f"cannot write {run / 'last.pth'}: no space left on its disk" in line
+    assert len(first) == 1 and f"newest checkpoint {first[0]}" in line and temporaries(run) == []
+    assert checkpoints.load_checkpoint(run / "last.pth")["metrics"]["epoch"] == 1  # the previous one, intact
+    monkeypatch.setattr(checkpoints.torch, "save", real_save)
+    finished = runner.invoke(app, [*args, "--resume", "auto"])
+    assert finished.exit_code == 0, finished.output
+    assert checkpoints.load_checkpoint(run / "last.pth")["metrics"]["epoch"] == 3
