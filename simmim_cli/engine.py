@@ -125,9 +125,11 @@ class Trainer:
         self.run_log = RunLog(self.output, context.is_main, config, on_failure=self._stop_for_storage)
         self.saver = checkpoints.RunCheckpoints(self.output, config.keep, self.reporter.print)
         if context.is_main:
-            with storage.writing(self.output / "config.yaml"):
+            path, tmp = self.output / "config.yaml", self.output / ".config.yaml.tmp"
+            with storage.writing(path, temporary=tmp):
                 self.output.mkdir(parents=True, exist_ok=True)
-                (self.output / "config.yaml").write_text(config.to_yaml())
+                tmp.write_text(config.to_yaml())
+                tmp.replace(path)
         if config.resume:
             self._restore(Path(config.resume))
             self.run_log.truncate_after(self.state.step)
