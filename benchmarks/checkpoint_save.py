@@ -45,15 +45,15 @@ def main() -> None:
                 "save_checkpoint_fsync": lambda step: checkpoints.save_checkpoint(
                     state, folder / checkpoints.checkpoint_name(step)),
                 "run_checkpoints_save": lambda step: saver.save(state, folder / checkpoints.checkpoint_name(step))}
-        result: dict[str, float] = {}
-        for name, save in ways.items():
-            seconds = []
-            for repeat in range(args.repeats):
+        seconds: dict[str, list[float]] = {name: [] for name in ways}
+        for repeat in range(args.repeats + 1):  # interleaved, so that no way profits from going first
+            for name, save in ways.items():
                 started = time.perf_counter()
                 save(repeat)
-                seconds.append(time.perf_counter() - started)
+                if repeat:  # the first round warms the page cache and the allocator up
+                    seconds[name].append(time.perf_counter() - started)
                 checkpoints.prune_checkpoints(folder, 1)
-            result[f"{name}_s"] = round(statistics.median(seconds), 3)
+        result = {f"{name}_s": round(statistics.median(times), 3) for name, times in seconds.items()}
         size = checkpoints.latest_checkpoint(folder).stat().st_size
     print(json.dumps({"checkpoint_mb": round(size / 1e6, 1), **result, "repeats": args.repeats,
                       "folder": args.folder or tempfile.gettempdir()}))

@@ -35,15 +35,16 @@ def checkpoint_name(step: int) -> str:
     return f"checkpoint-{step:08d}.pth"
 
 
-def save_checkpoint(state: dict[str, Any], path: Path, then: str = "") -> None:
+def save_checkpoint(state: dict[str, Any], path: Path, then: str = "", needed: int | None = None) -> None:
     """Writes to a temporary file in the same folder, flushed to the disk, then renames: a crash never leaves half a
     checkpoint, and processes on several machines writing the same file to a shared folder do not mix their bytes.
 
     A failed write removes the temporary file; a full disk, a quota, a read-only or forbidden folder raise
-    :class:`~simmim_cli.storage.StorageError` (``then`` is added to its message)."""
+    :class:`~simmim_cli.storage.StorageError` (``then`` is added to its message; ``needed``: the bytes it says the
+    file needs, by default those of the tensors)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
-    with storage.writing(path, needed=state_bytes(state), temporary=tmp, then=then):
+    with storage.writing(path, needed=needed or state_bytes(state), temporary=tmp, then=then):
         # an open file rather than a path: torch then reports the file's OSError (errno) behind its RuntimeError
         with open(tmp, "wb") as file:
             torch.save({"format_version": FORMAT_VERSION, **state}, file)
@@ -163,7 +164,7 @@ class RunCheckpoints:
             self.say(f"warning: {storage.human_bytes(free)} free in {self.directory}: room for fewer than the next two "
                      f"checkpoints ({storage.human_bytes(needed)} each); free space there soon, or the run stops at a "
                      "save (with the newest checkpoint kept, to resume from)")
-        save_checkpoint(state, path, then)
+        save_checkpoint(state, path, then, needed)
         prune_checkpoints(self.directory, self.keep)
 
 
