@@ -125,11 +125,9 @@ class Trainer:
         self.run_log = RunLog(self.output, context.is_main, config, on_failure=self._stop_for_storage)
         self.saver = checkpoints.RunCheckpoints(self.output, config.keep, self.reporter.print)
         if context.is_main:
-            path, tmp = self.output / "config.yaml", self.output / ".config.yaml.tmp"
-            with storage.writing(path, temporary=tmp):
+            with storage.writing(self.output):
                 self.output.mkdir(parents=True, exist_ok=True)
-                tmp.write_text(config.to_yaml())
-                tmp.replace(path)
+            storage.write_text(self.output / "config.yaml", config.to_yaml())
         if config.resume:
             self._restore(Path(config.resume))
             self.run_log.truncate_after(self.state.step)

@@ -101,10 +101,7 @@ def write_report(output: Path, metrics: dict[str, Any], classes: list[str], sour
 
 
 def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with storage.writing(path, temporary=tmp):
-        tmp.write_text(json.dumps(value, indent=2))
-        tmp.replace(path)
+    storage.write_text(path, json.dumps(value, indent=2))
 
 
 @torch.no_grad()

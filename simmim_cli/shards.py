@@ -202,7 +202,7 @@ def write_shards(
     files, classes = find_images(source)
     with storage.writing(output):
         output.mkdir(parents=True, exist_ok=True)
-    storage.report_stale_temporaries(output, (f"{split}-*.tar.tmp", "*.idx.tmp", f"{INFO_FILE}.tmp"))
+    storage.report_stale_temporaries(output, (f"{split}-*.tar.tmp", ".*.tmp"))
     existing = sorted(output.glob(f"{split}-*.tar"))
     if existing and not force:
         raise SimmimError(f"{output} already holds {split} shards ({existing[0].name}, ...); "
@@ -290,10 +290,7 @@ def write_shards(
 
 
 def _write_info(output: Path, info: dict) -> None:
-    path, tmp = output / INFO_FILE, output / f"{INFO_FILE}.tmp"
-    with storage.writing(path, temporary=tmp):
-        tmp.write_text(json.dumps(info, indent=2))
-        tmp.replace(path)
+    storage.write_text(output / INFO_FILE, json.dumps(info, indent=2))
 
 
 def _forget_split(output: Path, split: str) -> None:
@@ -367,9 +364,7 @@ def write_dali_index(shard: str | Path, check: Callable[[str, bytes], None] | No
             samples[-1][1].append(f"{extension} {member.offset_data} {member.size} {base}")
     kept = [files for key, files in samples if key not in left_out]
     path = dali_index_path(shard)
-    tmp = path.with_suffix(".idx.tmp")
-    tmp.write_text(f"{DALI_INDEX_VERSION} {len(kept)}\n" + "".join(" ".join(files) + "\n" for files in kept))
-    tmp.replace(path)
+    storage.write_text(path, f"{DALI_INDEX_VERSION} {len(kept)}\n" + "".join(" ".join(files) + "\n" for files in kept))
     return [f"{shard}:{key}: {why}" for key, why in left_out.items()]
 
 

@@ -130,6 +130,15 @@ def writing(path: str | Path | None, needed: int | None = None, temporary: Itera
         raise converted from error
 
 
+def write_text(path: str | Path, text: str) -> None:
+    """Writes a small text file atomically (a temporary file, then a rename), with :func:`writing`'s handling."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with writing(path, temporary=tmp):
+        tmp.write_text(text)
+        tmp.replace(path)
+
+
 _warned: set[tuple[str, str]] = set()
 
 

@@ -96,10 +96,7 @@ class RunLog:
         if not (self.enabled and self.path.is_file()):
             return
         rows = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with storage.writing(self.path, temporary=tmp):
-            tmp.write_text("".join(row + "\n" for row in rows))
-            tmp.replace(self.path)
+        storage.write_text(self.path, "".join(row + "\n" for row in rows))
 
     def close(self) -> None:
         for tracker in self.trackers or []:
@@ -146,7 +143,7 @@ def open_trackers(names: list[str], output: Path, config: dict[str, Any], resume
             opened.append(tracker)
             ids[name] = tracker.run_id
     with storage.best_effort("tracker ids (a resumed run starts new tracker runs)", ids_file):
-        ids_file.write_text(json.dumps(ids, indent=2))
+        storage.write_text(ids_file, json.dumps(ids, indent=2))
     return opened
 
 

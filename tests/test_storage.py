@@ -351,7 +351,8 @@ def test_two_processes_stop_together_when_rank_0_cannot_save(shards, tmp_path):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A real tmpfs of 1.4 MB, room for two checkpoints of the tiny model (~0.53 MB each) (needs root, as in CI); skipped where mounting is not allowed."""
+    """A real tmpfs of 1.4 MB: room for two checkpoints of the tiny model (0.53 MB each). Mounting needs root, as CI
+    has; skipped where it is not allowed (the patched faults cover the logic there)."""
     disk = tmp_path / "disk"
     disk.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1400k", "tmpfs", str(disk)],
