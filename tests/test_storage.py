@@ -69,8 +69,8 @@ def full_disk_after(byte_count: int):
         file.write(b"\0" * byte_count)
         try:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        except OSError:
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 39741184 vs 39741076")
+        except OSError:  # torch raises its RuntimeError while handling the OSError: the OSError is its context
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 39741184 vs 39741076")  # noqa: B904
 
     return save
 
