@@ -217,6 +217,12 @@ def test_metrics_that_cannot_be_written_stop_the_run_with_a_checkpoint(shards, t
     assert f"cannot write {run / 'metrics.jsonl'}: permission denied" in line
     assert f"newest checkpoint {run / checkpoints.checkpoint_name(4)}" in line  # saved where it stopped
     assert [json.loads(r)["step"] for r in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    monkeypatch.setattr(pathlib.Path, "open", real_open)  # the folder's rights were fixed
+    finished = runner.invoke(app, ["pretrain", "--data", str(shards), "--output", str(run), *tiny_args(),
+                                   "--max-steps", "6", "--resume", "auto"])
+    assert finished.exit_code == 0, finished.output
+    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "loss" in row] == [1, 2, 3, 5, 6]  # the row that failed is the one lost
 
 
 def test_previews_that_cannot_be_written_give_one_warning_and_the_run_goes_on(shards, tmp_path, monkeypatch):
@@ -236,6 +242,23 @@ def test_previews_that_cannot_be_written_give_one_warning_and_the_run_goes_on(sh
     warnings = [line for line in result.output.splitlines() if "going on without the preview pictures" in line]
     assert len(warnings) == 1 and warnings[0].startswith("warning: cannot write") and "no space left" in warnings[0]
     assert len(checkpoints.list_checkpoints(run)) == 3 and not list(run.glob("*.png")) and temporaries(run) == []
+
+
+def test_a_tracker_that_cannot_write_gives_one_warning_and_the_run_goes_on(shards, tmp_path, monkeypatch):
+    from torch.utils import tensorboard
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(tmp_path / "run" / "tensorboard"))
+
+    monkeypatch.setattr(tensorboard, "SummaryWriter", read_only)
+    result = runner.invoke(app, ["pretrain", "--data", str(shards), "--output", str(tmp_path / "run"),
+                                 *tiny_args("--max-steps", "3", "--log-to", "tensorboard")])
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.output.splitlines() if line.startswith("warning: cannot write")]
+    assert warnings == [f"warning: cannot write {tmp_path / 'run' / 'tensorboard'}: the file system is read-only; "
+                        "write to a folder on a writable disk; going on without the tensorboard log"]
+    rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "loss" in row] == [1, 2, 3]
 
 
 @pytest.fixture
