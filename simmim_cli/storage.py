@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
 import socket
 import sys
@@ -203,11 +204,14 @@ def remove_stale_temporaries(directory: Path, patterns: Iterable[str] = TEMPORAR
     return removed, freed
 
 
+_OWNER = re.compile(r"\.pth\.(?P<host>.+)-(?P<pid>\d+)\.tmp$")  # a checkpoint's: .<name>.pth.<host>-<pid>.tmp
+
+
 def _written_by_live_process(name: str, host: str) -> bool:
-    owner = name.removesuffix(".tmp").rsplit(".", 1)[-1]  # "<host>-<pid>" for checkpoint temporaries
-    owner_host, _, pid = owner.rpartition("-")
-    if owner_host != host or not pid.isdigit() or int(pid) == os.getpid():
+    owner = _OWNER.search(name)
+    if owner is None or owner["host"] != host or int(owner["pid"]) == os.getpid():
         return False
+    pid = owner["pid"]
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:

@@ -167,10 +167,11 @@ def test_stale_temporary_files_are_removed_at_start_with_the_bytes_freed(tmp_pat
     (run / ".checkpoint-00000008.pth.othernode-12.tmp").write_bytes(b"\0" * 2_000)  # a node that died
     (run / ".preview-00000008.png.tmp").write_bytes(b"\0" * 500)
     alive = run / f".checkpoint-00000008.pth.{host}-{os.getppid()}.tmp"  # a live process on this host: kept
+    (run / f".checkpoint-00000008.pth.{host}.cluster.org-{os.getppid()}.tmp").write_bytes(b"")  # another host
     alive.write_bytes(b"\0" * 10)
     config = PretrainConfig(data="x", output=str(run), resume="auto")
     resolve_run_paths(config)
-    assert capsys.readouterr().err.strip() == (f"note: removed 3 temporary file(s) left in {run} by an interrupted "
+    assert capsys.readouterr().err.strip() == (f"note: removed 4 temporary file(s) left in {run} by an interrupted "
                                                "write (42.5 kB freed)")
     assert sorted(p.name for p in run.iterdir()) == sorted([checkpoints.checkpoint_name(4), alive.name])
     assert config.resume.endswith(checkpoints.checkpoint_name(4))
