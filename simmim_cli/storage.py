@@ -33,11 +33,13 @@ class StorageError(SimmimError):
 
 def human_bytes(count: float) -> str:
     """1234567 → '1.2 MB' (decimal units, as ``df -H`` shows them)."""
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(count) < 1000 or unit == "TB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+    if abs(count) < 1000:
+        return f"{count:.0f} B"
+    for unit in ("kB", "MB", "GB"):
         count /= 1000
-    return f"{count:.1f} TB"  # not reached
+        if abs(count) < 1000:
+            return f"{count:.1f} {unit}"
+    return f"{count / 1000:.1f} TB"
 
 
 def free_bytes(path: str | Path) -> int | None:
@@ -85,8 +87,10 @@ def describe(error: OSError, path: str | Path | None, needed: int | None = None,
     if error.errno == errno.EFBIG:
         return (f"{where}: file too large for this file system or for the process's file-size limit (`ulimit -f`); "
                 "raise the limit or write to another file system")
-    return (f"{where}: permission denied; write to a folder you own, or have its permissions changed "
-            f"(ls -ld {path.parent})")
+    if verb == "write":
+        return (f"{where}: permission denied; write to a folder you own, or have its permissions changed "
+                f"(ls -ld {path.parent})")
+    return f"{where}: permission denied; have its permissions changed (ls -ld {path})"
 
 
 def storage_error(error: BaseException, path: str | Path | None, needed: int | None = None, then: str = "",

@@ -498,3 +498,22 @@ def test_a_finetune_whose_last_pth_cannot_be_written_stops_with_the_checkpoint_t
     finished = runner.invoke(app, [*args, "--resume", "auto"])
     assert finished.exit_code == 0, finished.output
     assert checkpoints.load_checkpoint(run / "last.pth")["metrics"]["epoch"] == 3
+
+
+def test_a_storage_fault_no_writer_caught_is_still_one_line(photo_folder, tmp_path, monkeypatch):
+    from simmim_cli import shards
+
+    def raw(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "somewhere.bin"))
+
+    monkeypatch.setattr(shards, "write_shards", raw)
+    line = error_line(runner.invoke(app, ["make-shards", str(photo_folder), str(tmp_path / "out")]))
+    assert line.startswith(f"error: cannot write {tmp_path / 'somewhere.bin'}: no space left on its disk (")
+    assert storage.unexpected(RuntimeError("not a storage fault")) is None
+    try:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), "/data/forbidden.tar")
+    except PermissionError as error:
+        wrapped = RuntimeError("a library's own message")
+        wrapped.__context__ = error
+    assert str(storage.unexpected(wrapped)) == ("cannot access /data/forbidden.tar: permission denied; have its "
+                                                "permissions changed (ls -ld /data/forbidden.tar)")
