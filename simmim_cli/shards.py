@@ -254,6 +254,18 @@ def write_shards(
         close_shard()
         for name in filenames:  # for --decode gpu: DALI reads shards through these (tar headers only, cheap)
             write_dali_index(output / name)
+        if not filenames:
+            raise SimmimError(f"none of the {len(files)} images in {source} could be read")
+        info = _read_info(output) or {}
+        info.setdefault("name", output.name)
+        info.setdefault("splits", {})[split] = {
+            "name": split, "num_samples": sum(lengths), "filenames": filenames, "shard_lengths": lengths,
+        }
+        if classes is not None:
+            info["classes"] = classes
+            info["num_classes"] = len(classes)
+        info["skipped"] = skipped
+        _write_info(output, info)  # last: only a complete set is listed
     except BaseException as error:
         # nothing half done stays: the partial shard and the shards written so far (a set without its _info.json
         # entry would be read as if complete) go, and the space they took is free again
@@ -273,19 +285,6 @@ def write_shards(
         if fault is None:
             raise
         raise fault from error
-    if not filenames:
-        raise SimmimError(f"none of the {len(files)} images in {source} could be read")
-
-    info = _read_info(output) or {}
-    info.setdefault("name", output.name)
-    info.setdefault("splits", {})[split] = {
-        "name": split, "num_samples": sum(lengths), "filenames": filenames, "shard_lengths": lengths,
-    }
-    if classes is not None:
-        info["classes"] = classes
-        info["num_classes"] = len(classes)
-    info["skipped"] = skipped
-    _write_info(output, info)
     return info
 
 

@@ -97,8 +97,8 @@ def storage_error(error: BaseException, path: str | Path | None, needed: int | N
                   verb: str = "write") -> StorageError | None:
     """``error`` as a :class:`StorageError` when a storage fault is behind it, else None. ``then``: what else to
     say (e.g. the checkpoint to resume from), appended after a semicolon."""
-    if isinstance(error, StorageError):
-        return error
+    if isinstance(error, StorageError):  # described already, by the writer nearest to the fault
+        return StorageError(f"{error}; {then}") if then else error
     cause = os_error_in(error)
     if cause is None:
         return None
@@ -132,7 +132,7 @@ def writing(path: str | Path | None, needed: int | None = None, temporary: Itera
         converted = storage_error(error, path, needed, then) if isinstance(error, Exception) else None
         if converted is None or converted is error:
             raise
-        raise converted from error
+        raise converted from error.__cause__ if isinstance(error, StorageError) else error
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -338,6 +338,20 @@ def test_make_shards_on_a_full_disk_removes_the_partial_set_and_a_rerun_gives_th
         (reference / "_info.json").read_text())["splits"]
 
 
+def test_make_shards_whose_info_file_cannot_be_written_leaves_no_unlisted_shards(photo_folder, tmp_path, monkeypatch):
+    from simmim_cli import shards
+
+    def quota(output, info):  # as storage.write_text meets it
+        with storage.writing(output / "_info.json"):
+            raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+
+    monkeypatch.setattr(shards, "_write_info", quota)
+    line = error_line(runner.invoke(app, ["make-shards", str(photo_folder), str(tmp_path / "out"), "--maxcount", "9"]))
+    assert f"cannot write {tmp_path / 'out' / '_info.json'}: disk quota exceeded" in line
+    assert "removed the partial shard and the 3 complete one(s) of this unfinished set" in line
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 # ---------------------------------------------------------------------------------------------- processes
 
 
