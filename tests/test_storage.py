@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import webdataset as wds
-from conftest import ROOT, TINY_MODELS, free_port, simmim
+from conftest import ROOT, TINY_MODELS, free_port
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -355,26 +355,71 @@ def test_make_shards_whose_info_file_cannot_be_written_leaves_no_unlisted_shards
 # ---------------------------------------------------------------------------------------------- processes
 
 
-def test_two_processes_stop_together_when_rank_0_cannot_save(shards, tmp_path):
-    """A file-size limit on the whole job (inherited by the launched workers): rank 0's save fails, both ranks stop
-    within seconds (not after the collective timeout), in one line naming the checkpoint to resume from."""
+def train_with_a_full_disk_on_rank_0(config: PretrainConfig, record: str) -> None:
+    """A launched worker: two ranks train; rank 0's second save meets a full disk. Each rank writes down how it
+    ended, so the test sees that rank 1 learned of it (and was not just killed by the launcher)."""
+    from test_distributed import SlicedBatches, global_batches
+
+    from simmim_cli import distributed
+    from simmim_cli.engine import Trainer
+    from simmim_cli.models import build_simmim
+    from simmim_cli.tasks import PretrainTask
+
+    context = distributed.setup(config)
+    if context.rank == 0:
+        real_save, calls = torch.save, []
+
+        def second_save_fails(obj, file, *args, **kwargs):
+            calls.append(str(getattr(file, "name", "")).endswith(".tmp"))  # a checkpoint file, not a pickled tensor
+            return (full_disk_after(1000) if calls[-1] and sum(calls) == 2 else real_save)(obj, file, *args, **kwargs)
+
+        torch.save = second_save_fails  # in this worker process only
+    try:
+        name, kwargs, size = TINY_MODELS["vit"]
+        torch.manual_seed(0)
+        model = build_simmim(name, size, kwargs, 0.0)
+        dataset = SlicedBatches(global_batches(), context.rank, context.world_size)
+        Trainer(PretrainTask(model, config), config, context).fit(dataset)
+    except StorageError as error:
+        Path(record, f"rank{context.rank}.txt").write_text(str(error))
+        raise
+    finally:
+        distributed.teardown()
+
+
+def test_every_rank_stops_when_rank_0_cannot_save(tmp_path):
+    from simmim_cli import distributed
+
+    config = PretrainConfig(data="memory", output=str(tmp_path / "run"), epochs=2, warmup_epochs=0.5,
+                            precision="fp32", device="cpu", nproc=2, master_port=free_port(), workers=0, log_every=2,
+                            save_every=2, dist_timeout=5, model=TINY_MODELS["vit"][0])
+    config.validate()
+    started = time.monotonic()
+    with pytest.raises(StorageError, match=r"worker rank 0 failed: cannot write .*checkpoint-00000004.pth: no space "
+                                           r"left on its disk .*newest checkpoint .*checkpoint-00000002.pth"):
+        distributed.launch(train_with_a_full_disk_on_rank_0, config, str(tmp_path))
+    assert time.monotonic() - started < 120  # the collective timeout (5 min) was not waited for
+    assert (tmp_path / "rank0.txt").read_text().startswith("cannot write")
+    assert (tmp_path / "rank1.txt").read_text().startswith(f"rank 0 could not write to {tmp_path / 'run'}")
+    assert temporaries(tmp_path / "run") == []
+
+
+def test_a_file_size_limit_on_a_two_process_job_ends_in_one_line_and_resumes(shards, tmp_path):
+    """As a user meets it: a file-size limit on the whole job (inherited by the launched workers), nothing patched:
+    rank 0 cannot save, both ranks stop, one line names the checkpoint to resume from."""
     run = tmp_path / "run"
-    args = ["pretrain", "--data", str(shards), "--output", str(run), "--nproc", "2",
+    args = ["pretrain", "--data", str(shards), "--output", str(run),
             *tiny_args("--master-port", str(free_port()), "--dist-timeout", "5")]
-    first = simmim(*args, "--max-steps", "2")
-    assert first.returncode == 0, first.stderr
-    size = checkpoints.latest_checkpoint(run).stat().st_size
+    first = runner.invoke(app, [*args, "--max-steps", "2"])  # one process, in this one: quicker
+    assert first.exit_code == 0, first.output
+    limit = checkpoints.latest_checkpoint(run).stat().st_size // 2  # metrics rows and previews fit, a checkpoint not
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("WORLD_SIZE", None)
-    limit = size // 2  # metrics rows and previews fit, a checkpoint does not
-
-    def limit_file_size():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
     started = time.monotonic()
-    limited = subprocess.run([sys.executable, "-m", "simmim_cli", *args, "--resume", "auto", "--max-steps", "6",
-                              "--save-every", "2"], capture_output=True, text=True, timeout=240, env=env, cwd=ROOT,
-                             preexec_fn=limit_file_size)
+    limited = subprocess.run([sys.executable, "-m", "simmim_cli", *args, "--nproc", "2", "--resume", "auto",
+                              "--max-steps", "6", "--save-every", "2"], capture_output=True, text=True, timeout=240,
+                             env=env, cwd=ROOT,
+                             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
     assert limited.returncode == EXIT, limited.stderr
     assert time.monotonic() - started < 120
     errors = [line for line in limited.stderr.splitlines() if line.startswith("error:")]
@@ -382,8 +427,8 @@ def test_two_processes_stop_together_when_rank_0_cannot_save(shards, tmp_path):
     assert "worker rank 0 failed: cannot write" in errors[0] and "file too large" in errors[0]
     assert f"newest checkpoint {run / checkpoints.checkpoint_name(2)}" in errors[0]
     assert temporaries(run) == []
-    finished = simmim(*args, "--resume", "auto", "--max-steps", "4")
-    assert finished.returncode == 0, finished.stderr
+    finished = runner.invoke(app, [*args, "--resume", "auto", "--max-steps", "4"])
+    assert finished.exit_code == 0, finished.output
     assert checkpoints.load_checkpoint(checkpoints.latest_checkpoint(run))["step"] == 4
 
 
