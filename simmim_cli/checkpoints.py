@@ -10,18 +10,21 @@ Nothing in it is a pickled object, so loading one from a stranger can never run 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import random
 import re
 import socket
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from . import storage
 from .errors import SimmimError
 
 FORMAT_VERSION = 1
@@ -32,13 +35,33 @@ def checkpoint_name(step: int) -> str:
     return f"checkpoint-{step:08d}.pth"
 
 
-def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """Writes to a temporary file in the same folder, then renames: a crash never leaves half a checkpoint, and
-    processes on several machines writing the same file to a shared folder do not mix their bytes."""
+def save_checkpoint(state: dict[str, Any], path: Path, then: str = "", needed: int | None = None) -> None:
+    """Writes to a temporary file in the same folder, flushed to the disk, then renames: a crash never leaves half a
+    checkpoint, and processes on several machines writing the same file to a shared folder do not mix their bytes.
+
+    A failed write removes the temporary file; a full disk, a quota, a read-only or forbidden folder raise
+    :class:`~simmim_cli.storage.StorageError` (``then`` is added to its message; ``needed``: the bytes it says the
+    file needs, by default those of the tensors)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
-    torch.save({"format_version": FORMAT_VERSION, **state}, tmp)
-    os.replace(tmp, path)
+    with storage.writing(path, needed=needed or state_bytes(state), temporary=tmp, then=then):
+        # an open file rather than a path: torch then reports the file's OSError (errno) behind its RuntimeError
+        with open(tmp, "wb") as file:
+            torch.save({"format_version": FORMAT_VERSION, **state}, file)
+            file.flush()
+            os.fsync(file.fileno())  # a quota or a full disk of a network file system may only show here
+        os.replace(tmp, path)
+
+
+def state_bytes(value: Any) -> int:
+    """The bytes of the tensors in a (nested) state: about the size of its checkpoint file."""
+    if torch.is_tensor(value):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(state_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(state_bytes(v) for v in value)
+    return 0
 
 
 class PickledConfig:
@@ -103,10 +126,46 @@ def latest_checkpoint(directory: Path) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
-def prune_checkpoints(directory: Path, keep: int) -> None:
-    """Deletes all but the newest ``keep`` numbered checkpoints."""
-    for path in list_checkpoints(directory)[:-keep]:
-        path.unlink(missing_ok=True)
+def prune_checkpoints(directory: Path, keep: int) -> tuple[int, int]:
+    """Deletes all but the newest ``keep`` (at least one) numbered checkpoints; returns (files, bytes freed)."""
+    removed = freed = 0
+    for path in list_checkpoints(directory)[:-max(keep, 1)]:
+        with contextlib.suppress(FileNotFoundError):
+            size = path.stat().st_size
+            path.unlink()
+            removed, freed = removed + 1, freed + size
+    return removed, freed
+
+
+class RunCheckpoints:
+    """The numbered checkpoints of a run folder, saved so that a filling disk never costs the newest one.
+
+    Before each save the free space is compared with the size of the last checkpoint: when it is short, the
+    checkpoints beyond ``keep`` go first (the newest is never touched), and one warning says early when the disk
+    will not hold the next two. After a save, all but the newest ``keep`` are deleted."""
+
+    def __init__(self, directory: Path, keep: int, say: Callable[[str], None]):
+        self.directory, self.keep, self.say = Path(directory), keep, say
+        self.warned = False
+
+    def save(self, state: dict[str, Any], path: Path, then: str = "") -> None:
+        last = latest_checkpoint(self.directory)
+        needed = last.stat().st_size if last is not None else state_bytes(state)
+        free = storage.free_bytes(self.directory)
+        if free is not None and free < needed:
+            removed, freed = prune_checkpoints(self.directory, self.keep - 1)
+            if removed:
+                self.say(f"note: {storage.human_bytes(free)} free in {self.directory}, less than a checkpoint "
+                         f"({storage.human_bytes(needed)}): removed the {removed} oldest checkpoint(s) before saving "
+                         f"({storage.human_bytes(freed)})")
+                free = storage.free_bytes(self.directory)
+        if free is not None and free < 2 * needed and not self.warned:
+            self.warned = True
+            self.say(f"warning: {storage.human_bytes(free)} free in {self.directory}: room for fewer than the next two "
+                     f"checkpoints ({storage.human_bytes(needed)} each); free space there soon, or the run stops at a "
+                     "save (with the newest checkpoint kept, to resume from)")
+        save_checkpoint(state, path, then, needed)
+        prune_checkpoints(self.directory, self.keep)
 
 
 def newest_run_checkpoint(runs_root: Path, command: str) -> Path | None:

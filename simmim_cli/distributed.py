@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import Interrupted, SimmimError, debug_enabled
+from .storage import StorageError, unexpected
 
 
 @dataclass
@@ -156,9 +157,11 @@ def launch(entrypoint: Callable[..., Any], config: Any, *args: Any) -> Any:
         message = _failure_message(failure)
         if failure.exitcode == Interrupted.exit_code:
             raise Interrupted(message) from None
-        hint = " (run with --debug for the traceback)" if failure.exitcode != SimmimError.exit_code and quiet else ""
-        raise SimmimError(f"worker rank {rank} failed: {message}{hint}",
-                          exit_code=failure.exitcode if failure.exitcode > 0 else 1) from None
+        known = failure.exitcode in (SimmimError.exit_code, StorageError.exit_code)  # a one-line error of ours
+        hint = " (run with --debug for the traceback)" if not known and quiet else ""
+        kind = StorageError if failure.exitcode == StorageError.exit_code else SimmimError
+        raise kind(f"worker rank {rank} failed: {message}{hint}",
+                   exit_code=failure.exitcode if failure.exitcode > 0 else 1) from None
     except SignalException as signal_exception:
         # Ctrl-C or SIGTERM reached the launcher too: it passed the signal on and gave the workers 30 s to save
         raise Interrupted(f"stopped by {signal_exception.sigval.name}; {resume_hint(config)}") from None
@@ -171,7 +174,8 @@ def _worker(entrypoint: Callable[..., Any], config: Any, *args: Any) -> Any:
 
     try:
         return entrypoint(config, *args)
-    except Exception as error:
+    except Exception as caught:
+        error = caught if isinstance(caught, SimmimError) else unexpected(caught) or caught  # a storage fault: 1 line
         get_error_handler().record_exception(error)
         if debug_enabled():
             traceback.print_exc()
@@ -188,7 +192,7 @@ def _failure_message(failure: Any) -> str:
     lines = [line for line in str(text).strip().splitlines() if line.strip()]
     # the error file holds "ErrorType: text" plus the traceback; keep the error line, without our own type names
     line = lines[0] if lines else f"exit code {failure.exitcode}"
-    for name in ("SimmimError", "TrainingDiverged", "Interrupted"):
+    for name in ("SimmimError", "TrainingDiverged", "Interrupted", "StorageError"):
         line = line.removeprefix(f"{name}: ")
     return line
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from . import checkpoints, distributed
+from . import checkpoints, distributed, storage
 from .config import TrainConfig
 from .errors import Interrupted, SimmimError, TrainingDiverged
 from .flops import count_training_flops, device_peak_flops
@@ -32,6 +32,7 @@ from .optim import build_scheduler, lr_scale_for_batch
 from .pipeline import make_loader
 from .precision import autocast, resolve_precision
 from .progress import Reporter
+from .storage import StorageError
 from .tasks import Task
 from .tracking import RunLog
 
@@ -155,10 +156,13 @@ class Trainer:
         self.peak_flops = device_peak_flops(self.device, self.precision) if context.is_main else None
         self.starved_windows = 0
         self.reporter = Reporter(context.is_main, self.total_steps, 0)
-        self.run_log = RunLog(self.output, context.is_main, config)
+        # a run whose metrics.jsonl cannot be written stops at the next step, on every rank, with a checkpoint
+        self.run_log = RunLog(self.output, context.is_main, config, on_failure=self._stop_for_storage)
+        self.saver = checkpoints.RunCheckpoints(self.output, config.keep, self.reporter.print)
         if context.is_main:
-            self.output.mkdir(parents=True, exist_ok=True)
-            (self.output / "config.yaml").write_text(config.to_yaml())
+            with storage.writing(self.output):
+                self.output.mkdir(parents=True, exist_ok=True)
+            storage.write_text(self.output / "config.yaml", config.to_yaml())
         if config.resume:
             self._restore(Path(config.resume))
             self.run_log.truncate_after(self.state.step)
@@ -380,16 +384,28 @@ class Trainer:
         if state.nonfinite_in_a_row:  # never let a diverging stretch push the last good checkpoint out
             return checkpoints.latest_checkpoint(self.output) or path
         rng_states = distributed.gather_objects(checkpoints.rng_state())
+        failure: StorageError | None = None
         if self.context.is_main:
-            checkpoints.save_checkpoint(self._checkpoint(rng_states), path)
-            checkpoints.prune_checkpoints(self.output, self.config.keep)
-            figures = self.task.after_checkpoint(self.output, state.step) or {}
-            if figures:
-                self.run_log.log({"step": state.step, "epoch": round(state.step / self.steps_per_epoch, 4),
-                                  **figures})
-        distributed.barrier()
+            try:
+                self.saver.save(self._checkpoint(rng_states), path)
+                figures = self.task.after_checkpoint(self.output, state.step) or {}
+                if figures:
+                    self.run_log.log({"step": state.step, "epoch": round(state.step / self.steps_per_epoch, 4),
+                                      **figures})
+            except StorageError as error:
+                failure = error
+            failure = failure or self.run_log.failure
+        # in place of a barrier: every rank learns whether rank 0 could write, and all stop together (none waits)
+        if distributed.any_rank(failure is not None, self.context):
+            hint = distributed.resume_hint(self.config)
+            raise StorageError(f"{failure}; {hint}" if failure else
+                               f"rank 0 could not write to {self.output} (its message says why); {hint}")
         state.last_saved_step = state.step
         return path
+
+    def _stop_for_storage(self, error: StorageError) -> None:
+        """metrics.jsonl could not be written: stop at the end of this step, as a stop request does."""
+        self.stop_requested = True
 
     def _checkpoint(self, rng_states: list[dict[str, Any]]) -> dict[str, Any]:
         state = self.state

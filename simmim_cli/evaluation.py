@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from . import distributed
+from . import distributed, storage
 from .errors import SimmimError
 from .transforms import normalize
 
@@ -84,7 +84,8 @@ def write_report(output: Path, metrics: dict[str, Any], classes: list[str], sour
     """``metrics.json`` (top-1/5, per-class accuracy), ``confusion.json`` and ``confusion.png`` in ``output``."""
     from .visualize import confusion_png, save_png
 
-    output.mkdir(parents=True, exist_ok=True)
+    with storage.writing(output):
+        output.mkdir(parents=True, exist_ok=True)
     confusion = metrics["confusion"]
     summary = {"checkpoint": source, "top1": metrics["val_top1"], "top5": metrics["val_top5"],
                "loss": metrics["val_loss"], "count": metrics["count"], "skipped": metrics["skipped"],
@@ -94,14 +95,13 @@ def write_report(output: Path, metrics: dict[str, Any], classes: list[str], sour
     _write_json(paths["metrics"], summary)
     _write_json(paths["confusion"], {"classes": classes, "matrix": confusion.tolist(),
                                      "rows": "true class", "columns": "predicted class"})
-    save_png(confusion_png(confusion, classes), paths["confusion_png"])
+    with storage.best_effort("confusion picture", paths["confusion_png"]):
+        save_png(confusion_png(confusion, classes), paths["confusion_png"])
     return paths
 
 
 def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2))
-    tmp.replace(path)
+    storage.write_text(path, json.dumps(value, indent=2))
 
 
 @torch.no_grad()

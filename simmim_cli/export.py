@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__
+from . import __version__, storage
 from .errors import SimmimError
 from .inference import session
 from .models import set_fused_attention
@@ -128,6 +128,8 @@ def to_onnx(module: nn.Module, inputs: tuple[torch.Tensor, ...], what: str, path
             program.save(str(path))
             return "dynamo"
         except Exception as error:  # the dynamo exporter fails in many ways; the fallback is the point
+            if storage.os_error_in(error):  # but a full disk is no exporter's fault
+                raise
             if exporter == "dynamo":
                 raise SimmimError(f"the dynamo ONNX exporter failed ({type(error).__name__}: "
                                   f"{str(error).splitlines()[0][:200]}); try --exporter torchscript") from error

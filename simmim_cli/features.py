@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoints, distributed, hf
+from . import checkpoints, distributed, hf, storage
 from .config import KnnConfig, LinearProbeConfig
 from .models import ProbeModel
 from .pipeline import EvalStream, make_loader
@@ -76,7 +76,8 @@ def cached_features(model: ProbeModel, config: LinearProbeConfig | KnnConfig, da
         loaded = checkpoints.load_checkpoint(path)
         return loaded["features"], loaded["labels"]
     features, labels = data_features(model, config, data, context, classes)
-    if context.local_rank == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        checkpoints.save_checkpoint({"features": features, "labels": labels}, path)
+    if context.local_rank == 0:  # a cache: when it cannot be written, a warning, and the next run computes again
+        with storage.best_effort("feature cache", path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            checkpoints.save_checkpoint({"features": features, "labels": labels}, path)
     return features, labels

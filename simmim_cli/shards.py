@@ -4,6 +4,7 @@ sample counts, class names).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -20,6 +21,7 @@ import braceexpand
 import webdataset as wds
 from PIL import Image
 
+from . import storage
 from .errors import SimmimError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm"}
@@ -198,13 +200,18 @@ def write_shards(
     ``on_skip`` and left out.
     """
     files, classes = find_images(source)
-    output.mkdir(parents=True, exist_ok=True)
+    with storage.writing(output):
+        output.mkdir(parents=True, exist_ok=True)
+    storage.report_stale_temporaries(output, (f"{split}-*.tar.tmp", ".*.tmp"))
     existing = sorted(output.glob(f"{split}-*.tar"))
     if existing and not force:
         raise SimmimError(f"{output} already holds {split} shards ({existing[0].name}, ...); "
                           "pass --force to replace them or choose another output folder")
-    for old in existing:
-        old.unlink()
+    with storage.writing(output):
+        _forget_split(output, split)  # from here until the set is complete, _info.json does not list this split
+        for old in existing:
+            old.unlink()
+            dali_index_path(old).unlink(missing_ok=True)
     if shuffle:
         random.Random(seed).shuffle(files)
 
@@ -216,51 +223,85 @@ def write_shards(
         nonlocal writer, count, size
         if writer is not None:
             writer.close()
+            writer = None
             shard_path.with_suffix(".tar.tmp").rename(shard_path)
             filenames.append(shard_path.name)
             lengths.append(count)
-            writer, count, size = None, 0, 0
+            count, size = 0, 0
 
-    for index, (path, label) in enumerate(files):
-        try:
-            extension, data = image_record(path)
-        except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as error:
-            skipped.append(str(path))
-            if on_skip:
-                on_skip(path, str(error) or type(error).__name__)
-        else:
-            if writer is None:
-                shard_path = output / f"{split}-{len(filenames):06d}.tar"
-                writer = wds.TarWriter(str(shard_path.with_suffix(".tar.tmp")))
-            sample = {"__key__": _sample_key(path, source, used_keys), extension: data}
-            if label is not None:
-                sample["cls"] = label
-            writer.write(sample)
-            count += 1
-            size += len(data)
-            if count >= maxcount or size >= max_size_mb * 1e6:
-                close_shard()
-        if on_progress:
-            on_progress(index + 1, len(files))
-    close_shard()
-    for name in filenames:  # for --decode gpu: DALI reads shards through these (tar headers only, cheap)
-        write_dali_index(output / name)
-    if not filenames:
-        raise SimmimError(f"none of the {len(files)} images in {source} could be read")
-
-    info = _read_info(output) or {}
-    info.setdefault("name", output.name)
-    info.setdefault("splits", {})[split] = {
-        "name": split, "num_samples": sum(lengths), "filenames": filenames, "shard_lengths": lengths,
-    }
-    if classes is not None:
-        info["classes"] = classes
-        info["num_classes"] = len(classes)
-    info["skipped"] = skipped
-    tmp = output / (INFO_FILE + ".tmp")
-    tmp.write_text(json.dumps(info, indent=2))
-    tmp.replace(output / INFO_FILE)
+    try:
+        for index, (path, label) in enumerate(files):
+            try:
+                extension, data = image_record(path)
+            except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as error:
+                skipped.append(str(path))
+                if on_skip:
+                    on_skip(path, str(error) or type(error).__name__)
+            else:
+                if writer is None:
+                    shard_path = output / f"{split}-{len(filenames):06d}.tar"
+                    writer = wds.TarWriter(str(shard_path.with_suffix(".tar.tmp")))
+                sample = {"__key__": _sample_key(path, source, used_keys), extension: data}
+                if label is not None:
+                    sample["cls"] = label
+                writer.write(sample)
+                count += 1
+                size += len(data)
+                if count >= maxcount or size >= max_size_mb * 1e6:
+                    close_shard()
+            if on_progress:
+                on_progress(index + 1, len(files))
+        close_shard()
+        for name in filenames:  # for --decode gpu: DALI reads shards through these (tar headers only, cheap)
+            write_dali_index(output / name)
+        if not filenames:
+            raise SimmimError(f"none of the {len(files)} images in {source} could be read")
+        info = _read_info(output) or {}
+        info.setdefault("name", output.name)
+        info.setdefault("splits", {})[split] = {
+            "name": split, "num_samples": sum(lengths), "filenames": filenames, "shard_lengths": lengths,
+        }
+        if classes is not None:
+            info["classes"] = classes
+            info["num_classes"] = len(classes)
+        info["skipped"] = skipped
+        _write_info(output, info)  # last: only a complete set is listed
+    except BaseException as error:
+        # nothing half done stays: the partial shard and the shards written so far (a set without its _info.json
+        # entry would be read as if complete) go, and the space they took is free again
+        if writer is not None:
+            with contextlib.suppress(Exception):
+                writer.close()
+        written = [shard_path.with_suffix(".tar.tmp")] if shard_path is not None else []
+        written += [output / name for name in filenames] + [dali_index_path(output / name) for name in filenames]
+        freed = sum(path.stat().st_size for path in written if path.is_file())
+        for path in written:
+            path.unlink(missing_ok=True)
+        fault = storage.storage_error(
+            error, shard_path or output,
+            then=f"removed the partial shard and the {len(filenames)} complete one(s) of this unfinished set "
+                 f"({storage.human_bytes(freed)} freed, {INFO_FILE} does not list them); run the same command again "
+                 "once there is room") if isinstance(error, Exception) else None
+        if fault is None:
+            raise
+        raise fault from error
     return info
+
+
+def _write_info(output: Path, info: dict) -> None:
+    storage.write_text(output / INFO_FILE, json.dumps(info, indent=2))
+
+
+def _forget_split(output: Path, split: str) -> None:
+    """Takes ``split`` out of ``_info.json`` (deleting the file when no split is left)."""
+    info = _read_info(output)
+    if info is None or split not in info.get("splits", {}):
+        return
+    del info["splits"][split]
+    if info["splits"]:
+        _write_info(output, info)
+    else:
+        (output / INFO_FILE).unlink()
 
 
 def labelled_source(data: str) -> tuple[ShardSet | list[tuple[Path, int]], list[str] | None, int]:
@@ -322,9 +363,7 @@ def write_dali_index(shard: str | Path, check: Callable[[str, bytes], None] | No
             samples[-1][1].append(f"{extension} {member.offset_data} {member.size} {base}")
     kept = [files for key, files in samples if key not in left_out]
     path = dali_index_path(shard)
-    tmp = path.with_suffix(".idx.tmp")
-    tmp.write_text(f"{DALI_INDEX_VERSION} {len(kept)}\n" + "".join(" ".join(files) + "\n" for files in kept))
-    tmp.replace(path)
+    storage.write_text(path, f"{DALI_INDEX_VERSION} {len(kept)}\n" + "".join(" ".join(files) + "\n" for files in kept))
     return [f"{shard}:{key}: {why}" for key, why in left_out.items()]
 
 
@@ -377,12 +416,14 @@ def data_shards(data: str, option: str = "--data", labels: bool = False) -> str:
                             on_skip=lambda image, reason: print(f"warning: skipped unreadable {image}: {reason}",
                                                                 file=sys.stderr))
         info["source"] = {"folder": str(source), "fingerprint": fingerprint, "images": len(files)}
-        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2))
+        _write_info(tmp, info)
         _swap_in(tmp, cache, fingerprint)
-    except OSError as error:
-        reason = error.strerror or str(error)
-        raise SimmimError(f"{option} {data}: cannot write its shards next to it in {cache} ({reason}); "
-                          f"make them elsewhere with simmim make-shards {data} OUT and pass --data OUT") from error
+    except Exception as error:
+        fault = storage.storage_error(error, cache)
+        if fault is None:
+            raise
+        raise storage.StorageError(f"{option} {data}: its shards are kept next to it, and {fault}; or make them "
+                                   f"elsewhere with simmim make-shards {data} OUT and pass {option} OUT") from error
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return str(cache)

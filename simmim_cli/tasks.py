@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checkpoints, distributed
+from . import checkpoints, distributed, storage
 from .config import FinetuneConfig, PretrainConfig, TrainConfig
 from .evaluation import evaluate_classifier, image_logits, knn_classify
 from .features import extract_features
@@ -21,6 +21,7 @@ from .models import FeatureExtractor, SimMIM, masked_l1_per_image
 from .optim import build_optimizer
 from .pipeline import EvalStream, TensorStream, make_loader
 from .precision import autocast, resolve_precision
+from .storage import StorageError
 from .transforms import normalize
 from .visualize import confusion_png, recon_panel, save_png
 
@@ -112,7 +113,8 @@ class PretrainTask(Task):
             losses = masked_l1_per_image(images, reconstruction, mask, self.model.patch_size)
             captions = [f"masked L1 {value:.3f}" for value in losses.tolist()]
             panel = recon_panel(images, mask, reconstruction, self.model.patch_size, captions)
-            save_png(panel, output / f"preview-{step:08d}.png")
+            with storage.best_effort("preview pictures", output / f"preview-{step:08d}.png"):
+                save_png(panel, output / f"preview-{step:08d}.png")
             figures.update(preview_loss=round(float(losses.mean()), 5), preview=panel)
         if self.knn is not None:
             bank, queries, num_classes = self.knn
@@ -185,14 +187,20 @@ class ClassifierTask(Task):
                                          with_confusion=bool(self.config.log_to))
             model.train(was_training)
             figures = {k: result[k] for k in ("val_top1", "val_top5", "val_loss")}
+        failure = None
         if distributed.is_main():
-            save_model_file(output / "last.pth", self.kind, self.evaluation_model(), self.config, self.classes,
-                            {"epoch": epoch, "step": step, **figures})
-            if figures and (self.best_top1 is None or figures["val_top1"] > self.best_top1):
-                self.best_top1 = figures["val_top1"]
-                save_model_file(output / "best.pth", self.kind, self.evaluation_model(), self.config, self.classes,
+            try:
+                save_model_file(output / "last.pth", self.kind, self.evaluation_model(), self.config, self.classes,
                                 {"epoch": epoch, "step": step, **figures})
-        self.best_top1 = distributed.broadcast_object(self.best_top1)
+                if figures and (self.best_top1 is None or figures["val_top1"] > self.best_top1):
+                    self.best_top1 = figures["val_top1"]
+                    save_model_file(output / "best.pth", self.kind, self.evaluation_model(), self.config,
+                                    self.classes, {"epoch": epoch, "step": step, **figures})
+            except StorageError as error:
+                failure = str(error)
+        self.best_top1, failure = distributed.broadcast_object((self.best_top1, failure))
+        if failure:  # every rank stops with rank 0's reason (none waits for it), naming where to resume from
+            raise StorageError(f"{failure}; {distributed.resume_hint(self.config)}")
         if figures and self.config.log_to and distributed.is_main():  # the trackers show it as an image
             return {**figures, "confusion": confusion_png(result["confusion"], self.classes)}
         return figures

@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import nn
 
+from . import storage
 from .errors import SimmimError
 from .transforms import MEAN, STD
 
@@ -98,31 +99,32 @@ def write_folder(found: TimmModel, directory: Path, source: str, force: bool = F
     model_config: dict[str, Any] = {"pretrained_cfg": {"tag": f"simmim_{found.what}"}}
     if found.classes:
         model_config["label_names"] = found.classes
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        save_for_hf(model, str(tmp), model_config=model_config, safe_serialization=True, data_config=data_config)
-        config_path = tmp / "config.json"
-        config = json.loads(config_path.read_text())
-        config["pretrained_cfg"].pop("license", None)  # the architecture's default weights' licence, not this one's
-        config_path.write_text(json.dumps(config, indent=2))
-        architecture = config["architecture"]
-        card = {"license": "other", "description": _description(found, source, architecture),
-                "details": {"Model Type": "Image classification" if found.what == "classifier"
-                            else "Image feature backbone", "Architecture": architecture,
-                            "Image size": f"{size[0]} x {size[1]}", "Pretraining": "SimMIM (simmim-cli)"},
-                "usage": _usage(found)}
-        task = "image-classification" if found.what == "classifier" else "image-feature-extraction"
-        readme = generate_readme(card, directory.resolve().name, task_name=task)
-        (tmp / "README.md").write_text(readme, encoding="utf-8")
-        if not directory.exists():
-            tmp.rename(directory)
-        else:
-            for name in FILES:
-                os.replace(tmp / name, directory / name)
-    finally:
+    with storage.writing(directory):  # a full disk or a forbidden folder: one line, the temporary folder goes
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            save_for_hf(model, str(tmp), model_config=model_config, safe_serialization=True, data_config=data_config)
+            config_path = tmp / "config.json"
+            config = json.loads(config_path.read_text())
+            config["pretrained_cfg"].pop("license", None)  # the architecture's default weights' licence, not this one's
+            config_path.write_text(json.dumps(config, indent=2))
+            architecture = config["architecture"]
+            card = {"license": "other", "description": _description(found, source, architecture),
+                    "details": {"Model Type": "Image classification" if found.what == "classifier"
+                                else "Image feature backbone", "Architecture": architecture,
+                                "Image size": f"{size[0]} x {size[1]}", "Pretraining": "SimMIM (simmim-cli)"},
+                    "usage": _usage(found)}
+            task = "image-classification" if found.what == "classifier" else "image-feature-extraction"
+            readme = generate_readme(card, directory.resolve().name, task_name=task)
+            (tmp / "README.md").write_text(readme, encoding="utf-8")
+            if not directory.exists():
+                tmp.rename(directory)
+            else:
+                for name in FILES:
+                    os.replace(tmp / name, directory / name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return [directory / name for name in FILES]
 
 

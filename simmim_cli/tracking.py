@@ -13,10 +13,13 @@ import importlib.util
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from . import storage
 from .errors import SimmimError
+from .storage import StorageError
 
 # --log-to name → (module that must be importable, the pip line that brings it)
 TRACKERS = {
@@ -48,30 +51,43 @@ class RunLog:
     than 0. ``config`` (the resolved run config) chooses the trackers (``log_to``) and is logged as their
     hyperparameters."""
 
-    def __init__(self, output: Path, enabled: bool, config: Any = None):
+    def __init__(self, output: Path, enabled: bool, config: Any = None,
+                 on_failure: Callable[[StorageError], None] | None = None):
         self.output = output
         self.path = output / "metrics.jsonl"
         self.enabled = enabled
         self.config = config.to_dict() if config is not None else {}
         self.resume_step: int | None = None
         self.trackers: list[Tracker] | None = None  # opened with the first row, once a resume has said its step
+        # metrics.jsonl is essential: when it cannot be written, ``failure`` keeps why and ``on_failure`` is told
+        # (the engine stops the run on every rank at the next step); without a handler the error is raised
+        self.failure: StorageError | None = None
+        self.on_failure = on_failure
 
     def log(self, row: dict[str, Any]) -> None:
-        if not self.enabled:
+        if not self.enabled or self.failure is not None:
             return
         numbers = {k: v for k, v in row.items() if not _is_image(v)}
-        with self.path.open("a") as file:
-            file.write(json.dumps({**numbers, "time": round(time.time(), 3)}) + "\n")
+        try:
+            with storage.writing(self.path), self.path.open("a") as file:
+                file.write(json.dumps({**numbers, "time": round(time.time(), 3)}) + "\n")
+        except StorageError as error:
+            if self.on_failure is None:
+                raise
+            self.failure = error
+            self.on_failure(error)
+            return
         if self.trackers is None:
             self.trackers = open_trackers(self.config.get("log_to") or [], self.output, self.config,
                                           self.resume_step)
         step = int(row.get("step", 0))
         scalars = {k: float(v) for k, v in numbers.items() if k != "step" and isinstance(v, (int, float))}
-        for tracker in self.trackers:
-            tracker.log_metrics(scalars, step)
-            for key, value in row.items():
-                if _is_image(value):
-                    tracker.log_image(key, value, step)
+        for tracker in self.trackers:  # a tracker's files are not essential: one warning, and the run goes on
+            with storage.best_effort(f"{tracker.name} log", None):
+                tracker.log_metrics(scalars, step)
+                for key, value in row.items():
+                    if _is_image(value):
+                        tracker.log_image(key, value, step)
 
     def truncate_after(self, step: int) -> None:
         """Drops rows a crashed run logged after its last checkpoint, so the resumed run does not repeat them
@@ -80,13 +96,12 @@ class RunLog:
         if not (self.enabled and self.path.is_file()):
             return
         rows = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(row + "\n" for row in rows))
-        tmp.replace(self.path)
+        storage.write_text(self.path, "".join(row + "\n" for row in rows))
 
     def close(self) -> None:
         for tracker in self.trackers or []:
-            tracker.close()
+            with storage.best_effort(f"{tracker.name} log", None):
+                tracker.close()
         self.trackers = []
 
 
@@ -99,6 +114,8 @@ def _is_image(value: Any) -> bool:
 
 class Tracker:
     """One experiment tracker's run."""
+
+    name = "tracker"  # the --log-to name
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         raise NotImplementedError
@@ -120,16 +137,20 @@ def open_trackers(names: list[str], output: Path, config: dict[str, Any], resume
     ids = json.loads(ids_file.read_text()) if resume_step is not None and ids_file.is_file() else {}
     opened: list[Tracker] = []
     for name in names:
-        tracker = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker, "mlflow": MlflowTracker}[name](
-            output, config, ids.get(name), resume_step)
-        opened.append(tracker)
-        ids[name] = tracker.run_id
-    ids_file.write_text(json.dumps(ids, indent=2))
+        with storage.best_effort(f"{name} log", None):  # e.g. its folder cannot be made: the run goes on without it
+            tracker = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker, "mlflow": MlflowTracker}[name](
+                output, config, ids.get(name), resume_step)
+            opened.append(tracker)
+            ids[name] = tracker.run_id
+    with storage.best_effort("tracker ids (a resumed run starts new tracker runs)", ids_file):
+        storage.write_text(ids_file, json.dumps(ids, indent=2))
     return opened
 
 
 class TensorBoardTracker(Tracker):
     """Event files in ``<output>/tensorboard`` (``tensorboard --logdir runs/`` shows every run by folder name)."""
+
+    name = "tensorboard"
 
     def __init__(self, output: Path, config: dict[str, Any], run_id: str | None, resume_step: int | None):
         from torch.utils.tensorboard import SummaryWriter
@@ -160,6 +181,8 @@ class WandbTracker(Tracker):
     """A W&B run in ``<output>/wandb``: online, or offline with ``WANDB_MODE=offline`` (``wandb sync`` later).
     The project is ``$WANDB_PROJECT``, else ``simmim``."""
 
+    name = "wandb"
+
     def __init__(self, output: Path, config: dict[str, Any], run_id: str | None, resume_step: int | None):
         import wandb
 
@@ -186,6 +209,8 @@ class WandbTracker(Tracker):
 class MlflowTracker(Tracker):
     """An MLflow run at ``$MLFLOW_TRACKING_URI`` (MLflow's default without it), in the experiment
     ``$MLFLOW_EXPERIMENT_NAME``, else ``simmim``."""
+
+    name = "mlflow"
 
     def __init__(self, output: Path, config: dict[str, Any], run_id: str | None, resume_step: int | None):
         from mlflow.entities import Param

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from . import storage
 from .models import pixel_mask
 from .transforms import denormalize
 
@@ -56,8 +57,9 @@ def save_png(image: Image.Image, path: Path) -> None:
     """Atomic PNG write."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    tmp.replace(path)
+    with storage.writing(path, temporary=tmp):
+        image.save(tmp, format="PNG")
+        tmp.replace(path)
 
 
 def confusion_png(confusion: torch.Tensor, classes: list[str]) -> Image.Image:

@@ -229,8 +229,9 @@ def test_an_unwritable_cache_is_a_clear_error(photo_folder, tmp_path, monkeypatc
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(shards_module, "write_shards", refuse)
-    with pytest.raises(SimmimError, match="Permission denied.*simmim make-shards"):
+    with pytest.raises(SimmimError, match="permission denied.*simmim make-shards") as raised:
         data_shards(str(photo_folder))
+    assert raised.value.exit_code == 74  # a storage fault (docs/storage-faults.md)
 
 
 def test_tar_files_missing_from_info_are_named_with_how_to_include_them(photo_folder, tmp_path, capsys):

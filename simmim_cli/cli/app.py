@@ -10,6 +10,7 @@ import typer
 from .. import __version__
 from ..config import resolve_config
 from ..errors import SimmimError, debug_enabled, set_debug
+from ..storage import unexpected
 
 app = typer.Typer(
     name="simmim",
@@ -24,7 +25,8 @@ app = typer.Typer(
 
 
 def handle_errors(command):
-    """User errors → one line on stderr and their exit code (2 for bad input); --debug shows tracebacks."""
+    """User errors → one line on stderr and their exit code (2 for bad input, 74 for storage faults); --debug shows
+    tracebacks."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -35,6 +37,12 @@ def handle_errors(command):
                 raise
             typer.echo(f"error: {one_line(error)}", err=True)
             raise typer.Exit(error.exit_code) from None
+        except (OSError, RuntimeError) as error:  # a full disk or a forbidden folder that no writer caught
+            fault = unexpected(error)
+            if fault is None or debug_enabled():
+                raise
+            typer.echo(f"error: {fault}", err=True)
+            raise typer.Exit(fault.exit_code) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None

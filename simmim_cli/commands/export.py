@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .. import checkpoints
+from .. import checkpoints, storage
 from ..config import ExportConfig
 from ..errors import SimmimError
 from ..export import example_inputs, exportable, set_metadata, to_fp16, to_int8, to_onnx, verification_images, verify
@@ -164,43 +164,49 @@ def export_onnx(config: ExportConfig, files: list[Path]) -> dict[str, Any]:
     report: dict[str, Any] = {"what": what, "files": files, "metadata": metadata}
     if config.onnx:
         tmp = output.with_name(f".{output.name}.tmp")
-        report["exporter"] = to_onnx(module, example_inputs(module, what, metadata["img_size"]), what, tmp,
-                                     config.opset, config.exporter)
-        precision = "int8" if config.int8 else "fp16" if config.fp16 else "fp32"
-        set_metadata(tmp, {**metadata, "opset": config.opset, "precision": precision})
-        if precision == "fp16":
-            to_fp16(tmp, tmp)
-        elif precision == "int8":
-            to_int8(tmp, tmp)
-        if config.verify:
-            # fp16 is for GPUs: checked on onnxruntime's CUDA provider where it runs, on the CPU elsewhere
-            checked = verify(tmp, module, inputs, what, provider="auto" if precision == "fp16" else "cpu")
-            report["verification"] = checked
-            problem = None
-            if precision == "fp32" and checked["max_abs_diff"] > config.tolerance:
-                problem = (f"onnxruntime and PyTorch differ by {checked['max_abs_diff']:.2e} (above "
-                           f"{config.tolerance:g}); try --exporter torchscript, or --tolerance if that is acceptable")
-            elif precision != "fp32" and checked.get("top1_agreement", 1.0) < 1.0:
-                problem = (f"the {precision} model's top-1 differs from PyTorch on "
-                           f"{100 * (1 - checked['top1_agreement']):.0f}% of the check photos")
-            elif precision != "fp32" and checked["min_cosine"] < 0.99:
-                problem = (f"the {precision} model's outputs are too far from PyTorch's (cosine similarity "
-                           f"{checked['min_cosine']:.3f} < 0.99)")
-            if problem and precision != "fp32":
-                problem += (f"; export without --{precision}, or with --no-verify and measure the accuracy on your "
-                            "own data with simmim evaluate --checkpoint FILE.onnx")
-            if problem:
-                tmp.unlink()
-                raise SimmimError(f"{problem}; nothing was written")
-        tmp.replace(output)
+        with storage.writing(output, temporary=[tmp, tmp.with_name(tmp.name + ".plain")]):
+            _write_onnx(config, module, what, metadata, inputs, tmp, report)
+            tmp.replace(output)
         report["files"].append(output)
     if config.torchscript:
         target = output.with_suffix(".pt")
         tmp = target.with_name(f".{target.name}.tmp")
-        with torch.no_grad(), warnings.catch_warnings():
+        with storage.writing(target, temporary=tmp), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             traced = torch.jit.trace(module, inputs, check_trace=False)
-        traced.save(str(tmp))
-        tmp.replace(target)
+            traced.save(str(tmp))
+            tmp.replace(target)
         report["files"].append(target)
     return report
+
+
+def _write_onnx(config: ExportConfig, module: torch.nn.Module, what: str, metadata: dict[str, Any],
+                inputs: tuple[torch.Tensor, ...], tmp: Path, report: dict[str, Any]) -> None:
+    """The ONNX file at ``tmp``: exported, converted to the precision asked for, verified."""
+    report["exporter"] = to_onnx(module, example_inputs(module, what, metadata["img_size"]), what, tmp,
+                                 config.opset, config.exporter)
+    precision = "int8" if config.int8 else "fp16" if config.fp16 else "fp32"
+    set_metadata(tmp, {**metadata, "opset": config.opset, "precision": precision})
+    if precision == "fp16":
+        to_fp16(tmp, tmp)
+    elif precision == "int8":
+        to_int8(tmp, tmp)
+    if config.verify:
+        # fp16 is for GPUs: checked on onnxruntime's CUDA provider where it runs, on the CPU elsewhere
+        checked = verify(tmp, module, inputs, what, provider="auto" if precision == "fp16" else "cpu")
+        report["verification"] = checked
+        problem = None
+        if precision == "fp32" and checked["max_abs_diff"] > config.tolerance:
+            problem = (f"onnxruntime and PyTorch differ by {checked['max_abs_diff']:.2e} (above "
+                       f"{config.tolerance:g}); try --exporter torchscript, or --tolerance if that is acceptable")
+        elif precision != "fp32" and checked.get("top1_agreement", 1.0) < 1.0:
+            problem = (f"the {precision} model's top-1 differs from PyTorch on "
+                       f"{100 * (1 - checked['top1_agreement']):.0f}% of the check photos")
+        elif precision != "fp32" and checked["min_cosine"] < 0.99:
+            problem = (f"the {precision} model's outputs are too far from PyTorch's (cosine similarity "
+                       f"{checked['min_cosine']:.3f} < 0.99)")
+        if problem and precision != "fp32":
+            problem += (f"; export without --{precision}, or with --no-verify and measure the accuracy on your "
+                        "own data with simmim evaluate --checkpoint FILE.onnx")
+        if problem:
+            raise SimmimError(f"{problem}; nothing was written")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoints, distributed
+from .. import checkpoints, distributed, storage
 from ..config import TrainConfig
 from ..engine import Trainer
 from ..errors import SimmimError
@@ -46,13 +46,17 @@ def resolve_run_paths(config: TrainConfig, runs_root: Path = Path("runs")) -> No
     output = Path(config.output)
     if output.exists() and not output.is_dir():
         raise SimmimError(f"--output {output} is a file; give a folder")
+    # a read-only or forbidden output fails here, in one line, before any model is built or worker launched
+    storage.check_writable(output)
+    storage.report_stale_temporaries(output)  # left by a save that was killed (kill -9, a node that died)
     if config.resume is None and output.is_dir():
         previous = checkpoints.list_checkpoints(output) + list(output.glob("metrics.jsonl"))
         if previous and not config.force:
             raise SimmimError(f"{output} already holds a run ({previous[-1].name}); continue it with --resume auto, "
                               "or pass --force to start over in it, or choose another --output")
-        for path in previous + list(output.glob("preview-*.png")):
-            path.unlink()
+        with storage.writing(output):
+            for path in previous + list(output.glob("preview-*.png")):
+                path.unlink()
 
 
 def check_resumed_param_groups(config: TrainConfig) -> None:

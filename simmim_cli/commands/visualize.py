@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import checkpoints, distributed
+from .. import checkpoints, distributed, storage
 from ..config import VisualizeConfig
 from ..errors import SimmimError
 from ..masking import MaskGenerator
@@ -66,9 +66,10 @@ def visualize_recon(config: VisualizeConfig) -> dict[str, Any]:
     if config.save_arrays:
         arrays = Path(config.save_arrays)
         tmp = arrays.with_name(f".{arrays.stem}.tmp.npz")
-        np.savez(tmp, input=batch.cpu().numpy(), mask=mask.cpu().numpy(), reconstruction=reconstruction.cpu().numpy(),
-                 loss=losses.numpy(), names=np.array(names))
-        tmp.replace(arrays)
+        with storage.writing(arrays, temporary=tmp):
+            np.savez(tmp, input=batch.cpu().numpy(), mask=mask.cpu().numpy(),
+                     reconstruction=reconstruction.cpu().numpy(), loss=losses.numpy(), names=np.array(names))
+            tmp.replace(arrays)
     return {"output": output, "arrays": config.save_arrays, "names": names, "losses": losses.tolist(),
             "skipped": skipped, "notes": notes, "checkpoint": config.checkpoint}
 
