@@ -40,8 +40,9 @@ def check_options(
     find_batch: Annotated[bool, typer.Option(
         "--find-batch", help="Also find the largest batch per process that fits in memory, with real steps "
         "(doubling, then bisecting).")] = False,
-    steps: Annotated[int, typer.Option(help="At least this many timed optimizer steps per process, after 2 warm-up "
-                                            "steps; they go on for about 5 s.")] = 5,
+    steps: Annotated[int | None, typer.Option(
+        help="Timed optimizer steps per process, after 2 warm-up steps \\[default: as many as take about 5 s, at "
+             "least 5].", show_default=False)] = None,
 ) -> None:
     """Will this run work, how fast, and what holds it back?"""
     from ..commands.check import CheckOptions
@@ -59,8 +60,8 @@ CHECK_PARAMETERS = [
         bool, typer.Option("--find-batch", help="Also find the largest batch per process that fits.",
                            rich_help_panel=CHECK)]),
     inspect.Parameter("check_steps", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
-        int | None, typer.Option("--steps", help="At least this many timed optimizer steps per process, after 2 warm-up "
-                                 "steps; they go on for about 5 s \\[default: 5].",
+        int | None, typer.Option("--steps", help="Timed optimizer steps per process, after 2 warm-up steps "
+                                 "\\[default: as many as take about 5 s, at least 5].",
                                  rich_help_panel=CHECK, show_default=False)]),
 ]
 

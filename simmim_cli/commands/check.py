@@ -43,8 +43,8 @@ COMMANDS = {
 WARMUP_STEPS = 2  # untimed steps first: DDP's buckets, cuDNN's kernel choice, the allocator's first blocks
 DATA_READ_SECONDS = 3.0  # the timed read of the shards stops after this long (or DATA_READ_IMAGES images)
 DATA_READ_IMAGES = 256
-TIMED_SECONDS = 5.0  # timed steps go on until about this long (at least --steps of them)
-MAX_TIMED_STEPS = 500
+TIMED_SECONDS = 5.0  # without --steps, timed steps go on for about this long
+MIN_TIMED_STEPS, MAX_TIMED_STEPS = 5, 500
 FIND_BATCH_TRIALS = 16  # doublings and bisections together
 FIND_BATCH_SECONDS = 60.0  # --find-batch stops doubling after this long and reports "at least"
 FIND_BATCH_FACTOR = 64  # ... or at this many times the requested batch (a CPU's memory is large and slow to fill)
@@ -57,13 +57,13 @@ class CheckOptions:
     json: bool = False
     output: str | None = None  # a folder for check.json and check.txt
     find_batch: bool = False
-    steps: int = 5  # timed optimizer steps per process, after WARMUP_STEPS
+    steps: int | None = None  # timed optimizer steps per process after WARMUP_STEPS; None: TIMED_SECONDS' worth
 
 
 def check(command: str, config: TrainConfig, options: CheckOptions) -> int:
     """Runs the check, prints the table (or JSON), returns the exit code: 0 when the run will work, 1 when it
     will not start or not fit."""
-    if options.steps < 1:
+    if options.steps is not None and options.steps < 1:
         raise SimmimError(f"--steps must be at least 1, got {options.steps}")
     report_folder = _report_folder(options.output, config)
     started = time.perf_counter()
@@ -327,18 +327,20 @@ def _probe(trainer: Trainer, batch: dict[str, Any], memory: preflight.PeakMemory
     return (cap is None or peak <= cap), peak
 
 
-def _timed_steps(trainer: Trainer, batches: _Batches, config: TrainConfig, steps: int,
+def _timed_steps(trainer: Trainer, batches: _Batches, config: TrainConfig, steps: int | None,
                  memory: preflight.PeakMemory) -> dict[str, Any]:
     """Optimizer steps as the run makes them (DDP, gradient accumulation, real batches), each synchronised:
-    the time waiting for batches and the time computing, per step."""
+    the time waiting for batches and the time computing, per step. ``steps`` None: as many as fill about
+    TIMED_SECONDS, at least MIN_TIMED_STEPS."""
     waits, computes = [], []
-    index, last = 0, WARMUP_STEPS + steps
+    index, last = 0, WARMUP_STEPS + 1  # the count is fixed after the warm-up
     while index < last:
         if index == WARMUP_STEPS:
             memory.reset()
             # enough steps for TIMED_SECONDS at the slowest process's pace: every process makes the same number
             pace = max(distributed.gather_objects(time.perf_counter() - warm_started)) / WARMUP_STEPS
-            last = WARMUP_STEPS + min(max(steps, math.ceil(TIMED_SECONDS / max(pace, 1e-6))), MAX_TIMED_STEPS)
+            wanted = steps or min(max(MIN_TIMED_STEPS, math.ceil(TIMED_SECONDS / max(pace, 1e-6))), MAX_TIMED_STEPS)
+            last = WARMUP_STEPS + wanted
         if index == 0:
             warm_started = time.perf_counter()
         started, waited = time.perf_counter(), 0.0
