@@ -206,6 +206,8 @@ class Rates:
     loader_img_s: float | None  # images/s the rank's loader processes can deliver (timed read × processes)
     allreduce_s: float | None  # one all-reduce of the gradients (more than one process)
     epoch_start_s: float  # the loader's start at each epoch (time to the first batch)
+    save_s: float  # one checkpoint (with the task's previews), as the run saves it
+    saves_per_epoch: float  # at each epoch's end, and every --save-every steps
     steps_per_epoch: int
     total_steps: int
     epochs: int
@@ -229,12 +231,13 @@ def forecast(rates: Rates) -> dict[str, Any]:
         bound = "communication"
     else:
         bound = "compute"
-    epoch_s = rates.steps_per_epoch * step_s + rates.epoch_start_s
-    run_epochs = rates.total_steps / max(rates.steps_per_epoch, 1)
+    per_epoch = rates.epoch_start_s + rates.saves_per_epoch * rates.save_s  # what an epoch costs besides its steps
+    epoch_s = rates.steps_per_epoch * step_s + per_epoch
+    run_epochs = max(1, round(rates.total_steps / max(rates.steps_per_epoch, 1)))
     return {
         "bound": bound, "step_s": step_s, "input_step_s": input_step_s, "input_share": min(input_share, 1.0),
         "comm_share": comm_share, "epoch_s": epoch_s,
-        "run_s": rates.total_steps * step_s + rates.epoch_start_s * max(1, round(run_epochs)),
+        "run_s": rates.total_steps * step_s + per_epoch * run_epochs,
         "img_per_s_per_device": rates.images_per_step / step_s if step_s else 0.0,
     }
 
@@ -381,9 +384,9 @@ def render(report: dict[str, Any]) -> str:
         row("step", f"{forecast['step_s'] * 1e3:.1f} ms ({forecast['img_per_s_per_device']:.1f} img/s per process"
             f"{loader})")
         row("epoch", f"{duration(forecast['epoch_s'])} ({run['steps_per_epoch']} steps, loader start "
-            f"{forecast['epoch_start_s']:.1f} s)")
-        row("run", f"{duration(forecast['run_s'])} ({run['total_steps']} steps; evaluation and checkpoints not "
-            "included)")
+            f"{forecast['epoch_start_s']:.1f} s, checkpoint {forecast['save_s']:.1f} s)")
+        row("run", f"{duration(forecast['run_s'])} ({run['total_steps']} steps"
+            + ("; evaluation after each epoch not included)" if run.get("evaluates") else ")"))
     verdict = report["verdict"]
     section(f"Verdict: {'the run will work' if verdict['ok'] else 'the run will NOT work as given'}; "
             f"{verdict['bound']}-bound" if verdict["bound"] != "memory" else

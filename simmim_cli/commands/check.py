@@ -71,7 +71,6 @@ def check(command: str, config: TrainConfig, options: CheckOptions) -> int:
     prepare, _ = COMMANDS[command]
     with tempfile.TemporaryDirectory(prefix="simmim-check-") as scratch:
         config.output, config.resume, config.force, config.log_to = scratch, None, False, []
-        config.save_every = 0
         if distributed.launched_env(config) is not None:  # one process of torchrun/SLURM
             report = _check_process(config, command, options, prepare_here=True)
         else:
@@ -285,6 +284,9 @@ def _measure(trainer: Trainer, dataset: Any, config: TrainConfig, options: Check
                 dtype = torch.bfloat16 if config.bf16_grad_reduce else torch.float32
                 numel = sum(p.numel() for p in trainer.parameters)
                 figures["allreduce"] = preflight.bus_bandwidth(numel, dtype, device)
+            started = time.perf_counter()
+            trainer.save()  # the engine's own checkpoint and previews, into the temporary folder
+            figures["save_s"] = time.perf_counter() - started
         figures["epoch_start_s"] = statistics.median(batches.starts)
         if options.find_batch or not fits:
             figures["find_batch"] = _find_batch(trainer, first, memory, cap, context, config.batch_size)
@@ -449,7 +451,8 @@ def _report(command: str, config: TrainConfig, context: distributed.Context, tra
            "global_batch": config.batch_size * config.grad_accum * context.world_size,
            "workers": config.workers, "precision": trainer.precision, "model": config.model,
            "parameters": sum(p.numel() for p in trainer.parameters), "flops_per_image": flops,
-           "steps_per_epoch": trainer.steps_per_epoch, "total_steps": total_steps, "epochs": config.epochs}
+           "steps_per_epoch": trainer.steps_per_epoch, "total_steps": total_steps, "epochs": config.epochs,
+           "evaluates": bool(getattr(config, "val_data", None))}
     allreduce = max((r["allreduce"] for r in per_rank if "allreduce" in r), key=lambda a: a["seconds"],
                     default=None)
     find = first.get("find_batch")
@@ -468,11 +471,11 @@ def _report(command: str, config: TrainConfig, context: distributed.Context, tra
             loop_step_s=max(r["loop_step_s"] for r in per_rank),
             data_wait=statistics.fmean(r["data_wait"] for r in per_rank), loader_img_s=loader_rate,
             allreduce_s=allreduce["seconds"] if allreduce else None,
-            epoch_start_s=max(r["epoch_start_s"] for r in per_rank), steps_per_epoch=trainer.steps_per_epoch,
-            total_steps=total_steps, epochs=config.epochs)
+            epoch_start_s=max(r["epoch_start_s"] for r in per_rank), save_s=max(r["save_s"] for r in per_rank),
+            saves_per_epoch=1 + (trainer.steps_per_epoch // config.save_every if config.save_every else 0),
+            steps_per_epoch=trainer.steps_per_epoch, total_steps=total_steps, epochs=config.epochs)
         forecast = preflight.forecast(rates)
-        forecast["loader_img_s"] = loader_rate
-        forecast["epoch_start_s"] = rates.epoch_start_s
+        forecast.update(loader_img_s=loader_rate, epoch_start_s=rates.epoch_start_s, save_s=rates.save_s)
         bound = forecast["bound"]
     else:
         bound = "memory"
