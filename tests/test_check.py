@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY_MODELS, digit_images, free_port, simmim
+from conftest import ROOT, TINY_MODELS, digit_images, free_port
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -52,11 +52,12 @@ def heavy_shards(tmp_path_factory) -> Path:
     from sklearn.datasets import load_sample_images
 
     source = tmp_path_factory.mktemp("heavy")
-    for index in range(24):
-        photo = Image.fromarray(load_sample_images().images[index % 2]).resize((1280, 960))
+    photos = load_sample_images().images
+    for index in range(12):
+        photo = Image.fromarray(photos[index % 2]).resize((1024, 768))
         photo.rotate(index * 7).save(source / f"p{index:02d}.png", compress_level=1)
     out = tmp_path_factory.mktemp("heavy-shards")
-    write_shards(source, out, maxcount=6)
+    write_shards(source, out, maxcount=3)
     return out
 
 
@@ -136,9 +137,10 @@ def test_a_starved_loader_is_input_bound_and_a_fed_model_compute_bound(digit_sha
                                 "--steps", "6", *tiny())
     assert starved.returncode == 0, starved.stderr[-3000:]
     assert report["verdict"]["bound"] == "input", report["forecast"]
-    assert report["forecast"]["input_share"] > 0.5
+    # one loader process decodes a batch in more time than the model trains on it
+    assert report["forecast"]["input_step_s"] > report["processes"][0]["compute_step_s"]
     assert any("--workers" in tip or "cores" in tip for tip in report["verdict"]["advice"])
-    assert report["data"]["sizes"][0] == [1280, 960]
+    assert report["data"]["sizes"][0] == [1024, 768]
     # a model of real weight for this CPU, fed by the same one loader process with small images
     fed, report = run_check("pretrain", "--data", str(digit_shards), "--workers", "1", "--epochs", "2",
                             "--steps", "6", *tiny(batch=16, embed_dim=192, depth=4, num_heads=3))
@@ -171,15 +173,17 @@ def test_a_linear_probe_check_prints_the_table_and_keeps_it_in_output(labelled_f
     shards = tmp_path / "labelled-shards"
     write_shards(labelled_folder, shards, maxcount=8)
     keep = tmp_path / "report"
-    result = simmim("check", "--output", str(keep), "linear-probe", "--data", str(shards), "--workers", "1",
-                    "--epochs", "2", "--steps", "2", "--model", TINY_MODELS["vit"][0], "--model-kwargs",
-                    json.dumps(TINY_MODELS["vit"][1]), "--img-size", "32", "--batch-size", "8", "--precision",
-                    "fp32", "--device", "cpu", "--warmup-epochs", "1", "--output", str(tmp_path / "run"))
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = runner.invoke(app, [
+        "check", "--output", str(keep), "linear-probe", "--data", str(shards), "--workers", "1", "--epochs", "2",
+        "--steps", "2", "--model", TINY_MODELS["vit"][0], "--model-kwargs", json.dumps(TINY_MODELS["vit"][1]),
+        "--img-size", "32", "--batch-size", "8", "--precision", "fp32", "--device", "cpu", "--warmup-epochs", "1",
+        "--output", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    text = result.stdout
     for heading in ("Environment", "Data", "Model and memory", "Speed", "Forecast", "Verdict: the run will work"):
-        assert heading in result.stdout, result.stdout
-    assert "3 classes" in result.stdout and "img/s per loader process" in result.stdout
-    assert (keep / "check.txt").read_text().strip() == result.stdout.strip()
+        assert heading in text, text
+    assert "3 classes" in text and "img/s per loader process" in text
+    assert (keep / "check.txt").read_text().strip() in text
     report = json.loads((keep / "check.json").read_text())
     assert report["command"] == "linear-probe" and report["data"]["classes"] == 3
     assert not (tmp_path / "run").exists()

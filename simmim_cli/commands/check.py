@@ -308,9 +308,10 @@ def _local_model(trainer: Trainer) -> torch.nn.Module:
 
 def _probe(trainer: Trainer, batch: dict[str, Any], memory: preflight.PeakMemory, cap: int | None,
            steps: int) -> tuple[bool, int | None]:
-    """(fits, peak bytes of the last step) for ``steps`` real training steps on ``batch`` in this process."""
+    """(fits, peak bytes of the last step) for ``steps`` real training steps on ``batch`` in this process; running
+    out of memory (on a GPU, or above the memory cap) is an answer, not an error."""
     wrapped, trainer.train_model = trainer.train_model, _local_model(trainer)
-    peak = None
+    peak, out_of_memory = None, False
     try:
         for _ in range(steps):
             memory.reset()
@@ -320,12 +321,15 @@ def _probe(trainer: Trainer, batch: dict[str, Any], memory: preflight.PeakMemory
     except (torch.cuda.OutOfMemoryError, RuntimeError) as error:
         if not preflight.is_out_of_memory(error):
             raise
-        trainer.optimizer.zero_grad(set_to_none=True)
-        del error
-        preflight.free_memory(trainer.device)
-        return False, None
+        out_of_memory = True
     finally:
         trainer.train_model = wrapped
+    if out_of_memory:  # outside the except block: its traceback no longer holds the step's tensors
+        trainer.optimizer.zero_grad(set_to_none=True)
+        if trainer.scaler.is_enabled():  # an interrupted step may have left the scaler half-way (unscaled)
+            trainer.scaler = torch.amp.GradScaler(trainer.device.type, init_scale=trainer.scaler.get_scale())
+        preflight.free_memory(trainer.device)
+        return False, None
     return (cap is None or peak <= cap), peak
 
 
