@@ -353,7 +353,8 @@ def render(report: dict[str, Any]) -> str:
     section("Model and memory")
     flops = f"; {run['flops_per_image'] / 1e9:.3g} GFLOP per training image" if run["flops_per_image"] else ""
     row("parameters", f"{run['parameters'] / 1e6:.2f}M trainable{flops}")
-    where = "process peak resident memory" if report["processes"][0]["device"] == "cpu" else "torch.cuda.max_memory_allocated"
+    on_cpu = report["processes"][0]["device"] == "cpu"
+    where = "the process's peak resident memory" if on_cpu else "torch.cuda.max_memory_allocated"
     device_memory = report["processes"][0]["device_memory"]
     row("peak memory", f"{size(memory['peak_memory'])} per process at batch {run['batch_size']} ({where})"
         + (f", of {size(device_memory)}" if device_memory else "")

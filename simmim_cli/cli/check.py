@@ -85,7 +85,8 @@ def _checking(name: str, command, make_config) -> None:
     check_command.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *CHECK_PARAMETERS])
     check_command.__doc__ = (f"Check `simmim {name}` with these options: takes exactly its options "
                              f"(see simmim {name} --help).")
-    check_app.command(name, epilog=f"Example: simmim check {name} --data shards/ --gpus 8")(handle_errors(check_command))
+    epilog = f"Example: simmim check {name} --data shards/ --gpus 8"
+    check_app.command(name, epilog=epilog)(handle_errors(check_command))
 
 
 _checking("pretrain", pretrain, lambda ctx: config_from_context(PretrainConfig, ctx))

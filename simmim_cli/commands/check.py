@@ -340,6 +340,7 @@ def _timed_steps(trainer: Trainer, batches: _Batches, config: TrainConfig, steps
     TIMED_SECONDS, at least MIN_TIMED_STEPS."""
     waits, computes = [], []
     index, last = 0, WARMUP_STEPS + 1  # the count is fixed after the warm-up
+    warm_started = time.perf_counter()
     while index < last:
         if index == WARMUP_STEPS:
             memory.reset()
@@ -347,8 +348,6 @@ def _timed_steps(trainer: Trainer, batches: _Batches, config: TrainConfig, steps
             pace = max(distributed.gather_objects(time.perf_counter() - warm_started)) / WARMUP_STEPS
             wanted = steps or min(max(MIN_TIMED_STEPS, math.ceil(TIMED_SECONDS / max(pace, 1e-6))), MAX_TIMED_STEPS)
             last = WARMUP_STEPS + wanted
-        if index == 0:
-            warm_started = time.perf_counter()
         started, waited = time.perf_counter(), 0.0
         for micro in range(config.grad_accum):
             batch, wait = batches.next()
