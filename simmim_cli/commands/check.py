@@ -159,7 +159,8 @@ def _check_process(config: TrainConfig, command: str, options: CheckOptions, pre
             trainer.setup(dataset)
         data = _time_data(dataset) if context.is_main else None
         distributed.barrier()
-        figures = _measure(trainer, dataset, config, options, context)
+        with contextlib.redirect_stdout(sys.stderr):  # the engine's notes (e.g. skipped samples) stay visible
+            figures = _measure(trainer, dataset, config, options, context)
         # after the steps: importing onnxruntime to list its providers would count in the CPU's peak memory
         env = preflight.environment(config, context.local_world_size, config.workers) if context.is_main else None
         figures.update(rank=context.rank, cores=preflight.usable_cores())
