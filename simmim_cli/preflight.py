@@ -248,8 +248,10 @@ def advice(bound: str, config: Any, figures: dict[str, Any]) -> list[str]:
     if bound == "memory":
         largest = figures.get("largest_batch")
         if largest:
-            accum = -(-config.batch_size * config.grad_accum // largest)
-            tips.append(f"--batch-size {largest} --grad-accum {accum}: the same global batch in smaller pieces")
+            images = config.batch_size * config.grad_accum  # per process and optimizer step, kept as it is
+            accum = next(k for k in range(-(-images // largest), images + 1) if images % k == 0)
+            tips.append(f"--batch-size {images // accum} --grad-accum {accum}: the same global batch in smaller "
+                        "pieces")
         if figures.get("grad_checkpointing_fits"):
             tips.append(f"--grad-checkpointing: the requested --batch-size {config.batch_size} fits with it "
                         "(about 30% more compute)")
@@ -352,13 +354,15 @@ def render(report: dict[str, Any]) -> str:
         row("read", data["note"])
     section("Model and memory")
     flops = f"; {run['flops_per_image'] / 1e9:.3g} GFLOP per training image" if run["flops_per_image"] else ""
-    row("parameters", f"{run['parameters'] / 1e6:.2f}M trainable{flops}")
+    count = run["parameters"]
+    row("parameters", f"{f'{count / 1e6:.1f}M' if count >= 1e5 else f'{count:,}'} trainable{flops}")
     on_cpu = report["processes"][0]["device"] == "cpu"
     where = "the process's peak resident memory" if on_cpu else "torch.cuda.max_memory_allocated"
     device_memory = report["processes"][0]["device_memory"]
     row("peak memory", f"{size(memory['peak_memory'])} per process at batch {run['batch_size']} ({where})"
         + (f", of {size(device_memory)}" if device_memory else "")
-        + ("" if memory["requested_fits"] else ": DOES NOT FIT"))
+        + ("" if memory["requested_fits"] else ": DOES NOT FIT")
+        + (f" (memory cap {size(memory['cap'])}, {MEMORY_CAP_ENV})" if memory.get("cap") else ""))
     if memory["largest_batch"] is not None:
         failing = memory["first_failing_batch"]
         row("largest batch", f"{memory['largest_batch']} per process fits"

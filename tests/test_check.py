@@ -165,7 +165,9 @@ def test_find_batch_finds_a_batch_that_fits_where_the_next_doubling_does_not(dig
     assert result.returncode == 1, result.stderr[-3000:]
     assert report["verdict"]["bound"] == "memory" and not report["memory"]["requested_fits"]
     assert report["memory"]["largest_batch"] <= largest * 1.25  # it searched down from there
-    assert any("--grad-accum" in tip for tip in report["verdict"]["advice"])
+    accumulate = next(tip for tip in report["verdict"]["advice"] if "--grad-accum" in tip).split()
+    batch, accum = int(accumulate[1]), int(accumulate[3])  # "--batch-size B --grad-accum K: ..."
+    assert batch * accum == 2 * largest and batch <= report["memory"]["largest_batch"]
 
 
 def test_a_linear_probe_check_prints_the_table_and_keeps_it_in_output(labelled_folder, tmp_path):

@@ -463,7 +463,7 @@ def _report(command: str, config: TrainConfig, context: distributed.Context, tra
     memory = {"requested_fits": fits, "peak_memory": max((p["peak_memory"] or 0) for p in processes),
               "largest_batch": find["largest"] if find else None,
               "first_failing_batch": find["first_failing"] if find else None,
-              "grad_checkpointing_fits": first.get("grad_checkpointing", {}).get("fits")}
+              "grad_checkpointing_fits": first.get("grad_checkpointing", {}).get("fits"), "cap": preflight.memory_cap()}
     forecast = None
     if fits:
         loader_rate = data.get("img_per_s_per_loader")
