@@ -166,7 +166,7 @@ def test_find_batch_finds_a_batch_that_fits_where_the_next_doubling_does_not(dig
     assert report["verdict"]["bound"] == "memory" and not report["memory"]["requested_fits"]
     assert report["memory"]["largest_batch"] <= largest * 1.25  # it searched down from there
     accumulate = next(tip for tip in report["verdict"]["advice"] if "--grad-accum" in tip).split()
-    batch, accum = int(accumulate[1]), int(accumulate[3])  # "--batch-size B --grad-accum K: ..."
+    batch, accum = int(accumulate[1]), int(accumulate[3].rstrip(":"))  # "--batch-size B --grad-accum K: ..."
     assert batch * accum == 2 * largest and batch <= report["memory"]["largest_batch"]
 
 
