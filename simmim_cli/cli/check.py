@@ -2,7 +2,7 @@
 
 Each subcommand takes exactly the options of the command it checks (its parameters are the real command's,
 read from its signature), so a launch line becomes a check by putting ``simmim check`` in front of it. The
-check's own options come before the command's name.
+check's own options come before the command's name; --json, --find-batch and --steps also after it.
 """
 
 from __future__ import annotations
