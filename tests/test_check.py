@@ -140,9 +140,10 @@ def test_a_starved_loader_is_input_bound_and_a_fed_model_compute_bound(digit_sha
     assert report["forecast"]["input_share"] > preflight.INPUT_BOUND_SHARE
     assert any("--workers" in tip or "cores" in tip for tip in report["verdict"]["advice"])
     assert report["data"]["sizes"][0] == [1600, 1200]
-    # a model of real weight for this CPU, fed by the same one loader process with small images
+    # a model of real weight for this CPU (64 tokens of width 256, 6 blocks), fed by one loader process with small
+    # images: ten times the loader's time per batch
     fed, report = run_check("pretrain", "--data", str(digit_shards), "--workers", "1", "--epochs", "2",
-                            "--steps", "6", *tiny(batch=16, embed_dim=192, depth=4, num_heads=3))
+                            "--steps", "6", *tiny(batch=16, patch_size=4, embed_dim=256, depth=6, num_heads=4))
     assert fed.returncode == 0, fed.stderr[-3000:]
     assert report["verdict"]["bound"] == "compute", report["forecast"]
     assert report["forecast"]["input_share"] < preflight.INPUT_BOUND_SHARE
