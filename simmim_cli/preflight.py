@@ -150,7 +150,9 @@ class PeakMemory:
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
+    text = str(error).lower()
+    return (isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in text
+            or "can't allocate memory" in text)  # the CPU allocator's words
 
 
 def free_memory(device: torch.device) -> None:

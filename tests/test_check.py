@@ -266,3 +266,16 @@ def test_a_gpu_check_measures_cuda_memory_and_names_the_gpu(digit_shards):
     process = report["processes"][0]
     assert process["device"] == "cuda" and 0 < process["peak_memory"] < process["device_memory"]
     assert process["mfu"] is None or process["mfu"] > 0
+
+
+@pytest.mark.gpu
+def test_a_batch_too_large_for_the_gpu_is_caught_and_the_largest_that_fits_found(digit_shards):
+    """ViT-B/16 at 224 px, 8,192 images per step: far beyond any GPU's memory. The out-of-memory error is caught,
+    the cache emptied, and the search halves, then bisects."""
+    result, report = run_check("pretrain", "--data", str(digit_shards), "--gpus", "1", "--epochs", "2",
+                               "--batch-size", "8192", "--steps", "1", "--warmup-epochs", "1")
+    assert result.returncode == 1, result.stderr[-3000:]
+    memory = report["memory"]
+    assert not memory["requested_fits"] and memory["largest_batch"] >= 1
+    assert memory["largest_batch"] < memory["first_failing_batch"] <= 2 * memory["largest_batch"]
+    assert report["verdict"]["bound"] == "memory"
