@@ -273,7 +273,7 @@ def test_a_batch_too_large_for_the_gpu_is_caught_and_the_largest_that_fits_found
     """ViT-B/16 at 224 px, 8,192 images per step: far beyond any GPU's memory. The out-of-memory error is caught,
     the cache emptied, and the search halves, then bisects."""
     result, report = run_check("pretrain", "--data", str(digit_shards), "--gpus", "1", "--epochs", "2",
-                               "--batch-size", "8192", "--steps", "1", "--warmup-epochs", "1")
+                               "--batch-size", "8192", "--steps", "1", "--warmup-epochs", "1", "--workers", "1")
     assert result.returncode == 1, result.stderr[-3000:]
     memory = report["memory"]
     assert not memory["requested_fits"] and memory["largest_batch"] >= 1
