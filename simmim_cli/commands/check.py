@@ -123,7 +123,7 @@ def _run_folder_problems(config: TrainConfig) -> list[str]:
 def _prepare(prepare, config: TrainConfig, scratch: str) -> None:
     """The command's own checks and choices, with its summary on stderr; image folders are read through shards
     written into the temporary folder (the real run writes them once next to the folder)."""
-    for name in ("data", "val_data"):
+    for name in ("data", "val_data", "knn_data", "knn_val_data"):
         value = getattr(config, name, None)
         if value and is_image_folder(Path(value)):
             target = Path(scratch) / f"{name}-shards"
