@@ -6,6 +6,7 @@ is compared with run back to back with one torch thread each (oversubscribed Ope
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -172,8 +173,8 @@ def test_find_batch_finds_a_batch_that_fits_where_the_next_doubling_does_not(dig
 
 
 def test_a_linear_probe_check_prints_the_table_and_keeps_it_in_output(labelled_folder, tmp_path):
-    shards = tmp_path / "labelled-shards"
-    write_shards(labelled_folder, shards, maxcount=8)
+    shards = tmp_path / "images"  # a folder of class folders: read through temporary shards, none written beside it
+    shutil.copytree(labelled_folder, shards)
     keep = tmp_path / "report"
     result = runner.invoke(app, [
         "check", "--output", str(keep), "linear-probe", "--data", str(shards), "--workers", "1", "--epochs", "2",
@@ -188,7 +189,7 @@ def test_a_linear_probe_check_prints_the_table_and_keeps_it_in_output(labelled_f
     assert (keep / "check.txt").read_text().strip() in text
     report = json.loads((keep / "check.json").read_text())
     assert report["command"] == "linear-probe" and report["data"]["classes"] == 3
-    assert not (tmp_path / "run").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "report"]  # no run folder, no shard cache
 
 
 def test_bad_options_fail_as_the_command_fails_them(digit_shards, tmp_path):
