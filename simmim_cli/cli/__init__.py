@@ -7,6 +7,7 @@ which ``simmim --help`` lists in the order they register here.
 # isort: off
 from . import training  # noqa: F401  (make-shards, pretrain, finetune, linear-probe)
 from . import tools  # noqa: F401  (evaluate, visualize-recon, knn, export, predict)
+from . import check  # noqa: F401  (check pretrain | finetune | linear-probe)
 # isort: on
 from .app import app, run
 

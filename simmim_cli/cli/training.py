@@ -286,10 +286,15 @@ def finetune(
     not given are fitted to the data set and the run's length (a summary is printed at start)."""
     from ..commands.finetune import finetune as run
 
+    run(finetune_config(ctx))
+
+
+def finetune_config(ctx: typer.Context) -> FinetuneConfig:
+    """finetune's options → its config (also for ``simmim check finetune``)."""
     config = config_from_context(FinetuneConfig, ctx)
     if config.auto_augment in ("", "none"):
         config.auto_augment = None
-    run(config)
+    return config
 
 
 PROBE_EPILOG = (
