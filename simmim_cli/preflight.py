@@ -207,7 +207,7 @@ class Rates:
     data_wait: float  # share of the loop's time spent waiting for batches (mean over ranks)
     loader_img_s: float | None  # images/s the rank's loader processes can deliver (timed read × processes)
     allreduce_s: float | None  # one all-reduce of the gradients (more than one process)
-    epoch_start_s: float  # the loader's start at each epoch (time to the first batch)
+    epoch_start_s: float  # the loader's start (time to the first batch): once a run, its workers live for all epochs
     save_s: float  # one checkpoint (with the task's previews), as the run saves it
     saves_per_epoch: float  # at each epoch's end, and every --save-every steps
     steps_per_epoch: int
@@ -233,13 +233,13 @@ def forecast(rates: Rates) -> dict[str, Any]:
         bound = "communication"
     else:
         bound = "compute"
-    per_epoch = rates.epoch_start_s + rates.saves_per_epoch * rates.save_s  # what an epoch costs besides its steps
+    per_epoch = rates.saves_per_epoch * rates.save_s  # what an epoch costs besides its steps
     epoch_s = rates.steps_per_epoch * step_s + per_epoch
     run_epochs = max(1, round(rates.total_steps / max(rates.steps_per_epoch, 1)))
     return {
         "bound": bound, "step_s": step_s, "input_step_s": input_step_s, "input_share": min(input_share, 1.0),
         "comm_share": comm_share, "epoch_s": epoch_s,
-        "run_s": rates.total_steps * step_s + per_epoch * run_epochs,
+        "run_s": rates.epoch_start_s + rates.total_steps * step_s + per_epoch * run_epochs,
         "img_per_s_per_device": rates.images_per_step / step_s if step_s else 0.0,
     }
 
@@ -390,8 +390,8 @@ def render(report: dict[str, Any]) -> str:
                   if forecast.get("loader_img_s") else "")
         row("step", f"{forecast['step_s'] * 1e3:.1f} ms ({forecast['img_per_s_per_device']:.1f} img/s per process"
             f"{loader})")
-        row("epoch", f"{duration(forecast['epoch_s'])} ({run['steps_per_epoch']} steps, loader start "
-            f"{forecast['epoch_start_s']:.1f} s, checkpoint {forecast['save_s']:.1f} s)")
+        row("epoch", f"{duration(forecast['epoch_s'])} ({run['steps_per_epoch']} steps, checkpoint "
+            f"{forecast['save_s']:.1f} s; the loader starts once, in {forecast['epoch_start_s']:.1f} s)")
         row("run", f"{duration(forecast['run_s'])} ({run['total_steps']} steps"
             + ("; evaluation after each epoch not included)" if run.get("evaluates") else ")"))
     verdict = report["verdict"]
