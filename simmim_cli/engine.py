@@ -102,8 +102,9 @@ class Trainer:
         previous_handlers = self._install_signal_handlers()
         batches = None
         try:
-            batches = _DevicePrefetcher(iter(make_loader(dataset, pin_memory=self.device.type == "cuda")),
-                                        self.device, self.window)
+            if state.step < stop_at:  # (a finished run that resumes starts no loader)
+                batches = _DevicePrefetcher(iter(make_loader(dataset, pin_memory=self.device.type == "cuda")),
+                                            self.device, self.window)
             while state.step < stop_at:
                 epoch = state.step // self.steps_per_epoch
                 self.run_epoch(batches, epoch, min(stop_at, (epoch + 1) * self.steps_per_epoch))
