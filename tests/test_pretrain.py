@@ -129,7 +129,8 @@ def library_config(shards: Path, output: Path, **overrides) -> PretrainConfig:
 
 def test_the_loader_starts_once_and_every_epoch_trains_on_its_own_batches(shards, tmp_path, monkeypatch):
     """One loader (its worker processes) for the whole run; each epoch still gets exactly its own batches, the
-    ones a fresh loader gives for that epoch, the tail that --grad-accum leaves unused dropped."""
+    ones a fresh loader gives for that epoch: a whole number of --grad-accum steps, none left unused, also when
+    the loader workers take turns across an epoch's end."""
     from simmim_cli import distributed
     from simmim_cli.commands.pretrain import build_pretrain
     from simmim_cli.pipeline import make_loader
@@ -137,7 +138,8 @@ def test_the_loader_starts_once_and_every_epoch_trains_on_its_own_batches(shards
     config = library_config(shards, tmp_path / "run", workers=2, grad_accum=3, epochs=3, drop_path=0.0)
     _, dataset = build_pretrain(config, distributed.Context())
     steps_per_epoch = dataset.batches_per_epoch // 3
-    assert dataset.batches_per_epoch % 3  # a tail to drop, or this test would not test it
+    assert dataset.batches_per_epoch % 3 == 0  # whole steps: every sample of the epoch is trained on
+    assert dataset.batches_per_epoch % 2  # an odd count: the two loader workers swap roles at each epoch's end
     expected = []
     for epoch in range(3):
         dataset.set_epoch(epoch)

@@ -48,12 +48,14 @@ def build_linear_probe(config: LinearProbeConfig, context: distributed.Context) 
     elif config.decode == "gpu":  # the same views as CropTransform(random=True): crop 0.08-1, bicubic, flip
         dataset = dali.DaliStream(shards, dali.classifier_augment(config.img_size), config.batch_size,
                                   context.device, rank=context.rank, world_size=context.world_size,
-                                  seed=config.seed, workers=config.workers, labels=True, num_classes=len(classes))
+                                  seed=config.seed, workers=config.workers, labels=True, num_classes=len(classes),
+                                  accumulation=config.grad_accum)
         val = val_stream(config, context, classes, CropTransform(config.img_size, config.crop_pct))
     else:
         dataset = ShardStream(shards, CropTransform(config.img_size, random=True), config.batch_size,
                               workers=config.workers, rank=context.rank, world_size=context.world_size,
-                              seed=config.seed, labels=True, num_classes=len(classes))
+                              seed=config.seed, labels=True, num_classes=len(classes),
+                              accumulation=config.grad_accum)
         val = val_stream(config, context, classes, CropTransform(config.img_size, config.crop_pct))
     return LinearProbeTask(model, config, classes, val), dataset
 
