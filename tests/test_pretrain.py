@@ -61,7 +61,7 @@ def test_make_shards_then_pretrain_writes_a_complete_run(shards, tmp_path):
     assert {"step", "epoch", "loss", "lr", "img_per_s"} <= set(train_rows[0])
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in train_rows)
     assert train_rows[-1]["skipped_samples"] >= 1  # the corrupt sample was found and counted
-    steps_per_epoch = 2 * -(-26 // (2 * 4))  # 25 images + 1 corrupt sample; 2 workers × ceil(26 / 8) batches
+    steps_per_epoch = -(-26 // 4)  # 25 images + 1 corrupt sample, 4 a step: the loader workers do not change it
     assert train_rows[-1]["step"] == 2 * steps_per_epoch
     assert [p.name for p in checkpoints.list_checkpoints(run)] == [
         f"checkpoint-{steps_per_epoch:08d}.pth", f"checkpoint-{2 * steps_per_epoch:08d}.pth"]
@@ -202,7 +202,7 @@ def test_gradient_accumulation_counts_optimizer_steps(shards, tmp_path):
     state_rows = tmp_path / "run" / "metrics.jsonl"
     pretrain(library_config(shards, tmp_path / "run", grad_accum=2, epochs=2, warmup_epochs=0.5))
     steps = [json.loads(line)["step"] for line in state_rows.read_text().splitlines() if "loss" in line]
-    assert steps[-1] == 2 * (7 // 2)  # 7 batches per epoch → 3 steps of 2 batches
+    assert steps[-1] == 2 * -(-26 // 8)  # 26 samples, 8 a step: 4 steps of 2 batches an epoch (the last padded)
 
 
 def read_tar_names(path: Path) -> list[str]:
