@@ -190,6 +190,23 @@ def test_the_command_line_refuses_an_indivisible_global_batch(shards, tmp_path):
         "out --batch-size")
 
 
+@pytest.mark.parametrize(("command", "module", "function"), [("pretrain", "pretrain", "pretrain"),
+                                                            ("finetune", "finetune", "finetune"),
+                                                            ("linear-probe", "probe", "linear_probe")])
+def test_every_training_command_takes_a_global_batch(monkeypatch, command, module, function):
+    import importlib
+
+    seen = []
+    monkeypatch.setattr(importlib.import_module(f"simmim_cli.commands.{module}"), function, seen.append)
+    result = CliRunner().invoke(app, [command, "--data", "x/", "--global-batch", "96", "--nproc", "4", "--model",
+                                      "vit_tiny_patch16_224"])
+    assert result.exit_code == 0, result.output
+    (config,) = seen
+    assert config.global_batch == 96 and {"batch_size", "grad_accum"} <= set(config.auto)
+    config.split_global_batch(4)
+    assert config.batch_size * 4 * config.grad_accum == 96
+
+
 # ---------------------------------------------------------------------------------------------- whole runs
 
 
