@@ -467,12 +467,15 @@ class Trainer:
                 "learning rate and the steps per epoch change, the rest of the epoch is dealt out anew by step count "
                 "(some of its samples are seen twice or not at all), and the random streams restart; "
                 f"give --global-batch {checkpoint['global_batch']} to keep the schedule and resume exactly")
+        elif "data" not in checkpoint and state.step % self.steps_per_epoch and self._data_position():
+            self.reporter.print(f"note: {path.name} was written by an older version, which kept no position in the "
+                                "epoch's sample order: the rest of the epoch is dealt out anew by step count")
         elif not same_processes:
             self.reporter.print(
                 f"{written}: the global batch ({self.global_batch}) and the schedule are kept, "
                 + ("the rest of the epoch is trained on exactly once" if exact else
-                   "the rest of the epoch is dealt out anew by step count (shard lengths unknown, or a checkpoint "
-                   "of an older version): some of its samples are seen twice or not at all")
+                   "the rest of the epoch is dealt out anew by step count (--decode gpu, or shard lengths unknown): "
+                   "some of its samples are seen twice or not at all")
                 + "; the random streams (dropout, drop path) restart, so the weights are close to, not bitwise "
                 "those of, an uninterrupted run")
         self.reporter.print(f"resumed from {path} at step {state.step}")

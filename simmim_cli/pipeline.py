@@ -497,22 +497,33 @@ class PredictStream(IterableDataset):
 
 
 class TensorStream(torch.utils.data.IterableDataset):
-    """Cached features: every epoch a new shuffle (seed, epoch), dealt out to ranks in whole batches.
-    With ``shuffle=False`` it is an evaluation stream (every sample once, the last batch short)."""
+    """Cached features: every epoch a new shuffle (seed, epoch), dealt out to ranks in whole batches: optimizer
+    step s trains on samples ``[s × G, (s + 1) × G)`` of the epoch's order (G the global batch) on any cluster
+    shape, so a resume with the same global batch continues exactly; the epoch's last ``len mod G`` samples wait
+    for another epoch. With ``shuffle=False`` it is an evaluation stream (every sample once, the last batch
+    short)."""
 
     workers = 0
 
     def __init__(self, features: torch.Tensor, labels: torch.Tensor, batch_size: int, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, shuffle: bool = True):
+                 world_size: int = 1, seed: int = 0, shuffle: bool = True, accumulation: int = 1):
         self.features, self.labels = features, labels
         self.batch_size, self.rank, self.world_size, self.seed, self.shuffle = (
             batch_size, rank, world_size, seed, shuffle)
-        self.batches_per_epoch = max(1, len(labels) // (batch_size * world_size))
+        self.global_batch = batch_size * world_size * accumulation
+        self.batches_per_epoch = max(1, len(labels) // self.global_batch) * accumulation
         self.epoch, self.skip, self.epochs = 0, 0, 1
 
-    def set_epoch(self, epoch: int, skip_batches: int = 0, epochs: int = 1) -> None:
-        """As :meth:`ShardStream.set_epoch`: ``epochs`` epochs from ``epoch`` on, after ``skip_batches``."""
+    def set_epoch(self, epoch: int, skip_batches: int = 0, epochs: int = 1, consumed: Any = None) -> None:
+        """As :meth:`ShardStream.set_epoch`: ``epochs`` epochs from ``epoch`` on, after ``skip_batches`` (with the
+        same global batch, ``consumed`` is the prefix they name)."""
         self.epoch, self.skip, self.epochs = epoch, skip_batches, epochs
+
+    def resume_position(self, epoch: int, batches_done: int) -> dict[str, Any]:
+        """As :meth:`ShardStream.resume_position`: a prefix of the epoch's order."""
+        per_round = self.batch_size * self.world_size
+        return {"epoch": epoch, "slots": self.batches_per_epoch * per_round,
+                "consumed": [[0, batches_done * per_round]] if batches_done else []}
 
     def __iter__(self):
         if not self.shuffle:
@@ -527,8 +538,8 @@ class TensorStream(torch.utils.data.IterableDataset):
     def _epoch_batches(self, epoch: int, skip: int):
         count = len(self.labels)
         order = torch.randperm(count, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-        if count < self.batch_size * self.world_size:  # fewer samples than one global batch: repeat them
-            order = order.repeat(-(-self.batch_size * self.world_size // count))
+        if count < self.global_batch:  # fewer samples than one global batch: repeat them
+            order = order.repeat(-(-self.global_batch // count))
         for batch in range(skip, self.batches_per_epoch):
             start = (batch * self.world_size + self.rank) * self.batch_size
             index = order[start:start + self.batch_size]

@@ -135,7 +135,7 @@ def test_cached_features_deal_each_step_the_same_samples_on_any_shape():
     def steps(world, batch, accumulation, skip_steps=0):
         per_rank = []
         for rank in range(world):
-            stream = TensorStream(features, labels, batch, rank, world, seed=1)
+            stream = TensorStream(features, labels, batch, rank, world, seed=1, accumulation=accumulation)
             stream.set_epoch(3, skip_steps * accumulation)
             per_rank.append([b["features"][:, 0].long().tolist() for b in stream])
         steps_per_epoch = stream.batches_per_epoch // accumulation
@@ -146,6 +146,9 @@ def test_cached_features_deal_each_step_the_same_samples_on_any_shape():
     assert len(reference) == 4 and len({n for step in reference for n in step}) == 48
     assert steps(4, 3, 1) == steps(1, 6, 2) == steps(3, 2, 2) == reference
     assert steps(1, 4, 3, skip_steps=1) == reference[1:]
+    position = TensorStream(features, labels, 3, 0, 2, seed=1, accumulation=2).resume_position(3, 2)
+    assert position == TensorStream(features, labels, 4, 0, 1, seed=1, accumulation=3).resume_position(3, 3) == {
+        "epoch": 3, "slots": 48, "consumed": [[0, 12]]}  # the same position: a resume on another shape takes it
 
 
 # ---------------------------------------------------------------------------------------------- --global-batch

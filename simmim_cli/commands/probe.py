@@ -39,7 +39,8 @@ def build_linear_probe(config: LinearProbeConfig, context: distributed.Context) 
             print_load_report(config.pretrained, report)
     if config.cache_features:
         features, labels = cached_features(model, config, config.data, context, classes)
-        dataset = TensorStream(features, labels, config.batch_size, context.rank, context.world_size, config.seed)
+        dataset = TensorStream(features, labels, config.batch_size, context.rank, context.world_size, config.seed,
+                               accumulation=config.grad_accum)
         val = None
         if config.val_data:
             val_features, val_labels = cached_features(model, config, config.val_data, context, classes)
