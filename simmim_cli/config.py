@@ -527,9 +527,10 @@ def resolve_config(config_class: type[C], cli_values: dict[str, Any], explicit: 
         default = config_class()
         given |= {k for k in values if getattr(config, k) != getattr(default, k)}  # e.g. the demo's settings
         fitted = ("warmup_epochs",) + (() if recipe else config_class.data_defaults)
-        if getattr(config, "global_batch", None):  # then the batch and the accumulation are chosen when not given
-            fitted += tuple(name for name in ("batch_size", "grad_accum") if name not in fitted)
         config.auto = [name for name in fitted if name not in given]
+        if getattr(config, "global_batch", None):  # then the batch and the accumulation are chosen when not given
+            config.auto += ["batch_size"] if "batch_size" not in given and "batch_size" not in config.auto else []
+            config.auto += ["grad_accum"] if "grad_accum" not in explicit else []  # a recipe's gives way
         if "warmup_epochs" in config.auto:  # the paper's share of the run, never more than its length
             config.warmup_epochs = round(default.warmup_epochs * min(1.0, config.epochs / default.epochs), 2)
     config.validate()

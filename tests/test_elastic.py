@@ -210,6 +210,20 @@ def test_every_training_command_takes_a_global_batch(monkeypatch, command, modul
     assert config.batch_size * 4 * config.grad_accum == 96
 
 
+def test_a_recipes_accumulation_gives_way_to_the_global_batch_and_its_batch_stays(monkeypatch):
+    from simmim_cli.commands import finetune
+
+    seen = []
+    monkeypatch.setattr(finetune, "finetune", seen.append)
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / "finetune_vit_base_224_100ep.yaml"
+    result = CliRunner().invoke(app, ["finetune", "--recipe", str(recipe), "--data", "x/", "--global-batch", "2048",
+                                      "--nproc", "4"])
+    assert result.exit_code == 0, result.output
+    (config,) = seen
+    config.split_global_batch(4)  # the recipe's 128 × 8 GPUs × 2, now on 4 processes
+    assert (config.batch_size, config.grad_accum) == (128, 4)
+
+
 # ---------------------------------------------------------------------------------------------- whole runs
 
 
