@@ -1,9 +1,10 @@
 """Training and evaluation streams over shards: which sample goes to which rank and loader worker, decoding,
 augmentation and batching on the CPU (a GPU decoder lives beside it in ``dali.py``).
 
-The training stream defines an epoch by sample count: every loader worker on every rank yields the
-same number of full batches, so distributed ranks never wait on each other at an epoch's end. Batches hold
-uint8 images; normalisation happens on the training device.
+The training stream defines an epoch by sample count: ``ceil(samples / global batch)`` optimizer steps, every
+rank the same number of full batches, so distributed ranks never wait on each other at an epoch's end; which
+samples a rank and loader worker get is ``epoch_order.py``'s dealing. Batches hold uint8 images; normalisation
+happens on the training device.
 """
 
 from __future__ import annotations
