@@ -66,14 +66,23 @@ def size(ranges: Ranges) -> int:
     return sum(b - a for a, b in ranges)
 
 
-def take(ranges: Ranges, start: int, count: int) -> Ranges:
-    """Items ``[start, start + count)`` of the ranges laid end to end."""
-    taken, offset = [], 0
-    for a, b in ranges:
-        lo, hi = max(a, a + start - offset), min(b, a + start + count - offset)
-        if hi > lo:
-            taken.append((lo, hi))
-        offset += b - a
+def take(ranges: Ranges, pieces: list[tuple[int, int]]) -> Ranges:
+    """Items ``[start, start + count)`` of the ranges laid end to end, for each ``(start, count)`` of ``pieces``
+    (in increasing order, not overlapping): one walk over the ranges."""
+    taken: Ranges = []
+    index, offset = 0, 0  # ranges[index] starts at item ``offset``
+    for start, count in pieces:
+        while index < len(ranges) and offset + ranges[index][1] - ranges[index][0] <= start:
+            offset += ranges[index][1] - ranges[index][0]
+            index += 1
+        at, first = index, offset
+        while at < len(ranges) and first < start + count:
+            a, b = ranges[at]
+            lo, hi = a + max(0, start - first), min(b, a + start + count - first)
+            if hi > lo:
+                taken.append((lo, hi))
+            first += b - a
+            at += 1
     return taken
 
 
@@ -101,19 +110,26 @@ class Dealing:
         upto = self.batches if upto is None else upto
         return (batches_of_role(role, self.workers, upto) - batches_of_role(role, self.workers, self.first))
 
+    def _pieces(self, done: int | None = None) -> list[tuple[int, int]]:
+        """(first item, items) in the rest of the epoch for each consumer, rank-major: its share (``done``
+        None) or the part of it in rank batches before ``done``."""
+        pieces, start = [], 0
+        for _rank in range(self.ranks):
+            for role in range(self.workers):
+                pieces.append((start, self.quota(role, done) * self.batch_size if done is not None else
+                               self.quota(role) * self.batch_size))
+                start += self.quota(role) * self.batch_size
+        return pieces
+
     def share(self, rank: int, role: int) -> Ranges:
         """The slots of consumer (rank, role), in the order it trains on them."""
-        before = rank * (self.batches - self.first) + sum(self.quota(r) for r in range(role))
-        rest = complement(list(self.consumed), self.extent)
-        return take(rest, before * self.batch_size, self.quota(role) * self.batch_size)
+        piece = self._pieces()[rank * self.workers + role]
+        return take(complement(list(self.consumed), self.extent), [piece])
 
     def consumed_after(self, done: int) -> Ranges:
         """The slots trained on once every rank has made its rank batches ``0 .. done-1``."""
-        ranges = list(self.consumed)
-        for rank in range(self.ranks):
-            for role in range(self.workers):
-                ranges += take(self.share(rank, role), 0, self.quota(role, done) * self.batch_size)
-        return merge(ranges)
+        pieces = [(start, max(0, count)) for start, count in self._pieces(done)]
+        return merge(list(self.consumed) + take(complement(list(self.consumed), self.extent), pieces))
 
 
 def slots(share: Ranges) -> Iterator[int]:
