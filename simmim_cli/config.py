@@ -45,6 +45,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     clip_grad: float = 5.0  # 0 turns clipping off
     grad_accum: int = 1
+    global_batch: int | None = None  # images per optimizer step over all processes: sets grad_accum (and batch_size)
     schedule: str = "cosine"
     lr_milestones: list[int] = field(default_factory=list)  # epochs, for the multistep schedule
     precision: str = "auto"
@@ -76,7 +77,8 @@ class TrainConfig:
     data_defaults = ()  # what defaults.py may choose from the data when not given
 
     def validate(self) -> None:
-        positive = ["workers", "epochs", "batch_size", "grad_accum", "log_every", "keep", "img_size", "nnodes"]
+        positive = ["workers", "epochs", "batch_size", "grad_accum", "log_every", "keep", "img_size", "nnodes",
+                    "global_batch"]
         for name in positive:
             value = getattr(self, name)
             if value is not None and value < (0 if name == "workers" else 1):
@@ -105,6 +107,27 @@ class TrainConfig:
         if not isinstance(self.model_kwargs, dict):
             raise SimmimError("--model-kwargs must be a JSON object, e.g. '{\"embed_dim\": 192, \"depth\": 6}'")
         check_trackers(self.log_to)
+
+    def split_global_batch(self, processes: int) -> None:
+        """``--global-batch N``: the per-process batch (when not given, the largest divisor of N / processes up to
+        ``batch_size``) and the accumulation steps, so that batch × processes × accumulation = N on any cluster."""
+        total = self.global_batch
+        if not total or self.batch_size * processes * self.grad_accum == total:
+            return
+        if "grad_accum" not in self.auto:
+            raise SimmimError(f"--global-batch {total} sets the accumulation steps itself; leave out --grad-accum "
+                              f"{self.grad_accum}")
+        if total % processes:
+            raise SimmimError(f"--global-batch {total} cannot be split evenly over {processes} processes; give a "
+                              f"multiple of {processes}")
+        share = total // processes
+        if "batch_size" in self.auto:
+            self.batch_size = next(b for b in range(min(self.batch_size, share), 0, -1) if share % b == 0)
+        elif share % self.batch_size:
+            raise SimmimError(f"--global-batch {total} is not a multiple of --batch-size {self.batch_size} × "
+                              f"{processes} processes; give a multiple of {self.batch_size * processes} or leave out "
+                              "--batch-size")
+        self.grad_accum = share // self.batch_size
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -505,6 +528,9 @@ def resolve_config(config_class: type[C], cli_values: dict[str, Any], explicit: 
         given |= {k for k in values if getattr(config, k) != getattr(default, k)}  # e.g. the demo's settings
         fitted = ("warmup_epochs",) + (() if recipe else config_class.data_defaults)
         config.auto = [name for name in fitted if name not in given]
+        if getattr(config, "global_batch", None):  # then the batch and the accumulation are chosen when not given
+            config.auto += ["batch_size"] if "batch_size" not in given and "batch_size" not in config.auto else []
+            config.auto += ["grad_accum"] if "grad_accum" not in explicit else []  # a recipe's gives way
         if "warmup_epochs" in config.auto:  # the paper's share of the run, never more than its length
             config.warmup_epochs = round(default.warmup_epochs * min(1.0, config.epochs / default.epochs), 2)
     config.validate()

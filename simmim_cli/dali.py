@@ -291,7 +291,8 @@ class DaliStream(_DaliSource):
 
     def __init__(self, shards: ShardSet, augment: DaliAugment, batch_size: int, device: torch.device | str,
                  rank: int = 0, world_size: int = 1, seed: int = 0, workers: int = 4, labels: bool = False,
-                 num_classes: int | None = None, masks: MaskGenerator | None = None, shuffle_buffer: int = 2000):
+                 num_classes: int | None = None, masks: MaskGenerator | None = None, shuffle_buffer: int = 2000,
+                 accumulation: int = 1):
         super().__init__(shards, augment, batch_size, device, labels, workers, num_classes)
         self.shards = shards
         self.rank = rank
@@ -299,7 +300,9 @@ class DaliStream(_DaliSource):
         self.seed = seed
         self.masks = masks
         self.shuffle_buffer = shuffle_buffer
-        self.batches_per_epoch = max(1, math.ceil(shards.num_samples / (world_size * batch_size)))
+        # as ShardStream: ceil(samples / global batch) steps an epoch, the same on any cluster shape
+        self.batches_per_epoch = max(1, math.ceil(shards.num_samples / (world_size * batch_size * accumulation))
+                                     ) * accumulation
         self.workers = 0  # the engine's DataLoader is bypassed: DALI runs its own threads
         self.epoch = 0
         self.skip_batches = 0
@@ -308,7 +311,7 @@ class DaliStream(_DaliSource):
     def set_epoch(self, epoch: int, skip_batches: int = 0, epochs: int = 1) -> None:
         """Next iteration yields the batches of ``epochs`` epochs from ``epoch`` on, starting after the first
         ``skip_batches`` of ``epoch`` (whose samples are not tracked: the rest of a resumed epoch is drawn in
-        another order)."""
+        another order, some samples twice or not at all; the CPU stream resumes exactly)."""
         self.epoch = epoch
         self.skip_batches = skip_batches
         self.epochs = epochs

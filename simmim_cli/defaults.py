@@ -33,6 +33,8 @@ def encoder_depth(model) -> int:
 def global_batch(config: TrainConfig, batch_size: int | None = None) -> int:
     from .distributed import procs_per_node
 
+    if config.global_batch and batch_size is None:
+        return config.global_batch
     return (batch_size or config.batch_size) * max(1, procs_per_node(config)) * config.nnodes * config.grad_accum
 
 
@@ -43,7 +45,7 @@ def total_steps(config: TrainConfig, num_images: int) -> int:
 def _fitted_batch(config: TrainConfig, num_images: int, notes: list[str]) -> None:
     """A batch small enough for an epoch of at least 16 steps: a few hundred images in batches of 128 would give
     one or two steps an epoch."""
-    if "batch_size" not in config.auto:
+    if "batch_size" not in config.auto or config.global_batch:  # --global-batch: split in split_global_batch
         return
     processes = global_batch(config, 1) // config.grad_accum
     fitting = 2 ** int(math.log2(max(1, num_images // (MIN_STEPS_PER_EPOCH * processes))))

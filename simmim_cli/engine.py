@@ -95,8 +95,10 @@ class Trainer:
         # One pass over the loader spans every epoch still to run, so its worker processes start once and keep
         # decoding across each epoch's end (while the task evaluates and the checkpoint is written).
         first_epoch, offset = divmod(state.step, self.steps_per_epoch)
+        # a checkpoint's position in the epoch order (resume_consumed) continues it on any cluster shape
+        position = {"consumed": self.resume_consumed} if self.resume_consumed is not None else {}
         dataset.set_epoch(first_epoch, skip_batches=offset * self.config.grad_accum,
-                          epochs=max(1, -(-stop_at // self.steps_per_epoch) - first_epoch))
+                          epochs=max(1, -(-stop_at // self.steps_per_epoch) - first_epoch), **position)
         # each epoch yields batches_per_epoch batches; the optimizer steps use a multiple of --grad-accum of them
         unused_per_epoch = dataset.batches_per_epoch - self.steps_per_epoch * self.config.grad_accum
         previous_handlers = self._install_signal_handlers()
@@ -135,7 +137,9 @@ class Trainer:
         set_fused_attention(model, self.device.type == "cuda" or self.precision == "fp32")
         if config.grad_checkpointing:
             self.task.set_grad_checkpointing()
-        global_batch = dataset.batch_size * context.world_size * config.grad_accum
+        global_batch = self.global_batch = dataset.batch_size * context.world_size * config.grad_accum
+        self.dataset = dataset
+        self.resume_consumed: list | None = None  # set by _restore: slots of the epoch trained on
         lr_factor = lr_scale_for_batch(global_batch)
         self.optimizer = self.task.build_optimizer(config.base_lr * lr_factor)
         self.steps_per_epoch = dataset.batches_per_epoch // config.grad_accum
@@ -419,11 +423,19 @@ class Trainer:
             "step": state.step,
             "epoch": state.step / self.steps_per_epoch,  # epochs done, fractional mid-epoch
             "world_size": self.context.world_size,
+            "global_batch": self.global_batch,
+            "data": self._data_position(),
             "nonfinite_steps": state.nonfinite_steps,
             "skipped_samples": state.skipped_samples,
             "rng": rng_states,  # one per rank, so that ranks keep drawing different numbers after a resume
             **self.task.extra_state(),
         }
+
+    def _data_position(self) -> dict[str, Any] | None:
+        """Where the run is in its epoch's sample order (``pipeline.ShardStream.resume_position``), or None."""
+        position = getattr(self.dataset, "resume_position", None)
+        epoch, offset = divmod(self.state.step, self.steps_per_epoch)
+        return position(epoch, offset * self.config.grad_accum) if position is not None else None
 
     def _restore(self, path: Path) -> None:
         state = self.state
@@ -442,16 +454,44 @@ class Trainer:
         state.step = state.last_saved_step = checkpoint["step"]
         state.nonfinite_steps = checkpoint.get("nonfinite_steps", 0)
         state.skipped_samples = checkpoint.get("skipped_samples", 0)
-        if checkpoint.get("world_size", 1) == self.context.world_size:
+        same_processes = checkpoint.get("world_size", 1) == self.context.world_size
+        if same_processes:
             checkpoints.set_rng_state(checkpoint["rng"][self.context.rank])
         else:
             torch.manual_seed(self.config.seed + 1000 * state.step + self.context.rank)
+        exact = self._restore_data_position(checkpoint)
+        written = f"note: {path.name} was written by {checkpoint.get('world_size', 1)} process(es), this run has " \
+                  f"{self.context.world_size}"
+        if checkpoint.get("global_batch", self.global_batch) != self.global_batch:
             self.reporter.print(
-                f"note: {path.name} was written by {checkpoint.get('world_size')} process(es), this run has "
-                f"{self.context.world_size}: the global batch and so the learning rate change with the process count, "
-                "the rest of the epoch is dealt out anew (some of its samples are seen twice or not at all), and the "
-                "random streams restart")
+                f"{written}, and {checkpoint['global_batch']} images per step, this run {self.global_batch}: the "
+                "learning rate and the steps per epoch change, the rest of the epoch is dealt out anew by step count "
+                "(some of its samples are seen twice or not at all), and the random streams restart; "
+                f"give --global-batch {checkpoint['global_batch']} to keep the schedule and resume exactly")
+        elif "data" not in checkpoint and state.step % self.steps_per_epoch and self._data_position():
+            self.reporter.print(f"note: {path.name} was written by an older version, which kept no position in the "
+                                "epoch's sample order: the rest of the epoch is dealt out anew by step count")
+        elif not same_processes:
+            self.reporter.print(
+                f"{written}: the global batch ({self.global_batch}) and the schedule are kept, "
+                + ("the rest of the epoch is trained on exactly once" if exact else
+                   "the rest of the epoch is dealt out anew by step count (--decode gpu, or shard lengths unknown): "
+                   "some of its samples are seen twice or not at all")
+                + "; the random streams (dropout, drop path) restart, so the weights are close to, not bitwise "
+                "those of, an uninterrupted run")
         self.reporter.print(f"resumed from {path} at step {state.step}")
+
+    def _restore_data_position(self, checkpoint: dict[str, Any]) -> bool:
+        """Takes the checkpoint's position in its epoch's sample order where it fits this run (the same epoch,
+        the same number of slots: the same global batch); returns whether the rest of the epoch is exact."""
+        data = checkpoint.get("data")
+        if getattr(self.dataset, "resume_position", None) is None:
+            return False
+        here = self._data_position()
+        if data is None or here is None or (data["epoch"], data["slots"]) != (here["epoch"], here["slots"]):
+            return False
+        self.resume_consumed = [tuple(r) for r in data["consumed"]]
+        return True
 
 
 class _Window:

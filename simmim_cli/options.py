@@ -69,6 +69,11 @@ WeightDecay = Annotated[float, typer.Option(
 ClipGrad = Annotated[float, typer.Option(help="Gradient norm clipping; 0 turns it off.", rich_help_panel=OPTIM)]
 GradAccum = Annotated[int, typer.Option(
     help="Batches accumulated per optimizer step (a larger global batch on fewer GPUs).", rich_help_panel=OPTIM)]
+GlobalBatch = Annotated[int | None, typer.Option(
+    help="Images per optimizer step over all processes; the accumulation steps follow the process count "
+    "(N = batch-size × processes × accumulation, --batch-size then the per-process micro-batch, or chosen), so the "
+    "lr, the schedule and a resume's samples stay exact on another cluster shape (--decode cpu and cached probe "
+    "features; --decode gpu keeps the schedule only).", rich_help_panel=OPTIM, show_default=False)]
 Schedule = Annotated[str, typer.Option(help=f"Learning-rate schedule after warmup: {' | '.join(SCHEDULES)}.",
                                        rich_help_panel=OPTIM)]
 LrMilestones = Annotated[list[int] | None, typer.Option(

@@ -1,9 +1,10 @@
 """Training and evaluation streams over shards: which sample goes to which rank and loader worker, decoding,
 augmentation and batching on the CPU (a GPU decoder lives beside it in ``dali.py``).
 
-The training stream defines an epoch by sample count: every loader worker on every rank yields the
-same number of full batches, so distributed ranks never wait on each other at an epoch's end. Batches hold
-uint8 images; normalisation happens on the training device.
+The training stream defines an epoch by sample count: ``ceil(samples / global batch)`` optimizer steps, every
+rank the same number of full batches, so distributed ranks never wait on each other at an epoch's end; which
+samples a rank and loader worker get is ``epoch_order.py``'s dealing. Batches hold uint8 images; normalisation
+happens on the training device.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from . import epoch_order
 from .errors import SimmimError
 from .shards import IMAGE_SUFFIXES, ShardSet, resolve_shards
 from .transforms import CropTransform, decode_image
@@ -78,12 +80,12 @@ class ShardStream(IterableDataset):
     transform's outputs stacked, the labels when asked for, and descriptions of the samples skipped as bad
     (their places in the batch go to the next good image).
 
-    Call :meth:`set_epoch` before iterating. Each of the ``world_size × max(workers, 1)`` consumers yields
-    ``batches_per_consumer`` batches per epoch, so each rank gets :attr:`batches_per_epoch` batches.
-    Sample order and augmentation depend only on (seed, epoch, consumer, position): a run that resumes in
-    the middle of an epoch sees the same batches as one that never stopped. One iteration can span several
-    epochs, so that the loader processes live for the whole run (no restart, no empty pipeline, at each
-    epoch's start).
+    Call :meth:`set_epoch` before iterating. An epoch is ``ceil(samples / global batch)`` optimizer steps, so
+    every rank gets :attr:`batches_per_epoch` batches, whatever the ranks and loader workers. With shard lengths
+    known (``_info.json``) the epoch order, and each sample's augmentation, depend only on (data, seed, epoch)
+    (``epoch_order.py``), and :meth:`resume_position` says which samples were trained on: a resume on another
+    cluster shape trains on the rest, each once. One iteration can span several epochs, so that the loader
+    processes live for the whole run (no restart, no empty pipeline, at each epoch's start).
     """
 
     def __init__(
@@ -99,6 +101,8 @@ class ShardStream(IterableDataset):
         shuffle_buffer: int = 2000,
         decode: Callable[[bytes], Any] = decode_image,
         num_classes: int | None = None,
+        accumulation: int = 1,
+        block_size: int = epoch_order.BLOCK,
     ):
         self.shards = shards
         self.transform = transform
@@ -108,138 +112,100 @@ class ShardStream(IterableDataset):
         self.world_size = world_size
         self.seed = seed
         self.labels = labels
-        self.shuffle_buffer = shuffle_buffer
+        self.shuffle_buffer = shuffle_buffer  # only where shard lengths are unknown (see _unordered_samples)
+        self.block_size = block_size
         self.decode = decode
         self.num_classes = num_classes
         self.num_consumers = world_size * max(workers, 1)
-        self.batches_per_consumer = max(1, math.ceil(shards.num_samples / (self.num_consumers * batch_size)))
+        lengths = shards.shard_lengths
+        # the exact, shape-independent order needs every shard's length
+        self.ordered = len(lengths) == len(shards.urls) and sum(lengths) == shards.num_samples
+        global_batch = batch_size * world_size * accumulation
+        self.batches_per_epoch = max(1, math.ceil(shards.num_samples / global_batch)) * accumulation
         self.epoch = 0
         self.skip_batches = 0
         self.epochs = 1
+        self.consumed: tuple[tuple[int, int], ...] = ()
 
-    @property
-    def batches_per_epoch(self) -> int:
-        """Batches each rank receives per epoch (the same on every rank)."""
-        return self.batches_per_consumer * max(self.workers, 1)
-
-    def set_epoch(self, epoch: int, skip_batches: int = 0, epochs: int = 1) -> None:
+    def set_epoch(self, epoch: int, skip_batches: int = 0, epochs: int = 1,
+                  consumed: list[tuple[int, int]] | None = None) -> None:
         """Next iteration yields the batches of ``epochs`` epochs from ``epoch`` on, :attr:`batches_per_epoch`
-        each, starting after the rank's first ``skip_batches`` of ``epoch``."""
+        each, starting after the rank's first ``skip_batches`` of ``epoch``. ``consumed`` (from
+        :meth:`resume_position`, possibly of another cluster shape) names the slots of ``epoch`` already trained
+        on; without it, the first ``skip_batches`` of every rank dealt as this run deals them."""
         self.epoch = epoch
         self.skip_batches = skip_batches
         self.epochs = epochs
+        self.consumed = tuple((int(a), int(b)) for a, b in consumed) if consumed is not None else (
+            epoch_order.Dealing(**self._dealing_shape(), consumed=(), first=0).consumed_after(skip_batches)
+            if self.ordered and skip_batches else ())
 
-    def _samples(self, epoch: int, consumer: int, skipped: list[str]) -> Iterator[dict]:
-        """This consumer's share of the data, shuffled, pass after pass until the caller stops.
+    def _dealing_shape(self) -> dict[str, int]:
+        return {"extent": self.batches_per_epoch * self.batch_size * self.world_size, "ranks": self.world_size,
+                "workers": max(self.workers, 1), "batch_size": self.batch_size, "batches": self.batches_per_epoch}
 
-        When the shard lengths are known (``_info.json``), each pass lays the shards end to end in a shuffled
-        order and deals out contiguous sample ranges of near-equal size: every sample goes to exactly one
-        consumer per pass, for any number of shards of any lengths. Otherwise whole shards are dealt out (or,
-        with fewer shards than consumers, every consumer reads all of them and keeps every n-th sample).
-        The caller takes ``batches_per_consumer × batch_size`` samples: the last few of a consumer's range may
-        come from the next pass (fewer than a batch), as torch's DistributedSampler pads.
-        """
-        lengths = self.shards.shard_lengths
-        by_range = (len(lengths) == len(self.shards.urls) and sum(lengths) == self.shards.num_samples
-                    and sum(lengths) >= self.num_consumers)
-        split_by_shard = len(self.shards.urls) >= self.num_consumers
+    def _dealing(self, epoch: int) -> epoch_order.Dealing:
+        first = epoch == self.epoch
+        return epoch_order.Dealing(**self._dealing_shape(), consumed=self.consumed if first else (),
+                                   first=self.skip_batches if first else 0)
 
-        def on_error(error: Exception) -> bool:
-            if isinstance(error, (TypeError, AttributeError, NameError, AssertionError)):
-                raise error  # a bug, not a bad file
-            skipped.append(f"{type(error).__name__}: {error}")
-            return True
-
-        def read(urls: list[str]) -> Iterator[dict]:
-            return wds.tariterators.tarfile_samples(iter([{"url": u} for u in urls]), handler=on_error)
-
-        def sample_range(order: list[int]) -> Iterator[dict]:
-            """Samples [lo, hi) of the shards laid end to end in ``order``."""
-            total = sum(lengths)
-            lo, hi = consumer * total // self.num_consumers, (consumer + 1) * total // self.num_consumers
-            shard_start = 0
-            for index in order:
-                shard_end = shard_start + lengths[index]
-                if shard_end > lo and shard_start < hi:
-                    for position, sample in enumerate(read([self.shards.urls[index]]), start=shard_start):
-                        if position >= hi:
-                            break
-                        if position >= lo:
-                            yield sample
-                shard_start = shard_end
-
-        def strided(urls: list[str], start: int) -> Iterator[dict]:
-            index = start
-            for sample in read(urls):
-                if split_by_shard or index % self.num_consumers == consumer:
-                    yield sample
-                index += 1
-
-        empty_passes = 0
-        for pass_index in range(1_000_000):
-            order = list(range(len(self.shards.urls)))
-            random.Random(f"{self.seed}/{epoch}/{pass_index}").shuffle(order)  # the same on every consumer
-            if by_range:
-                share = sample_range(order)
-            else:
-                urls = [self.shards.urls[i] for i in order]
-                # the sample index runs on over passes, so consumers beyond the sample count still get samples
-                share = strided(urls[consumer :: self.num_consumers] if split_by_shard else urls,
-                                pass_index * self.shards.num_samples)
-            rng = random.Random(f"{self.seed}/{epoch}/{pass_index}/{consumer}")
-            count = 0
-            for sample in wds.filters.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng)(share):
-                count += 1
-                yield sample
-            empty_passes = 0 if count else empty_passes + 1
-            if empty_passes > self.num_consumers:  # a strided share may be empty for a few passes, not for more
-                raise SimmimError(f"no samples could be read from the shards ({self.shards.urls[0]}, ...); "
-                                  "check that they are readable tar files made by simmim make-shards")
+    def resume_position(self, epoch: int, batches_done: int) -> dict[str, Any] | None:
+        """Where in ``epoch``'s order a run is once each rank has trained on its first ``batches_done`` batches:
+        ``{"epoch", "slots", "consumed": [[start, stop], ...]}``, slots of the epoch order trained on, the same
+        on every rank. None where the order depends on the consumers (shard lengths unknown)."""
+        if not self.ordered:
+            return None
+        consumed = self._dealing(epoch).consumed_after(batches_done) if batches_done else []
+        return {"epoch": epoch, "slots": self._dealing_shape()["extent"], "consumed": [list(r) for r in consumed]}
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        # The DataLoader deals batches round-robin, starting at worker 0, so rank batch i comes from worker
-        # i % workers. After skipping k batches, loader worker w plays the part of worker (w + k) % workers,
-        # which keeps the resumed order identical to the uninterrupted one. An epoch is a whole number of
-        # rounds (batches_per_consumer from each worker), so the part stays the same in the epochs after it.
-        role = (worker + self.skip_batches) % workers
-        consumer = self.rank * workers + role
+        # The DataLoader deals batches round-robin, starting at worker 0: the iteration's batch t comes from
+        # worker t % workers. An epoch's rank batch j is made by role j % workers, so in an epoch whose batch 0
+        # is the iteration's batch ``start`` (negative for the first, which resumes after skip_batches), loader
+        # worker w plays role (w - start) % workers.
+        start = -self.skip_batches
         for index in range(self.epochs):
-            skip = (self.skip_batches - role + workers - 1) // workers if index == 0 else 0
-            yield from self._epoch_batches(self.epoch + index, consumer, skip)
+            epoch = self.epoch + index
+            yield from self._epoch_batches(epoch, (worker - start) % workers)
+            start += self.batches_per_epoch
 
-    def _epoch_batches(self, epoch: int, consumer: int, skip: int) -> Iterator[dict]:
-        """One consumer's batches of one epoch, after its first ``skip``."""
-        remaining = self.batches_per_consumer - skip
+    def _epoch_batches(self, epoch: int, role: int) -> Iterator[dict]:
+        """One consumer's batches of one epoch: its share of the rank batches not yet made."""
+        dealing = self._dealing(epoch)
+        remaining = dealing.quota(role)
         if remaining <= 0:
             return
         skipped: list[str] = []
-        stream = self._samples(epoch, consumer, skipped)
-        position = 0  # raw samples consumed: one batch slot each
-        # skip what the interrupted run already trained on, before the (costly) decoding
-        for _ in range(skip * self.batch_size):
-            next(stream)
-            position += 1
+        if self.ordered:
+            stream = self._ordered_samples(epoch, dealing.share(self.rank, role), skipped)
+        else:
+            consumer = self.rank * dealing.workers + role
+            stream = self._unordered_samples(epoch, consumer, skipped)
+            # skip what the interrupted run already trained on, before the (costly) decoding
+            for _ in range(epoch_order.batches_of_role(role, dealing.workers, dealing.first) * self.batch_size):
+                next(stream)
         samples: list[dict[str, torch.Tensor]] = []
-        bad_slots: list[int] = []  # slots of undecodable samples, filled by the next good image
-        while remaining > 0:
-            sample = next(stream)
-            position += 1
+        bad_slots: list[list[int]] = []  # seeds of the slots of undecodable samples, filled by the next good image
+        for slot, sample in stream:
             try:
+                if sample is None:
+                    raise ValueError("missing from its shard (fewer samples than _info.json says)")
                 image = self.decode(_image_bytes(sample))
                 label = sample_label(sample, self.num_classes) if self.labels else None
             except (OSError, ValueError, KeyError, SyntaxError, RuntimeError, Image.DecompressionBombError) as error:
-                skipped.append(f"{sample.get('__url__')}:{sample.get('__key__')}: {type(error).__name__}: {error}")
-                bad_slots.append(position)
+                where = f"{sample.get('__url__')}:{sample.get('__key__')}" if sample else f"slot {slot[2]}"
+                skipped.append(f"{where}: {type(error).__name__}: {error}")
+                bad_slots.append(slot)
                 if len(bad_slots) > 100 * self.batch_size:
                     raise SimmimError(f"none of {len(bad_slots)} samples in a row could be decoded "
                                       f"({skipped[-1]}); check the shards") from error
                 continue
             # A bad sample's slot goes to the next good image (with the slot's own augmentation and mask):
-            # batch contents then depend only on raw positions, so resuming mid-epoch stays exact.
-            for slot in [*bad_slots, position]:
-                seed = int(np.random.SeedSequence([self.seed, epoch, consumer, slot]).generate_state(1)[0])
+            # batch contents then depend only on slots, so resuming mid-epoch stays exact.
+            for seed_key in [*bad_slots, slot]:
+                seed = int(np.random.SeedSequence(seed_key).generate_state(1)[0])
                 with seeded_rng(seed):
                     outputs = self.transform(image)
                 if label is not None:
@@ -255,6 +221,76 @@ class ShardStream(IterableDataset):
                     if remaining == 0:
                         return
             bad_slots.clear()
+
+    def _read(self, urls: list[str], skipped: list[str]) -> Iterator[dict]:
+        def on_error(error: Exception) -> bool:
+            if isinstance(error, (TypeError, AttributeError, NameError, AssertionError)):
+                raise error  # a bug, not a bad file
+            skipped.append(f"{type(error).__name__}: {error}")
+            return True
+
+        return wds.tariterators.tarfile_samples(iter([{"url": u} for u in urls]), handler=on_error)
+
+    def _ordered_samples(self, epoch: int, share: epoch_order.Ranges,
+                         skipped: list[str]) -> Iterator[tuple[list[int], dict | None]]:
+        """(seed key, sample or None where its shard falls short) for each slot of ``share``, in order; then the
+        share again, as spares for the slots of bad samples near its end. Blocks are read whole, sequentially."""
+        total, size = self.shards.num_samples, self.block_size
+        order = epoch_order.shard_order(len(self.shards.urls), self.seed, epoch)
+        cursor = epoch_order.LayoutCursor([self.shards.urls[i] for i in order],
+                                          [self.shards.shard_lengths[i] for i in order],
+                                          functools.partial(self._read, skipped=skipped))
+        block_index, block = -1, []
+        for spare in range(1_000_000):
+            read = 0
+            for slot in epoch_order.slots(share):
+                index = slot % total  # slots past the epoch's samples repeat its first ones
+                if index // size != block_index:
+                    block_index = index // size
+                    lo = block_index * size
+                    found = cursor.read(lo, min(lo + size, total))
+                    permutation = epoch_order.block_permutation(self.seed, epoch, block_index, len(found))
+                    block = [found[i] for i in permutation.tolist()]
+                sample = block[index % size]
+                read += sample is not None
+                yield [self.seed, epoch, slot, spare], sample
+            if not read:
+                raise SimmimError(f"no samples could be read from the shards ({self.shards.urls[0]}, ...); "
+                                  "check that they are readable tar files made by simmim make-shards")
+
+    def _unordered_samples(self, epoch: int, consumer: int,
+                           skipped: list[str]) -> Iterator[tuple[list[int], dict | None]]:
+        """Where shard lengths are unknown: whole shards dealt out to the consumers (or, with fewer shards than
+        consumers, every consumer reads all of them and keeps every n-th sample), through a shuffle buffer, pass
+        after pass until the caller stops. The order depends on the consumer count: exact resumes need the
+        same one."""
+        split_by_shard = len(self.shards.urls) >= self.num_consumers
+
+        def strided(urls: list[str], start: int) -> Iterator[dict]:
+            index = start
+            for sample in self._read(urls, skipped):
+                if split_by_shard or index % self.num_consumers == consumer:
+                    yield sample
+                index += 1
+
+        empty_passes, position = 0, 0
+        for pass_index in range(1_000_000):
+            order = list(range(len(self.shards.urls)))
+            random.Random(f"{self.seed}/{epoch}/{pass_index}").shuffle(order)  # the same on every consumer
+            urls = [self.shards.urls[i] for i in order]
+            # the sample index runs on over passes, so consumers beyond the sample count still get samples
+            share = strided(urls[consumer :: self.num_consumers] if split_by_shard else urls,
+                            pass_index * self.shards.num_samples)
+            rng = random.Random(f"{self.seed}/{epoch}/{pass_index}/{consumer}")
+            count = 0
+            for sample in wds.filters.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng)(share):
+                count += 1
+                position += 1
+                yield [self.seed, epoch, consumer, position], sample
+            empty_passes = 0 if count else empty_passes + 1
+            if empty_passes > self.num_consumers:  # a strided share may be empty for a few passes, not for more
+                raise SimmimError(f"no samples could be read from the shards ({self.shards.urls[0]}, ...); "
+                                  "check that they are readable tar files made by simmim make-shards")
 
 
 MAX_DEFAULT_WORKERS = 12  # beyond this the training process itself becomes the bottleneck of a node
@@ -462,22 +498,33 @@ class PredictStream(IterableDataset):
 
 
 class TensorStream(torch.utils.data.IterableDataset):
-    """Cached features: every epoch a new shuffle (seed, epoch), dealt out to ranks in whole batches.
-    With ``shuffle=False`` it is an evaluation stream (every sample once, the last batch short)."""
+    """Cached features: every epoch a new shuffle (seed, epoch), dealt out to ranks in whole batches: optimizer
+    step s trains on samples ``[s × G, (s + 1) × G)`` of the epoch's order (G the global batch) on any cluster
+    shape, so a resume with the same global batch continues exactly; the epoch's last ``len mod G`` samples wait
+    for another epoch. With ``shuffle=False`` it is an evaluation stream (every sample once, the last batch
+    short)."""
 
     workers = 0
 
     def __init__(self, features: torch.Tensor, labels: torch.Tensor, batch_size: int, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, shuffle: bool = True):
+                 world_size: int = 1, seed: int = 0, shuffle: bool = True, accumulation: int = 1):
         self.features, self.labels = features, labels
         self.batch_size, self.rank, self.world_size, self.seed, self.shuffle = (
             batch_size, rank, world_size, seed, shuffle)
-        self.batches_per_epoch = max(1, len(labels) // (batch_size * world_size))
+        self.global_batch = batch_size * world_size * accumulation
+        self.batches_per_epoch = max(1, len(labels) // self.global_batch) * accumulation
         self.epoch, self.skip, self.epochs = 0, 0, 1
 
-    def set_epoch(self, epoch: int, skip_batches: int = 0, epochs: int = 1) -> None:
-        """As :meth:`ShardStream.set_epoch`: ``epochs`` epochs from ``epoch`` on, after ``skip_batches``."""
+    def set_epoch(self, epoch: int, skip_batches: int = 0, epochs: int = 1, consumed: Any = None) -> None:
+        """As :meth:`ShardStream.set_epoch`: ``epochs`` epochs from ``epoch`` on, after ``skip_batches`` (with the
+        same global batch, ``consumed`` is the prefix they name)."""
         self.epoch, self.skip, self.epochs = epoch, skip_batches, epochs
+
+    def resume_position(self, epoch: int, batches_done: int) -> dict[str, Any]:
+        """As :meth:`ShardStream.resume_position`: a prefix of the epoch's order."""
+        per_round = self.batch_size * self.world_size
+        return {"epoch": epoch, "slots": self.batches_per_epoch * per_round,
+                "consumed": [[0, batches_done * per_round]] if batches_done else []}
 
     def __iter__(self):
         if not self.shuffle:
@@ -492,8 +539,8 @@ class TensorStream(torch.utils.data.IterableDataset):
     def _epoch_batches(self, epoch: int, skip: int):
         count = len(self.labels)
         order = torch.randperm(count, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-        if count < self.batch_size * self.world_size:  # fewer samples than one global batch: repeat them
-            order = order.repeat(-(-self.batch_size * self.world_size // count))
+        if count < self.global_batch:  # fewer samples than one global batch: repeat them
+            order = order.repeat(-(-self.global_batch // count))
         for batch in range(skip, self.batches_per_epoch):
             start = (batch * self.world_size + self.rank) * self.batch_size
             index = order[start:start + self.batch_size]

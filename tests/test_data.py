@@ -1,4 +1,6 @@
+import collections
 import io
+import itertools
 import json
 import tarfile
 from pathlib import Path
@@ -9,6 +11,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from simmim_cli import epoch_order
 from simmim_cli import shards as shards_module
 from simmim_cli.errors import SimmimError
 from simmim_cli.masking import MaskGenerator
@@ -285,7 +288,7 @@ def numbers(batch) -> list[int]:
 
 
 def stream(folder, **kwargs) -> ShardStream:
-    defaults = {"batch_size": 4, "seed": 0, "shuffle_buffer": 8}
+    defaults = {"batch_size": 4, "seed": 0, "shuffle_buffer": 8, "block_size": 16}
     return ShardStream(resolve_shards(str(folder)), identity, **{**defaults, **kwargs})
 
 
@@ -338,14 +341,18 @@ def test_every_sample_goes_to_exactly_one_consumer_per_epoch(tmp_path, world_siz
     total, consumers, batch_size = sum(lengths), world_size * workers, 4
     seen = []
     for consumer in range(consumers):
-        dataset = stream(folder, rank=consumer // workers, world_size=world_size, workers=workers,
-                         batch_size=batch_size)
-        taken = dataset.batches_per_consumer * batch_size  # what the consumer yields in an epoch
-        share = (consumer + 1) * total // consumers - consumer * total // consumers
-        assert share <= taken < share + batch_size  # its whole share, padded by less than a batch
-        samples = dataset._samples(0, consumer, [])
-        seen += [int(next(samples)["__key__"][1:]) for _ in range(share)]
-    assert sorted(seen) == list(range(total))
+        rank, role = divmod(consumer, workers)
+        dataset = stream(folder, rank=rank, world_size=world_size, workers=workers, batch_size=batch_size)
+        dealing = dataset._dealing(0)
+        share = dealing.share(rank, role)
+        assert epoch_order.size(share) == dealing.quota(role) * batch_size  # exactly what its batches need
+        samples = dataset._ordered_samples(0, share, [])
+        seen += [int(sample["__key__"][1:]) for _, sample in itertools.islice(samples, epoch_order.size(share))]
+    global_batch = world_size * batch_size
+    assert len(seen) == dataset.batches_per_epoch * global_batch and len(seen) - total < global_batch
+    counts = collections.Counter(seen)
+    assert set(counts) == set(range(total))
+    assert sum(count - 1 for count in counts.values()) == len(seen) - total  # repeats: the padding only
 
 
 def test_a_whole_epoch_through_the_loader_covers_every_sample(tmp_path):

@@ -61,7 +61,7 @@ def test_make_shards_then_pretrain_writes_a_complete_run(shards, tmp_path):
     assert {"step", "epoch", "loss", "lr", "img_per_s"} <= set(train_rows[0])
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in train_rows)
     assert train_rows[-1]["skipped_samples"] >= 1  # the corrupt sample was found and counted
-    steps_per_epoch = 2 * -(-26 // (2 * 4))  # 25 images + 1 corrupt sample; 2 workers × ceil(26 / 8) batches
+    steps_per_epoch = -(-26 // 4)  # 25 images + 1 corrupt sample, 4 a step: the loader workers do not change it
     assert train_rows[-1]["step"] == 2 * steps_per_epoch
     assert [p.name for p in checkpoints.list_checkpoints(run)] == [
         f"checkpoint-{steps_per_epoch:08d}.pth", f"checkpoint-{2 * steps_per_epoch:08d}.pth"]
@@ -129,7 +129,8 @@ def library_config(shards: Path, output: Path, **overrides) -> PretrainConfig:
 
 def test_the_loader_starts_once_and_every_epoch_trains_on_its_own_batches(shards, tmp_path, monkeypatch):
     """One loader (its worker processes) for the whole run; each epoch still gets exactly its own batches, the
-    ones a fresh loader gives for that epoch, the tail that --grad-accum leaves unused dropped."""
+    ones a fresh loader gives for that epoch: a whole number of --grad-accum steps, none left unused, also when
+    the loader workers take turns across an epoch's end."""
     from simmim_cli import distributed
     from simmim_cli.commands.pretrain import build_pretrain
     from simmim_cli.pipeline import make_loader
@@ -137,7 +138,8 @@ def test_the_loader_starts_once_and_every_epoch_trains_on_its_own_batches(shards
     config = library_config(shards, tmp_path / "run", workers=2, grad_accum=3, epochs=3, drop_path=0.0)
     _, dataset = build_pretrain(config, distributed.Context())
     steps_per_epoch = dataset.batches_per_epoch // 3
-    assert dataset.batches_per_epoch % 3  # a tail to drop, or this test would not test it
+    assert dataset.batches_per_epoch % 3 == 0  # whole steps: every sample of the epoch is trained on
+    assert dataset.batches_per_epoch % 2  # an odd count: the two loader workers swap roles at each epoch's end
     expected = []
     for epoch in range(3):
         dataset.set_epoch(epoch)
@@ -200,7 +202,7 @@ def test_gradient_accumulation_counts_optimizer_steps(shards, tmp_path):
     state_rows = tmp_path / "run" / "metrics.jsonl"
     pretrain(library_config(shards, tmp_path / "run", grad_accum=2, epochs=2, warmup_epochs=0.5))
     steps = [json.loads(line)["step"] for line in state_rows.read_text().splitlines() if "loss" in line]
-    assert steps[-1] == 2 * (7 // 2)  # 7 batches per epoch → 3 steps of 2 batches
+    assert steps[-1] == 2 * -(-26 // 8)  # 26 samples, 8 a step: 4 steps of 2 batches an epoch (the last padded)
 
 
 def read_tar_names(path: Path) -> list[str]:

@@ -46,13 +46,14 @@ def build_finetune(config: FinetuneConfig, context: distributed.Context) -> tupl
                                           config.min_crop_scale, config.hflip)
         dataset = dali.DaliStream(shards, augment, config.batch_size, context.device, rank=context.rank,
                                   world_size=context.world_size, seed=config.seed, workers=config.workers,
-                                  labels=True, num_classes=len(classes))
+                                  labels=True, num_classes=len(classes), accumulation=config.grad_accum)
     else:
         augment = ClassifierTrainTransform(config.img_size, config.auto_augment, config.color_jitter,
                                            config.min_crop_scale, config.hflip)
         dataset = ShardStream(shards, augment,
                               config.batch_size, workers=config.workers, rank=context.rank,
-                              world_size=context.world_size, seed=config.seed, labels=True, num_classes=len(classes))
+                              world_size=context.world_size, seed=config.seed, labels=True, num_classes=len(classes),
+                              accumulation=config.grad_accum)
     val = val_stream(config, context, classes, CropTransform(config.img_size, config.crop_pct))
     return FinetuneTask(model, config, classes, val), dataset
 

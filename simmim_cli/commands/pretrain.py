@@ -78,11 +78,12 @@ def build_pretrain(config: PretrainConfig, context: distributed.Context) -> tupl
     if config.decode == "gpu":
         dataset = dali.DaliStream(shards, dali.pretrain_augment(config.img_size), config.batch_size, context.device,
                                   rank=context.rank, world_size=context.world_size, seed=config.seed,
-                                  workers=config.workers, masks=masks)
+                                  workers=config.workers, masks=masks,
+                                  accumulation=config.grad_accum)
     else:
         dataset = ShardStream(
             shards, PretrainTransform(config.img_size, masks), config.batch_size, workers=config.workers,
-            rank=context.rank, world_size=context.world_size, seed=config.seed,
+            rank=context.rank, world_size=context.world_size, seed=config.seed, accumulation=config.grad_accum,
             decode=functools.partial(decode_tensor, min_size=pretrain_decode_size(config.img_size)),
         )
     val = knn = None

@@ -39,7 +39,8 @@ def build_linear_probe(config: LinearProbeConfig, context: distributed.Context) 
             print_load_report(config.pretrained, report)
     if config.cache_features:
         features, labels = cached_features(model, config, config.data, context, classes)
-        dataset = TensorStream(features, labels, config.batch_size, context.rank, context.world_size, config.seed)
+        dataset = TensorStream(features, labels, config.batch_size, context.rank, context.world_size, config.seed,
+                               accumulation=config.grad_accum)
         val = None
         if config.val_data:
             val_features, val_labels = cached_features(model, config, config.val_data, context, classes)
@@ -48,12 +49,14 @@ def build_linear_probe(config: LinearProbeConfig, context: distributed.Context) 
     elif config.decode == "gpu":  # the same views as CropTransform(random=True): crop 0.08-1, bicubic, flip
         dataset = dali.DaliStream(shards, dali.classifier_augment(config.img_size), config.batch_size,
                                   context.device, rank=context.rank, world_size=context.world_size,
-                                  seed=config.seed, workers=config.workers, labels=True, num_classes=len(classes))
+                                  seed=config.seed, workers=config.workers, labels=True, num_classes=len(classes),
+                                  accumulation=config.grad_accum)
         val = val_stream(config, context, classes, CropTransform(config.img_size, config.crop_pct))
     else:
         dataset = ShardStream(shards, CropTransform(config.img_size, random=True), config.batch_size,
                               workers=config.workers, rank=context.rank, world_size=context.world_size,
-                              seed=config.seed, labels=True, num_classes=len(classes))
+                              seed=config.seed, labels=True, num_classes=len(classes),
+                              accumulation=config.grad_accum)
         val = val_stream(config, context, classes, CropTransform(config.img_size, config.crop_pct))
     return LinearProbeTask(model, config, classes, val), dataset
 

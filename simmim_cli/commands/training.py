@@ -87,6 +87,7 @@ def run_training(config: TrainConfig, prepare, build) -> None:
     if distributed.launched_env(config) is not None:
         _train_process(config, prepare, build, prepare_here=True)
         return
+    config.split_global_batch(distributed.procs_per_node(config) * config.nnodes)  # a mistake fails before launch
     prepare(config)
     if distributed.needs_launch(config):
         distributed.launch(_train_process, config, prepare, build, False)
@@ -100,6 +101,7 @@ def _train_process(config: TrainConfig, prepare, build, prepare_here: bool) -> N
         if prepare_here and context.is_main:
             prepare(config)
         config = distributed.broadcast_object(config)  # rank 0's paths and resolved settings on every rank
+        config.split_global_batch(context.world_size)
         if config.workers is None:
             config.workers = default_workers(context.local_world_size)
         torch.manual_seed(config.seed)  # the same initial weights on every rank
