@@ -15,6 +15,8 @@ import math
 import multiprocessing as mp
 import os
 import random
+import sys
+import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from . import remote
 from .errors import SimmimError
 from .shards import IMAGE_SUFFIXES, ShardSet, resolve_shards
 from .transforms import CropTransform, decode_image
@@ -71,6 +74,45 @@ def _image_bytes(sample: dict) -> bytes:
         if key in sample:
             return sample[key]
     raise ValueError(f"no image in sample (it has {sorted(k for k in sample if not k.startswith('__'))})")
+
+
+def _tar_samples(url: str, stream) -> Iterator[dict]:
+    """The samples of one tar stream: consecutive members sharing a key (up to the first dot) make a sample."""
+    sample: dict | None = None
+    for member in wds.tariterators.tar_file_iterator(stream):
+        key, extension = wds.tariterators.base_plus_ext(member["fname"])
+        if key is None:
+            continue
+        if sample is not None and sample["__key__"] != key:
+            yield sample
+            sample = None
+        if sample is None:
+            sample = {"__key__": key, "__url__": url}
+        sample[extension.lower()] = member["data"]
+    if sample is not None:
+        yield sample  # only after the whole tar was read: a sample cut short by a corrupt end is never yielded
+
+
+def shard_samples(urls: list[str], skipped: list[str], lengths: dict[str, int] | None = None) -> Iterator[dict]:
+    """The samples of the shards in turn, read through :func:`remote.open_shard` (network faults are retried and
+    resumed there, so nothing is lost to them). A shard that is corrupt (not a network fault) is reported once,
+    by name, and each sample it lost is counted in ``skipped`` (``lengths``: samples per URL, from _info.json)."""
+    for url in urls:
+        count = 0
+        try:
+            with remote.open_shard(url) as stream:
+                for sample in _tar_samples(url, stream):
+                    count += 1
+                    yield sample
+        except (tarfile.TarError, OSError, EOFError, ValueError) as error:
+            if isinstance(error, remote.RemoteError):
+                raise  # the store stays unreachable: the run stops (its newest checkpoint is the resume point)
+            expected = (lengths or {}).get(url)
+            lost = max(expected - count, 1) if expected is not None else 1
+            what = f"{lost} sample(s) lost" if expected is not None else "the rest of it lost (its length is unknown)"
+            skipped.append(f"{url}: corrupt shard after {count} sample(s), {what} ({remote.describe(error)}); "
+                           "re-create it with simmim make-shards")
+            skipped += [f"{url}: lost with the corrupt shard"] * (lost - 1)
 
 
 class ShardStream(IterableDataset):
@@ -144,14 +186,8 @@ class ShardStream(IterableDataset):
                     and sum(lengths) >= self.num_consumers)
         split_by_shard = len(self.shards.urls) >= self.num_consumers
 
-        def on_error(error: Exception) -> bool:
-            if isinstance(error, (TypeError, AttributeError, NameError, AssertionError)):
-                raise error  # a bug, not a bad file
-            skipped.append(f"{type(error).__name__}: {error}")
-            return True
-
         def read(urls: list[str]) -> Iterator[dict]:
-            return wds.tariterators.tarfile_samples(iter([{"url": u} for u in urls]), handler=on_error)
+            return shard_samples(urls, skipped, dict(zip(self.shards.urls, lengths, strict=False)))
 
         def sample_range(order: list[int]) -> Iterator[dict]:
             """Samples [lo, hi) of the shards laid end to end in ``order``."""
@@ -326,13 +362,9 @@ class EvalStream(IterableDataset):
         if isinstance(self.source, ShardSet):
             urls = self.source.urls
             by_shard = len(urls) >= consumers
-
-            def on_error(error: Exception) -> bool:
-                skipped.append(f"{type(error).__name__}: {error}")
-                return True
-
             mine = urls[consumer::consumers] if by_shard else urls
-            samples = wds.tariterators.tarfile_samples(iter([{"url": u} for u in mine]), handler=on_error)
+            lengths = dict(zip(urls, self.source.shard_lengths, strict=False)) if by_shard else None
+            samples = shard_samples(mine, skipped, lengths)
             for index, sample in enumerate(samples):
                 if by_shard or index % consumers == consumer:
                     name = f"{sample.get('__url__')}:{sample.get('__key__')}"
@@ -371,7 +403,9 @@ def image_sources(inputs: list[str]) -> list[Path | ShardSet]:
     sources: list[Path | ShardSet] = []
     for item in inputs:
         path = Path(item)
-        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+        if remote.is_url(item):
+            sources.append(resolve_shards(item, count_required=False))
+        elif path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
             sources.append(path)
         elif path.is_dir() and not list(path.glob("*.tar")):
             files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
@@ -385,6 +419,17 @@ def image_sources(inputs: list[str]) -> list[Path | ShardSet]:
     return sources
 
 
+def _warn_lost(samples: Iterator[dict], lost: list[str]) -> Iterator[dict]:
+    """``samples``, with a warning line for what a corrupt shard lost (read where no batch carries "skipped")."""
+    for sample in samples:
+        yield sample
+        if lost:
+            print(f"warning: {lost[0]}", file=sys.stderr)
+            lost.clear()
+    if lost:
+        print(f"warning: {lost[0]}", file=sys.stderr)
+
+
 def _image_readers(sources: list[Path | ShardSet], limit: int | None) -> Iterator[tuple[str, Callable[[], bytes]]]:
     """(name, a function returning its bytes) of each image in ``sources``, at most ``limit``: an image file is
     read only when asked for (a loader worker passes over the files of the others' batches)."""
@@ -393,7 +438,7 @@ def _image_readers(sources: list[Path | ShardSet], limit: int | None) -> Iterato
         if isinstance(source, Path):
             readers: Iterator[tuple[str, Callable[[], bytes]]] = iter([(str(source), source.read_bytes)])
         else:
-            samples = wds.tariterators.tarfile_samples(iter([{"url": u} for u in source.urls]))
+            samples = _warn_lost(shard_samples(source.urls, lost := []), lost)
             readers = ((f"{s['__url__']}:{s['__key__']}", functools.partial(_image_bytes, s)) for s in samples)
         for reader in readers:
             yield reader

@@ -21,7 +21,7 @@ import braceexpand
 import webdataset as wds
 from PIL import Image
 
-from . import storage
+from . import remote, storage
 from .errors import SimmimError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm"}
@@ -78,15 +78,49 @@ def count_tar_samples(path: str) -> int:
     return len(keys)
 
 
-def resolve_shards(data: str, split: str | None = None, epoch_size: int | None = None) -> ShardSet:
-    """Find shards from a directory, a brace pattern (``shards/train-{000000..000099}.tar``) or a list file.
+def _read_remote_info(folder_url: str, required: bool) -> dict | None:
+    """``_info.json`` of a remote folder (None when it has none and it is not ``required``)."""
+    url = f"{folder_url.rstrip('/')}/{INFO_FILE}"
+    try:
+        text = remote.read_bytes(url)
+    except remote.RemoteError as error:
+        if error.missing and not required:
+            return None
+        if error.missing:
+            raise SimmimError(f"no {INFO_FILE} at {url}: a remote folder is read through the {INFO_FILE} that "
+                              "make-shards writes; copy the whole make-shards output there, or give the shards as a "
+                              "brace pattern such as s3://bucket/train-{000000..000099}.tar with --epoch-size N"
+                              ) from None
+        raise
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise SimmimError(f"cannot read {url}: {error}; re-create the shards with simmim make-shards") from error
+
+
+def _remote_folder(urls: list[str]) -> str | None:
+    """The remote folder holding all ``urls`` (where an ``_info.json`` may describe them), or None."""
+    folders = {u.rsplit("/", 1)[0] for u in urls if remote.is_url(u) and not u.startswith("pipe:")}
+    return folders.pop() if len(folders) == 1 and all(remote.is_url(u) for u in urls) else None
+
+
+def resolve_shards(data: str, split: str | None = None, epoch_size: int | None = None,
+                   count_required: bool = True) -> ShardSet:
+    """Find shards from a directory, a brace pattern (``shards/train-{000000..000099}.tar``) or a list file, local
+    or remote (``s3://``, ``gs://``, ``http(s)://``, ``pipe:``): a remote folder URL (``s3://bucket/train/``) is
+    read through its ``_info.json``, and a pattern or list of URLs in one remote folder uses the ``_info.json``
+    there when it has one.
 
     Sample counts come from ``_info.json`` next to the shards when present, else from reading tar headers
-    (local files) or ``epoch_size``.
+    (local files) or ``epoch_size``; with ``count_required`` False they may stay unknown (0).
     """
     path = Path(data)
     info = None
-    if path.is_dir():
+    if remote.is_url(data) and not data.startswith("pipe:") and "{" not in data and not data.endswith(".tar"):
+        info = _read_remote_info(data, required=True)
+        entry = _info_split(info, split)
+        urls = [f"{data.rstrip('/')}/{name}" for name in entry["filenames"]]
+    elif path.is_dir():
         info = _read_info(path)
         if info is not None:
             entry = _info_split(info, split)
@@ -95,15 +129,17 @@ def resolve_shards(data: str, split: str | None = None, epoch_size: int | None =
             urls = sorted(str(p) for p in path.glob("*.tar"))
         if not urls:
             raise SimmimError(f"no .tar shards in {path}; make them with: simmim make-shards IMAGES {path}")
-    elif path.is_file() and path.suffix != ".tar":
+    elif not remote.is_url(data) and path.is_file() and path.suffix != ".tar":
         lines = [line.strip() for line in path.read_text().splitlines()]
         urls = [line if "://" in line or line.startswith(("pipe:", "/")) else str(path.parent / line)
                 for line in lines if line and not line.startswith("#")]
         if not urls:
             raise SimmimError(f"the list file {path} names no shards; put one shard path or URL per line")
+        if (folder := _remote_folder(urls)) is not None:
+            info = _read_remote_info(folder, required=False)
     else:
         urls = list(braceexpand.braceexpand(data))
-        local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+        local = [u for u in urls if not remote.is_url(u)]
         missing = [u for u in local if not Path(u).is_file()]
         if missing:
             raise SimmimError(f"shard not found: {missing[0]}; --data takes a shard directory, a brace pattern "
@@ -111,22 +147,26 @@ def resolve_shards(data: str, split: str | None = None, epoch_size: int | None =
         info_dir = {Path(u).parent for u in local}
         if len(info_dir) == 1:
             info = _read_info(info_dir.pop())
+        elif (folder := _remote_folder(urls)) is not None:
+            info = _read_remote_info(folder, required=False)
 
     classes = info.get("classes") if info else None
     lengths_by_name: dict[str, int] = {}
     if info is not None:
         for entry in info.get("splits", {}).values():
             lengths_by_name.update(zip(entry.get("filenames", []), entry.get("shard_lengths", []), strict=False))
-    lengths = [lengths_by_name.get(os.path.basename(u)) for u in urls]
+    lengths = [lengths_by_name.get(u.rsplit("/", 1)[-1]) for u in urls]
     if any(n is None for n in lengths):
-        if epoch_size is None and all(Path(u).is_file() for u in urls):
+        if epoch_size is None and not any(remote.is_url(u) for u in urls) and all(Path(u).is_file() for u in urls):
             lengths = [count_tar_samples(u) for u in urls]
-        elif epoch_size is None:
-            raise SimmimError("the number of samples in remote shards is unknown; give it with --epoch-size N")
+        elif epoch_size is None and count_required:
+            where = "the _info.json beside them does not list them" if info else "no _info.json is beside them"
+            raise SimmimError(f"the number of samples in remote shards is unknown ({where}); give it with "
+                              "--epoch-size N, or copy make-shards' _info.json next to them")
         else:
             lengths = []
     num_samples = epoch_size or sum(lengths)
-    if num_samples <= 0:
+    if num_samples <= 0 and (count_required or lengths):
         raise SimmimError(f"the shards in {data} hold no samples; re-create them with simmim make-shards")
     return ShardSet(urls=urls, num_samples=num_samples, classes=classes, shard_lengths=lengths)
 

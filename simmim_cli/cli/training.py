@@ -42,6 +42,7 @@ from ..options import (
     GradAccum,
     GradCheckpointing,
     ImgSize,
+    IoRetries,
     Keep,
     LabelledData,
     LogEvery,
@@ -132,6 +133,7 @@ def pretrain(
         "--demo", help="Pretrain a small ViT on a built-in image set (crops of the photos scikit-learn ships).",
         rich_help_panel=DATA)] = False,
     epoch_size: EpochSize = None,
+    io_retries: IoRetries = D.io_retries,
     val_data: Annotated[str | None, typer.Option(
         help="Held-out shards (labels not needed): their masked L1 is logged as val_loss after every epoch "
              "(centre crops, the same masks each time), the loss to watch for overfitting.", rich_help_panel=DATA,
@@ -211,6 +213,7 @@ def finetune(
     data: LabelledData = None,
     val_data: ValData = None,
     epoch_size: EpochSize = None,
+    io_retries: IoRetries = D.io_retries,
     workers: Workers = FT.workers,
     decode: Decode = FT.decode,
     auto_augment: Annotated[str | None, typer.Option(
@@ -307,6 +310,7 @@ def linear_probe(
     data: LabelledData = None,
     val_data: ValData = None,
     epoch_size: EpochSize = None,
+    io_retries: IoRetries = D.io_retries,
     workers: Workers = LP.workers,
     decode: Decode = LP.decode,
     crop_pct: CropPct = LP.crop_pct,

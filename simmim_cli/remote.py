@@ -1,0 +1,253 @@
+"""Remote files: the one place that opens a shard URL (``http(s)://``, ``s3://``, ``gs://``, ``pipe:``, or a local
+path) and reads it to the end through network faults.
+
+A read that fails (a connection cut mid-body, a 5xx, a timeout, a stream that ends early) is retried with
+exponential backoff and continues at the byte offset already delivered (an HTTP/S3 range request through fsspec;
+``pipe:`` commands are re-run and the bytes already read skipped), so the tar reader above never sees the fault
+and no sample is lost or repeated. After ``--io-retries`` failed tries in a row, :class:`RemoteError` names the
+URL and the last error.
+
+Credentials and endpoints come from each store's own environment and config files (``AWS_ENDPOINT_URL``,
+``AWS_PROFILE``, ``~/.aws``, ``GOOGLE_APPLICATION_CREDENTIALS``, ...): nothing here reads, prints or stores them.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import subprocess
+import sys
+import time
+from typing import IO
+
+from .errors import SimmimError
+
+DEFAULT_IO_RETRIES = 10  # backoff 0, 0.5, 1, 2, ... 60 s: about 3 minutes of a store not answering
+MAX_BACKOFF_S = 60.0
+# bytes per range request (a read of READ_SIZE fetches READ_SIZE + BLOCK_SIZE): few requests per shard, little
+# memory per open shard; a cut request is fetched again from its start, the bytes delivered before it are not
+BLOCK_SIZE = 8 * 2**20
+READ_SIZE = 2**20
+REMOTE_EXTRA = 'pip install "simmim-cli[remote]"'
+_RETRIES_ENV = "SIMMIM_IO_RETRIES"  # set by configure(): inherited by loader workers and launched processes
+
+
+class RemoteError(SimmimError):
+    """A remote shard could not be read (after the retries, or at once for a missing file or a refused login)."""
+
+    exit_code = 74  # EX_IOERR, like storage faults: the newest checkpoint is the resume point
+
+    def __init__(self, message: str, missing: bool = False):
+        super().__init__(message)
+        self.missing = missing  # the file is not there (no retry can help)
+
+
+def configure(io_retries: int | None) -> None:
+    """``--io-retries N`` for this process and every process it starts."""
+    if io_retries is not None:
+        if io_retries < 0:
+            raise SimmimError(f"--io-retries must be 0 or more, got {io_retries}")
+        os.environ[_RETRIES_ENV] = str(io_retries)
+
+
+def io_retries() -> int:
+    value = os.environ.get(_RETRIES_ENV, "")
+    return int(value) if value.isdigit() else DEFAULT_IO_RETRIES
+
+
+def is_url(name: str) -> bool:
+    """A name this module opens remotely (``file://`` and plain paths are local files)."""
+    return name.startswith("pipe:") or ("://" in name and not name.startswith("file://"))
+
+
+def backoff(attempt: int) -> float:
+    """Seconds before retry ``attempt`` (1, 2, ...): a cut connection is retried at once, a store that keeps
+    failing is given exponentially more time (with jitter, so that many workers do not retry in step)."""
+    if attempt <= 1:
+        return 0.0
+    return min(MAX_BACKOFF_S, 0.5 * 2 ** (attempt - 2)) * random.uniform(0.8, 1.2)
+
+
+def describe(error: BaseException) -> str:
+    """One readable line for an error: its type and first line (never a repr of pipes or argument lists)."""
+    if isinstance(error, FileNotFoundError) and error.__cause__ is not None:
+        error = error.__cause__  # fsspec's HTTP layer wraps what went wrong while it asked for the size
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def filesystem(url: str):
+    """(fsspec filesystem, path) for a URL, with timeouts that turn a stalled connection into a retried fault."""
+    try:
+        import fsspec
+    except ImportError as error:
+        raise SimmimError(f"reading {url} needs fsspec: {REMOTE_EXTRA}") from error
+    protocol = url.split("://", 1)[0]
+    options: dict = {}
+    if protocol in ("http", "https"):
+        import aiohttp
+
+        # no total limit (a shard may take long), but a connection that sends nothing for a minute is a fault
+        options["client_kwargs"] = {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=60)}
+    elif protocol == "s3":
+        options["config_kwargs"] = {"connect_timeout": 30, "read_timeout": 60}
+    try:
+        fs = fsspec.filesystem(protocol, **options)
+    except (ImportError, ValueError) as error:
+        package = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs"}.get(protocol, f"an fsspec backend for {protocol}://")
+        raise SimmimError(f"reading {url} needs {package}: {REMOTE_EXTRA}") from error
+    return fs, fs._strip_protocol(url) if protocol not in ("http", "https") else url
+
+
+def _fatal(error: BaseException) -> bool:
+    """Errors that no retry mends: a bug, a missing file, a refused login."""
+    return isinstance(error, (PermissionError, TypeError, AttributeError, NameError,
+                              AssertionError, ImportError, SimmimError))
+
+
+def _missing(error: BaseException) -> bool:
+    """A file that is not there (fsspec's HTTP layer also reports a 503 or a refused connection while it looks
+    for the size as FileNotFoundError, with the real error as its cause: those are faults to retry)."""
+    if not isinstance(error, FileNotFoundError):
+        return False
+    cause = error.__cause__
+    return cause is None or getattr(cause, "status", None) in (404, 410)
+
+
+class _EarlyEnd(OSError):
+    """The stream ended before the size the store announced (or a pipe command failed at its end)."""
+
+
+class ResumingReader(io.RawIOBase):
+    """Bytes of one URL from its start to its end; faults are retried and the read resumes where it stopped."""
+
+    def __init__(self, url: str, retries: int | None = None):
+        self.url = url
+        self.retries = io_retries() if retries is None else retries
+        self.offset = 0  # bytes delivered so far
+        self.size: int | None = None
+        self._file: IO[bytes] | None = None
+        self._process: subprocess.Popen | None = None
+        self._skip = 0  # bytes of a re-run pipe command to throw away
+        self._call(self._open)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self._call(lambda: self._read(len(buffer)))
+        buffer[: len(data)] = data
+        self.offset += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        self._close_source()
+        super().close()
+
+    # -- one try of each step
+    def _open(self) -> None:
+        self._close_source()
+        if self.url.startswith("pipe:"):
+            self._process = subprocess.Popen(self.url[5:], shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            self._file, self._skip = self._process.stdout, self.offset
+            return
+        fs, path = filesystem(self.url)
+        self._file = fs.open(path, "rb", block_size=BLOCK_SIZE, cache_type="readahead")
+        self.size = getattr(self._file, "size", None)
+        if self.offset:
+            try:
+                self._file.seek(self.offset)
+            except ValueError:  # a stream without ranges (no Content-Length): read again up to the offset
+                self._skip = self.offset
+
+    def _read(self, count: int) -> bytes:
+        if self._file is None:
+            self._open()
+        while self._skip:  # a re-run command: pass over what was delivered before the fault
+            skipped = self._file.read(min(self._skip, BLOCK_SIZE))
+            if not skipped:
+                self._check_end()
+            self._skip -= len(skipped)
+        data = self._file.read(count)
+        if not data and count:
+            self._check_end()
+        return data
+
+    def _check_end(self) -> None:
+        if self._process is not None:
+            code = self._process.wait()
+            if code != 0:
+                message = self._process.stderr.read().decode(errors="replace").strip().splitlines()
+                raise _EarlyEnd(f"the command exited with status {code}" + (f" ({message[-1]})" if message else ""))
+            if self._skip:
+                raise _EarlyEnd(f"the command's output is shorter than the {self.offset} bytes read before")
+        elif self.size is not None and self.offset < self.size:
+            raise _EarlyEnd(f"the stream ended at byte {self.offset} of {self.size}")
+
+    def _close_source(self) -> None:
+        file, process, self._file, self._process = self._file, self._process, None, None
+        try:
+            if file is not None:
+                file.close()
+        except Exception:  # noqa: BLE001 - a broken connection may fail to close; it is dropped either way
+            pass
+        if process is not None:
+            process.kill()
+            process.wait()
+            process.stderr.close()
+
+    def _call(self, step):
+        """Runs ``step``; on a fault, reopens at :attr:`offset` (after a backoff) and runs it again."""
+        attempt, started = 0, time.monotonic()
+        while True:
+            try:
+                return step()
+            except Exception as error:  # noqa: BLE001 - which exceptions are network faults differs per backend
+                if _missing(error):
+                    raise RemoteError(f"{self.url} does not exist ({describe(error)}); check the URL",
+                                      missing=True) from error
+                if isinstance(error, PermissionError):
+                    raise RemoteError(f"access to {self.url} was refused ({describe(error)}); check the credentials "
+                                      "of the store (its environment variables or config files)") from error
+                if _fatal(error):
+                    raise
+                attempt += 1
+                if attempt > self.retries:
+                    raise RemoteError(
+                        f"cannot read {self.url} at byte {self.offset}: {describe(error)} (gave up after "
+                        f"{self.retries} retries in {time.monotonic() - started:.0f} s); check the store, then run "
+                        "the same command again (--resume auto continues from the newest checkpoint) or raise "
+                        "--io-retries") from error
+                delay = backoff(attempt)
+                if attempt > 1:  # one blip is routine for a busy store; a fault that persists is worth a line
+                    print(f"warning: {self.url}: {describe(error)} at byte {self.offset}; retry {attempt} of "
+                          f"{self.retries} in {delay:.1f} s", file=sys.stderr)
+                self._close_source()
+                time.sleep(delay)
+                self._file = None  # reopened (at the offset) by the next try of a read
+
+
+def open_shard(url: str, retries: int | None = None) -> IO[bytes]:
+    """A buffered byte stream of a shard: local files as they are, URLs through :class:`ResumingReader`."""
+    if not is_url(url):
+        path = url[7:] if url.startswith("file://") else url
+        return open(path, "rb")  # noqa: SIM115 - the caller closes it
+    return io.BufferedReader(ResumingReader(url, retries), buffer_size=READ_SIZE)
+
+
+def read_bytes(url: str, retries: int | None = None) -> bytes:
+    """The whole content of a (small) file, e.g. a remote ``_info.json``."""
+    with open_shard(url, retries) as stream:
+        return stream.read()
+
+
+def exists(url: str) -> bool:
+    """Whether a remote file exists (a missing file is no error here; other faults are retried as reads are)."""
+    try:
+        read_bytes(url)
+    except RemoteError as error:
+        if error.missing:
+            return False
+        raise
+    return True
