@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -318,3 +319,23 @@ def test_a_missing_remote_folder_and_a_bad_io_retries_are_one_line_errors(digits
     assert result.exit_code == 2 and f"no _info.json at {server.url}/nothing/_info.json" in result.output
     result = runner.invoke(app, ["evaluate", "--data", "x/", "--io-retries", "-1"])
     assert result.exit_code == 2 and "--io-retries must be 0 or more" in result.output
+
+
+def test_a_corrupt_shard_is_named_once_and_each_lost_sample_counted(keyed_shards, tmp_path):
+    folder = tmp_path / "shards"
+    shutil.copytree(keyed_shards, folder)
+    broken = folder / "train-000001.tar"  # 13 samples; cut at 40%: not a network fault, the file itself
+    broken.write_bytes(broken.read_bytes()[: int(broken.stat().st_size * 0.4)])
+    shards = resolve_shards(str(folder))
+    skipped: list[str] = []
+    samples = list(shard_samples(shards.urls, skipped, dict(zip(shards.urls, shards.shard_lengths, strict=True))))
+    lost = 48 - len(samples)
+    assert 0 < lost < 13 and len(skipped) == lost
+    assert all(key_of(sample["jpg"]) == sample["__key__"] for sample in samples)  # no sample cut short
+    assert skipped[0].startswith(f"{broken}: corrupt shard after {13 - lost} sample(s), {lost} sample(s) lost (")
+    assert len(set(skipped)) == 2  # one line naming it, then one entry per further lost sample
+    # "skipped samples" counts samples: an epoch of 48 reads the 39 readable ones and more from the next pass, so
+    # the broken shard is read once or twice, each time losing the same samples
+    stream = ShardStream(shards, key_tensor, 4, decode=key_of, shuffle_buffer=10)
+    counted = sum(len(batch["skipped"]) for batch in make_loader(stream))
+    assert counted in (lost, 2 * lost)
