@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import yaml
 
 from .errors import SimmimError
-from .remote import DEFAULT_IO_RETRIES
+from .remote import DEFAULT_CACHE_SIZE, DEFAULT_IO_RETRIES
 from .tracking import check_trackers
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -29,6 +29,8 @@ class TrainConfig:
     data: str | None = None
     epoch_size: int | None = None  # samples per epoch when the shards do not say
     io_retries: int = DEFAULT_IO_RETRIES  # tries after a failed read of a remote shard (remote.py)
+    shard_cache: str | None = None  # local folder keeping remote shards
+    shard_cache_size: str = DEFAULT_CACHE_SIZE
     workers: int | None = None  # loader processes per training process; None: sized to the node
     decode: str = "cpu"  # cpu | gpu (NVIDIA DALI)
     # model
@@ -281,6 +283,8 @@ class KnnConfig(LocalProcesses):
     json: bool = False
     epoch_size: int | None = None  # not used; what the shared checks of --data read
     io_retries: int = DEFAULT_IO_RETRIES
+    shard_cache: str | None = None
+    shard_cache_size: str = DEFAULT_CACHE_SIZE
 
     command = "knn"
 
@@ -319,6 +323,8 @@ class EvaluateConfig(LocalProcesses):
     precision: str = "auto"
     force: bool = False
     io_retries: int = DEFAULT_IO_RETRIES
+    shard_cache: str | None = None
+    shard_cache_size: str = DEFAULT_CACHE_SIZE
 
     command = "evaluate"
 

@@ -13,12 +13,18 @@ Credentials and endpoints come from each store's own environment and config file
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import io
 import os
 import random
+import re
 import subprocess
 import sys
+import tarfile
 import time
+from pathlib import Path
 from typing import IO
 
 from .errors import SimmimError
@@ -30,7 +36,9 @@ MAX_BACKOFF_S = 60.0
 BLOCK_SIZE = 8 * 2**20
 READ_SIZE = 2**20
 REMOTE_EXTRA = 'pip install "simmim-cli[remote]"'
-_RETRIES_ENV = "SIMMIM_IO_RETRIES"  # set by configure(): inherited by loader workers and launched processes
+DEFAULT_CACHE_SIZE = "100GB"
+# set by configure(): inherited by loader workers and launched processes
+_RETRIES_ENV, _CACHE_ENV, _CACHE_SIZE_ENV = "SIMMIM_IO_RETRIES", "SIMMIM_SHARD_CACHE", "SIMMIM_SHARD_CACHE_SIZE"
 
 
 class RemoteError(SimmimError):
@@ -43,12 +51,20 @@ class RemoteError(SimmimError):
         self.missing = missing  # the file is not there (no retry can help)
 
 
-def configure(io_retries: int | None) -> None:
-    """``--io-retries N`` for this process and every process it starts."""
+def configure(io_retries: int | None, shard_cache: str | None = None,
+              shard_cache_size: str = DEFAULT_CACHE_SIZE) -> None:
+    """``--io-retries N`` and ``--shard-cache DIR``/``--shard-cache-size`` for this process and every process it
+    starts."""
     if io_retries is not None:
         if io_retries < 0:
             raise SimmimError(f"--io-retries must be 0 or more, got {io_retries}")
         os.environ[_RETRIES_ENV] = str(io_retries)
+    parse_size(shard_cache_size)  # checked now, not in a loader worker
+    if shard_cache:
+        os.environ[_CACHE_ENV] = str(Path(shard_cache).expanduser().resolve())
+        os.environ[_CACHE_SIZE_ENV] = shard_cache_size
+    else:
+        os.environ.pop(_CACHE_ENV, None)
 
 
 def io_retries() -> int:
@@ -228,17 +244,96 @@ class ResumingReader(io.RawIOBase):
                 self._file = None  # reopened (at the offset) by the next try of a read
 
 
-def open_shard(url: str, retries: int | None = None) -> IO[bytes]:
-    """A buffered byte stream of a shard: local files as they are, URLs through :class:`ResumingReader`."""
+def open_shard(url: str, retries: int | None = None, cache: bool = True) -> IO[bytes]:
+    """A buffered byte stream of a shard: local files as they are, URLs through :class:`ResumingReader`, or from
+    the shard cache when there is one (``cache``)."""
     if not is_url(url):
         path = url[7:] if url.startswith("file://") else url
         return open(path, "rb")  # noqa: SIM115 - the caller closes it
+    if cache and shard_cache() is not None:
+        return open(local_copy(url), "rb")  # noqa: SIM115
     return io.BufferedReader(ResumingReader(url, retries), buffer_size=READ_SIZE)
 
 
+# ---------------------------------------------------------------------------------------------- the shard cache
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """``200GB``, ``1.5TB``, ``500MiB`` or a number of bytes → bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    if not match or match.group(2).upper() not in _UNITS:
+        raise SimmimError(f"--shard-cache-size {text} is not a size; write it like 200GB, 1.5TB or 500MiB")
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
+def shard_cache() -> Path | None:
+    value = os.environ.get(_CACHE_ENV)
+    return Path(value) if value else None
+
+
+def local_copy(url: str) -> str:
+    """The path of ``url``'s copy in the shard cache, downloaded (once per node: other processes wait on a lock),
+    checked and renamed into place if it is not there yet; the least recently used shards make room."""
+    cache = shard_cache()
+    assert cache is not None
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", url.rstrip("/").rsplit("/", 1)[-1])[-80:]
+    path = cache / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{name}"
+    if path.suffix != ".tar":
+        path = path.with_name(path.name + ".tar")  # DALI's index files sit beside shards as .idx
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            os.utime(path)  # the time of last use, for eviction
+            return str(path)
+        with open(cache / f".{path.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one download per node, whichever process asks first
+            if not path.exists():
+                _download(url, path)
+                _evict(cache, parse_size(os.environ.get(_CACHE_SIZE_ENV, DEFAULT_CACHE_SIZE)), keep=path)
+    except OSError as error:
+        raise SimmimError(f"cannot keep {url} in the shard cache {cache} ({describe(error)}); free space there, "
+                          "point --shard-cache at another folder, or leave it out to stream") from error
+    return str(path)
+
+
+def _download(url: str, path: Path) -> None:
+    """``url`` → ``path``, through a temporary name: a shard is in the cache complete and readable, or not at all."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open_shard(url, cache=False) as source, open(tmp, "wb") as target:
+            while chunk := source.read(READ_SIZE):
+                target.write(chunk)
+        try:
+            with tarfile.open(tmp) as tar:  # every member's header: a truncated or foreign file fails here
+                tar.getmembers()
+        except tarfile.TarError as error:  # what the store holds: kept, and the reader reports what it lost
+            print(f"warning: {url} is not a complete tar file ({describe(error)}), as the store holds it; "
+                  "re-create it with simmim make-shards", file=sys.stderr)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def _evict(cache: Path, limit: int, keep: Path) -> None:
+    """Removes the least recently used shards (and their DALI index files) until the cache fits in ``limit``."""
+    shards = sorted((p for p in cache.glob("*.tar") if p != keep), key=lambda p: p.stat().st_mtime)
+    total = sum(p.stat().st_size for p in shards) + keep.stat().st_size
+    for old in shards:
+        if total <= limit:
+            break
+        total -= old.stat().st_size
+        old.unlink(missing_ok=True)  # a process still reading it keeps its open file
+        old.with_suffix(".idx").unlink(missing_ok=True)
+
+
 def read_bytes(url: str, retries: int | None = None) -> bytes:
-    """The whole content of a (small) file, e.g. a remote ``_info.json``."""
-    with open_shard(url, retries) as stream:
+    """The whole content of a (small) file, e.g. a remote ``_info.json`` (never from the shard cache: read fresh)."""
+    with open_shard(url, retries, cache=False) as stream:
         return stream.read()
 
 

@@ -7,6 +7,7 @@ import json
 import random
 import shutil
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from typer.testing import CliRunner
 
 from simmim_cli import checkpoints, remote
 from simmim_cli.cli import app
+from simmim_cli.errors import SimmimError
 from simmim_cli.pipeline import ShardStream, make_loader, shard_samples
 from simmim_cli.shards import resolve_shards, write_shards
 
@@ -339,3 +341,60 @@ def test_a_corrupt_shard_is_named_once_and_each_lost_sample_counted(keyed_shards
     stream = ShardStream(shards, key_tensor, 4, decode=key_of, shuffle_buffer=10)
     counted = sum(len(batch["skipped"]) for batch in make_loader(stream))
     assert counted in (lost, 2 * lost)
+
+
+# ---------------------------------------------------------------------------------------------- the shard cache
+
+
+def test_the_shard_cache_downloads_each_shard_once_and_later_epochs_make_no_requests(keyed_shards, tmp_path,
+                                                                                      monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SIMMIM_SHARD_CACHE", str(cache))
+    monkeypatch.setenv("SIMMIM_SHARD_CACHE_SIZE", "1GB")
+    with ShardServer(keyed_shards, cut_every=3) as server:
+        shards = resolve_shards(f"{server.url}/")
+        assert sorted(epoch_ledger(shards, epoch=0)) == list(range(48))
+        downloads = server.tar_downloads()
+        assert server.cuts >= 1 and downloads <= len(LENGTHS) + server.cuts  # each shard once (plus the cut tries)
+        assert sorted(epoch_ledger(shards, epoch=1)) == list(range(48))
+        assert server.tar_downloads() == downloads  # the second epoch reads local copies only
+    cached = sorted(cache.glob("*.tar"))
+    assert len(cached) == len(LENGTHS) and not list(cache.glob(".*.tmp-*"))
+    assert sorted(p.read_bytes() for p in cached) == sorted(p.read_bytes() for p in keyed_shards.glob("*.tar"))
+
+
+def test_the_shard_cache_keeps_to_its_size_by_evicting_the_least_recently_used(keyed_shards, tmp_path,
+                                                                                monkeypatch):
+    cache = tmp_path / "cache"
+    sizes = {p.name: p.stat().st_size for p in keyed_shards.glob("*.tar")}
+    limit = sizes["train-000001.tar"] + sizes["train-000003.tar"]
+    monkeypatch.setenv("SIMMIM_SHARD_CACHE", str(cache))
+    monkeypatch.setenv("SIMMIM_SHARD_CACHE_SIZE", str(limit))
+    with ShardServer(keyed_shards) as server:
+        for name in ("train-000000.tar", "train-000001.tar", "train-000002.tar", "train-000003.tar"):
+            with remote.open_shard(f"{server.url}/{name}") as stream:
+                assert stream.read() == (keyed_shards / name).read_bytes()
+            time.sleep(0.01)  # distinct times of use
+    kept = sorted(p.name.split("-", 1)[1] for p in cache.glob("*.tar"))
+    assert kept == ["train-000002.tar", "train-000003.tar"]  # 0 went first, then 1 (used before 2 and 3)
+    assert sum(p.stat().st_size for p in cache.glob("*.tar")) <= limit
+
+
+def test_decode_gpu_reads_remote_shards_through_the_cache(digits, tmp_path, monkeypatch):
+    from simmim_cli import dali
+
+    with ShardServer(digits["root"]) as server:
+        shards = resolve_shards(f"{server.url}/val/")
+        with pytest.raises(SimmimError, match="give --shard-cache DIR"):
+            dali.ensure_indexes(resolve_shards(f"{server.url}/val/"))
+        monkeypatch.setenv("SIMMIM_SHARD_CACHE", str(tmp_path / "cache"))
+        assert dali.ensure_indexes(shards) == 0
+    assert all(Path(u).parent == tmp_path / "cache" and Path(u).with_suffix(".idx").is_file() for u in shards.urls)
+    assert sum(dali.read_dali_index_count(u) for u in shards.urls) == 24
+
+
+def test_a_bad_cache_size_is_a_one_line_error(tmp_path):
+    result = runner.invoke(app, ["evaluate", "--data", "x/", "--shard-cache", str(tmp_path), "--shard-cache-size",
+                                 "lots"])
+    assert result.exit_code == 2 and "--shard-cache-size lots is not a size" in result.output
+    assert remote.parse_size("200GB") == 200 * 10**9 and remote.parse_size("1.5TiB") == int(1.5 * 2**40)

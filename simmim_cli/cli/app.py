@@ -87,8 +87,9 @@ def config_from_context(config_class: type, ctx: typer.Context) -> Any:
 
         values.update({k: v for k, v in DEMO_SETTINGS.items() if k not in explicit})
     config = resolve_config(config_class, values, explicit)
-    if hasattr(config, "io_retries"):
-        remote.configure(config.io_retries)  # read by every process this one starts, loader workers included
+    if hasattr(config, "io_retries"):  # read by every process this one starts, loader workers included
+        remote.configure(config.io_retries, getattr(config, "shard_cache", None),
+                         getattr(config, "shard_cache_size", remote.DEFAULT_CACHE_SIZE))
     return config
 
 

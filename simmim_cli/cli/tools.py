@@ -31,6 +31,8 @@ from ..options import (
     ModelKwargs,
     Nproc,
     Precision,
+    ShardCache,
+    ShardCacheSize,
     Workers,
 )
 from .app import app, config_from_context, handle_errors
@@ -55,6 +57,8 @@ def evaluate(
     workers: Annotated[int, typer.Option(help="Data loader processes.")] = EV.workers,
     decode: Decode = EV.decode,
     io_retries: IoRetries = EV.io_retries,
+    shard_cache: ShardCache = None,
+    shard_cache_size: ShardCacheSize = EV.shard_cache_size,
     crop_pct: Annotated[float | None, typer.Option(
         help="Centre-crop fraction [default: the checkpoint's].", show_default=False)] = None,
     device: Device = EV.device,
@@ -164,6 +168,8 @@ def knn(
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.", rich_help_panel=DATA)] = KN.batch_size,
     workers: Workers = KN.workers,
     io_retries: IoRetries = KN.io_retries,
+    shard_cache: ShardCache = None,
+    shard_cache_size: ShardCacheSize = KN.shard_cache_size,
     pretrained: Annotated[str | None, typer.Option(
         help="Encoder checkpoint (simmim, official SimMIM, timm, a transformers folder or hf-hub: id); without it "
              "a randomly initialised encoder is scored, the baseline to compare against.", rich_help_panel=MODEL,

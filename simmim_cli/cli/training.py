@@ -66,6 +66,8 @@ from ..options import (
     SaveEvery,
     Schedule,
     Seed,
+    ShardCache,
+    ShardCacheSize,
     ValData,
     WarmupEpochs,
     WarmupLr,
@@ -134,6 +136,8 @@ def pretrain(
         rich_help_panel=DATA)] = False,
     epoch_size: EpochSize = None,
     io_retries: IoRetries = D.io_retries,
+    shard_cache: ShardCache = None,
+    shard_cache_size: ShardCacheSize = D.shard_cache_size,
     val_data: Annotated[str | None, typer.Option(
         help="Held-out shards (labels not needed): their masked L1 is logged as val_loss after every epoch "
              "(centre crops, the same masks each time), the loss to watch for overfitting.", rich_help_panel=DATA,
@@ -214,6 +218,8 @@ def finetune(
     val_data: ValData = None,
     epoch_size: EpochSize = None,
     io_retries: IoRetries = D.io_retries,
+    shard_cache: ShardCache = None,
+    shard_cache_size: ShardCacheSize = D.shard_cache_size,
     workers: Workers = FT.workers,
     decode: Decode = FT.decode,
     auto_augment: Annotated[str | None, typer.Option(
@@ -311,6 +317,8 @@ def linear_probe(
     val_data: ValData = None,
     epoch_size: EpochSize = None,
     io_retries: IoRetries = D.io_retries,
+    shard_cache: ShardCache = None,
+    shard_cache_size: ShardCacheSize = D.shard_cache_size,
     workers: Workers = LP.workers,
     decode: Decode = LP.decode,
     crop_pct: CropPct = LP.crop_pct,
