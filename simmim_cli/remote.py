@@ -255,6 +255,35 @@ def open_shard(url: str, retries: int | None = None, cache: bool = True) -> IO[b
     return io.BufferedReader(ResumingReader(url, retries), buffer_size=READ_SIZE)
 
 
+# ---------------------------------------------------------------------------------------------- writing
+
+
+def upload(url: str, local: Path | None = None, data: bytes | None = None, retries: int | None = None) -> None:
+    """Writes a local file (or ``data``) to ``url`` (``s3://``, ``gs://``) as one object: the store shows it
+    complete or not at all. Faults are retried as reads are."""
+    if not is_url(url) or url.startswith(("pipe:", "http://", "https://")):
+        raise SimmimError(f"cannot write to {url}: make-shards writes to a local folder, s3:// or gs://")
+    fs, path = filesystem(url)
+    retries = io_retries() if retries is None else retries
+    attempt, started = 0, time.monotonic()
+    while True:
+        try:
+            fs.put_file(str(local), path) if local is not None else fs.pipe_file(path, data)
+            return
+        except Exception as error:  # noqa: BLE001 - which exceptions are network faults differs per backend
+            if isinstance(error, PermissionError):
+                raise RemoteError(f"access to {url} was refused ({describe(error)}); check the credentials of the "
+                                  "store (its environment variables or config files)") from error
+            if _fatal(error):
+                raise
+            attempt += 1
+            if attempt > retries:
+                raise RemoteError(f"cannot write {url}: {describe(error)} (gave up after {retries} retries in "
+                                  f"{time.monotonic() - started:.0f} s); check the store, then run the same command "
+                                  "again, or raise --io-retries") from error
+            time.sleep(backoff(attempt))
+
+
 # ---------------------------------------------------------------------------------------------- the shard cache
 
 

@@ -8,12 +8,14 @@ import contextlib
 import hashlib
 import io
 import json
+import multiprocessing as mp
 import os
 import random
 import shutil
 import sys
 import tarfile
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -230,14 +232,18 @@ def write_shards(
     force: bool = False,
     on_progress: Callable[[int, int], None] | None = None,
     on_skip: Callable[[Path, str], None] | None = None,
+    workers: int = 1,
+    on_shard: Callable[[Path], None] | None = None,
+    dali_indexes: bool = True,
 ) -> dict:
     """Writes ``OUTPUT/{split}-000000.tar ...`` and ``OUTPUT/_info.json``; returns the info dict.
 
     A shard closes at ``maxcount`` samples or ``max_size_mb`` megabytes of image data, whichever comes first:
     100 MB holds about 1,000 ImageNet-like JPEGs, enough shards for every loader process of a cluster job.
 
-    Each shard is written to a temporary name and renamed when complete. Unreadable images are passed to
-    ``on_skip`` and left out.
+    Each shard is written to a temporary name and renamed when complete (then passed to ``on_shard``, which may
+    move it elsewhere). Unreadable images are passed to ``on_skip`` and left out. ``workers`` processes read and
+    check the images; one writes them in order, so the output is the same for any number of workers.
     """
     files, classes = find_images(source)
     with storage.writing(output):
@@ -268,19 +274,21 @@ def write_shards(
             filenames.append(shard_path.name)
             lengths.append(count)
             count, size = 0, 0
+            if on_shard is not None:
+                on_shard(shard_path)
 
     try:
-        for index, (path, label) in enumerate(files):
-            try:
-                extension, data = image_record(path)
-            except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as error:
+        for index, (path, label, record, problem) in enumerate(_checked_records(files, workers)):
+            if record is None:
                 skipped.append(str(path))
                 if on_skip:
-                    on_skip(path, str(error) or type(error).__name__)
+                    on_skip(path, problem)
             else:
+                extension, data = record
                 if writer is None:
                     shard_path = output / f"{split}-{len(filenames):06d}.tar"
-                    writer = wds.TarWriter(str(shard_path.with_suffix(".tar.tmp")))
+                    # a fixed member time: the same images give the same bytes, whenever and however written
+                    writer = wds.TarWriter(str(shard_path.with_suffix(".tar.tmp")), mtime=0)
                 sample = {"__key__": _sample_key(path, source, used_keys), extension: data}
                 if label is not None:
                     sample["cls"] = label
@@ -292,7 +300,7 @@ def write_shards(
             if on_progress:
                 on_progress(index + 1, len(files))
         close_shard()
-        for name in filenames:  # for --decode gpu: DALI reads shards through these (tar headers only, cheap)
+        for name in filenames if dali_indexes else []:  # for --decode gpu: DALI reads shards through these
             write_dali_index(output / name)
         if not filenames:
             raise SimmimError(f"none of the {len(files)} images in {source} could be read")
@@ -326,6 +334,50 @@ def write_shards(
             raise
         raise fault from error
     return info
+
+
+def write_remote_shards(source: Path, url: str, split: str = "train", force: bool = False, **options) -> dict:
+    """:func:`write_shards` to a bucket (``s3://bucket/train/``): each shard is uploaded when it is complete and its
+    local copy removed (one shard on local disk at a time), and ``_info.json`` (with the other splits already
+    listed there) goes last, so readers only ever see a complete set. DALI index files are made where the data is
+    read (``--shard-cache``)."""
+    url = url.rstrip("/")
+    info = _read_remote_info(url, required=False) or {}
+    if split in info.get("splits", {}) and not force:
+        raise SimmimError(f"{url} already holds {split} shards (its {INFO_FILE} lists them); pass --force to replace "
+                          "them or choose another output folder")
+
+    def upload(shard: Path) -> None:
+        remote.upload(f"{url}/{shard.name}", shard)
+        shard.unlink()
+
+    with tempfile.TemporaryDirectory(prefix="simmim-make-shards-") as tmp:
+        written = write_shards(source, Path(tmp), split=split, force=True, on_shard=upload, dali_indexes=False,
+                               **options)
+    info.setdefault("name", url.rsplit("/", 1)[-1])
+    info.setdefault("splits", {})[split] = written["splits"][split]
+    info.update({key: written[key] for key in ("classes", "num_classes", "skipped") if key in written})
+    remote.upload(f"{url}/{INFO_FILE}", data=json.dumps(info, indent=2).encode())  # last: a complete set
+    return info
+
+
+def _checked_record(item: tuple[Path, int | None]) -> tuple[Path, int | None, tuple[str, bytes] | None, str]:
+    path, label = item
+    try:
+        return path, label, image_record(path), ""
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as error:
+        return path, label, None, str(error) or type(error).__name__
+
+
+def _checked_records(files: list[tuple[Path, int | None]], workers: int) -> Iterator[tuple]:
+    """(path, label, (extension, bytes) or None, why not) of each file, in order: decoding every image to check
+    it is what takes the time, so ``workers`` processes do it, and the results come back in the files' order."""
+    if workers <= 1 or len(files) < 2:
+        yield from map(_checked_record, files)
+        return
+    context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    with context.Pool(workers) as pool:
+        yield from pool.imap(_checked_record, files, chunksize=8)
 
 
 def _write_info(output: Path, info: dict) -> None:

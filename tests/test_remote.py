@@ -209,29 +209,36 @@ def test_exhausted_retries_stop_with_one_line_naming_the_url(keyed_shards, monke
         assert server.cuts == 2  # the first try and the one retry
 
 
-def test_s3_through_an_s3_compatible_server_on_loopback(keyed_shards, monkeypatch):
+@pytest.fixture(scope="module")
+def s3_store():
+    """moto's S3 server on 127.0.0.1, reached as a user of MinIO or Ceph reaches theirs: the store's own
+    variables (endpoint, dummy credentials), nothing of ours. Yields a boto3 client with a bucket "data"."""
     boto3 = pytest.importorskip("boto3")  # installed with the test extra (moto[server], s3fs)
     from moto.server import ThreadedMotoServer
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    try:
-        # what a user of MinIO or Ceph sets: the store's own variables, nothing of ours
+    with pytest.MonkeyPatch.context() as patch:
         for name, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
                             "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-            monkeypatch.setenv(name, value)
+            patch.setenv(name, value)
         client = boto3.client("s3")
         client.create_bucket(Bucket="data")
-        for path in keyed_shards.iterdir():
-            client.upload_file(str(path), "data", f"keyed/train/{path.name}")
-        shards = resolve_shards("s3://data/keyed/train/")
-        assert shards.num_samples == 48 and shards.urls[0] == "s3://data/keyed/train/train-000000.tar"
-        assert sorted(epoch_ledger(shards)) == list(range(48))
-        with pytest.raises(remote.RemoteError, match="s3://data/nothing/_info.json does not exist"):
-            remote.read_bytes("s3://data/nothing/_info.json")
-    finally:
-        server.stop()
+        try:
+            yield client
+        finally:
+            server.stop()
+
+
+def test_s3_through_an_s3_compatible_server_on_loopback(keyed_shards, s3_store):
+    for path in keyed_shards.iterdir():
+        s3_store.upload_file(str(path), "data", f"keyed/train/{path.name}")
+    shards = resolve_shards("s3://data/keyed/train/")
+    assert shards.num_samples == 48 and shards.urls[0] == "s3://data/keyed/train/train-000000.tar"
+    assert sorted(epoch_ledger(shards)) == list(range(48))
+    with pytest.raises(remote.RemoteError, match="s3://data/nothing/_info.json does not exist"):
+        remote.read_bytes("s3://data/nothing/_info.json")
 
 
 # ---------------------------------------------------------------------------------------------- as a user runs it
@@ -398,3 +405,38 @@ def test_a_bad_cache_size_is_a_one_line_error(tmp_path):
                                  "lots"])
     assert result.exit_code == 2 and "--shard-cache-size lots is not a size" in result.output
     assert remote.parse_size("200GB") == 200 * 10**9 and remote.parse_size("1.5TiB") == int(1.5 * 2**40)
+
+
+# ---------------------------------------------------------------------------------------------- make-shards
+
+
+def test_make_shards_writes_the_same_output_with_any_number_of_workers(digits, tmp_path):
+    images = digits["root"].parent / "images" / "train"
+    (images / "digit0" / "broken.png").write_bytes(b"\x89PNG not really")  # skipped alike by every worker count
+    try:
+        for workers in ("1", "2"):
+            result = runner.invoke(app, ["make-shards", str(images), str(tmp_path / workers / "shards"),
+                                         "--maxcount", "6", "--workers", workers])
+            assert result.exit_code == 0, result.output
+    finally:
+        (images / "digit0" / "broken.png").unlink()
+    one, two = (sorted(p.name for p in (tmp_path / n / "shards").iterdir()) for n in ("1", "2"))
+    assert one == two and len([name for name in one if name.endswith(".tar")]) == 6
+    for name in one:
+        assert (tmp_path / "1" / "shards" / name).read_bytes() == (tmp_path / "2" / "shards" / name).read_bytes(), name
+
+
+def test_make_shards_to_a_bucket_uploads_a_set_that_reads_back_like_the_local_one(digits, s3_store, tmp_path):
+    images = digits["root"].parent / "images" / "val"
+    result = runner.invoke(app, ["make-shards", str(images), "s3://data/digits/val/", "--maxcount", "5",
+                                 "--split", "val", "--workers", "2"])
+    assert result.exit_code == 0, result.output
+    assert "wrote 24 samples in 5 shard(s) to s3://data/digits/val/" in result.output
+    listed = sorted(o["Key"] for o in s3_store.list_objects_v2(Bucket="data", Prefix="digits/val/")["Contents"])
+    assert listed == ["digits/val/_info.json", *(f"digits/val/val-{i:06d}.tar" for i in range(5))]
+    local, uploaded = resolve_shards(str(digits["val"])), resolve_shards("s3://data/digits/val/")
+    assert uploaded.classes == local.classes and uploaded.shard_lengths == local.shard_lengths
+    for path, url in zip(local.urls, uploaded.urls, strict=True):
+        assert remote.read_bytes(url) == Path(path).read_bytes()
+    again = runner.invoke(app, ["make-shards", str(images), "s3://data/digits/val/", "--split", "val"])
+    assert again.exit_code == 2 and "already holds val shards" in again.output

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -82,7 +84,9 @@ from .app import app, config_from_context, handle_errors
 def make_shards(
     source: Annotated[Path, typer.Argument(help="Folder of images; class sub-folders become integer labels.",
                                            show_default=False)],
-    output: Annotated[Path, typer.Argument(help="Folder for the shards and _info.json.", show_default=False)],
+    output: Annotated[str, typer.Argument(
+        help="Folder for the shards and _info.json: a local folder, or s3://bucket/path/ or gs://bucket/path/ (each "
+             "shard uploaded when complete, _info.json last).", show_default=False)],
     maxcount: Annotated[int, typer.Option(help="Most samples per shard.")] = 10000,
     max_size: Annotated[float, typer.Option(
         help="Most megabytes of images per shard. Training deals shards out to every loader process of every GPU "
@@ -91,21 +95,31 @@ def make_shards(
     seed: Annotated[int, typer.Option(help="Seed of the shuffle.")] = 0,
     split: Annotated[str, typer.Option(help="Split name: shard file prefix and key in _info.json.")] = "train",
     force: Annotated[bool, typer.Option("--force", help="Replace shards of the same split in OUTPUT.")] = False,
+    workers: Annotated[int | None, typer.Option(
+        help="Processes reading and checking the images [default: the cores]; the output is the same for any "
+             "number.", show_default=False)] = None,
+    io_retries: IoRetries = D.io_retries,
 ) -> None:
     """Write WebDataset tar shards from a folder of images (JPEG bytes kept as they are, others stored losslessly)."""
     from rich.console import Console
     from rich.progress import Progress
 
-    from ..shards import write_shards
+    from .. import remote
+    from ..shards import write_remote_shards, write_shards
 
     if maxcount < 1 or max_size <= 0:
         raise SimmimError("--maxcount must be at least 1 and --max-size above 0")
+    if workers is not None and workers < 1:
+        raise SimmimError(f"--workers must be at least 1, got {workers}")
+    remote.configure(io_retries)
+    write = (functools.partial(write_remote_shards, url=output) if remote.is_url(output)
+             else functools.partial(write_shards, output=Path(output)))
     console = Console(stderr=True)
     with Progress(console=console, disable=not console.is_terminal) as progress:
         task = progress.add_task("writing shards", total=None)
-        info = write_shards(
-            source, output, maxcount=maxcount, max_size_mb=max_size, shuffle=shuffle, seed=seed, split=split,
-            force=force,
+        info = write(
+            source, maxcount=maxcount, max_size_mb=max_size, shuffle=shuffle, seed=seed, split=split,
+            force=force, workers=workers or os.cpu_count() or 1,
             on_progress=lambda done, total: progress.update(task, completed=done, total=total),
             on_skip=lambda path, reason: console.print(f"warning: skipped unreadable {path}: {reason}",
                                                        markup=False, highlight=False),
