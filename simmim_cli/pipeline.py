@@ -110,9 +110,10 @@ def shard_samples(urls: list[str], skipped: list[str], lengths: dict[str, int] |
             expected = (lengths or {}).get(url)
             lost = max(expected - count, 1) if expected is not None else 1
             what = f"{lost} sample(s) lost" if expected is not None else "the rest of it lost (its length is unknown)"
-            skipped.append(f"{url}: corrupt shard after {count} sample(s), {what} ({remote.describe(error)}); "
+            name = remote.shown(url)
+            skipped.append(f"{name}: corrupt shard after {count} sample(s), {what} ({remote.describe(error)}); "
                            "re-create it with simmim make-shards")
-            skipped += [f"{url}: lost with the corrupt shard"] * (lost - 1)
+            skipped += [f"{name}: lost with the corrupt shard"] * (lost - 1)
 
 
 class ShardStream(IterableDataset):

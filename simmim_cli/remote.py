@@ -85,12 +85,18 @@ def backoff(attempt: int) -> float:
     return min(MAX_BACKOFF_S, 0.5 * 2 ** (attempt - 2)) * random.uniform(0.8, 1.2)
 
 
+def shown(text: str) -> str:
+    """``text`` with URL query strings cut off: a signed URL's signature is a credential, never printed."""
+    return re.sub(r"(://[^\s'\"?]*)\?[^\s'\"]*", r"\1?…", text)
+
+
 def describe(error: BaseException) -> str:
-    """One readable line for an error: its type and first line (never a repr of pipes or argument lists)."""
+    """One readable line for an error: its type and first line (never a repr of pipes or argument lists), without
+    URL query strings."""
     if isinstance(error, FileNotFoundError) and error.__cause__ is not None:
         error = error.__cause__  # fsspec's HTTP layer wraps what went wrong while it asked for the size
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return shown(f"{type(error).__name__}: {text}" if text else type(error).__name__)
 
 
 def filesystem(url: str):
@@ -98,7 +104,7 @@ def filesystem(url: str):
     try:
         import fsspec
     except ImportError as error:
-        raise SimmimError(f"reading {url} needs fsspec: {REMOTE_EXTRA}") from error
+        raise SimmimError(f"reading {shown(url)} needs fsspec: {REMOTE_EXTRA}") from error
     protocol = url.split("://", 1)[0]
     options: dict = {}
     if protocol in ("http", "https"):
@@ -112,7 +118,7 @@ def filesystem(url: str):
         fs = fsspec.filesystem(protocol, **options)
     except (ImportError, ValueError) as error:
         package = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs"}.get(protocol, f"an fsspec backend for {protocol}://")
-        raise SimmimError(f"reading {url} needs {package}: {REMOTE_EXTRA}") from error
+        raise SimmimError(f"reading {shown(url)} needs {package}: {REMOTE_EXTRA}") from error
     return fs, fs._strip_protocol(url) if protocol not in ("http", "https") else url
 
 
@@ -221,23 +227,24 @@ class ResumingReader(io.RawIOBase):
                 return step()
             except Exception as error:  # noqa: BLE001 - which exceptions are network faults differs per backend
                 if _missing(error):
-                    raise RemoteError(f"{self.url} does not exist ({describe(error)}); check the URL",
+                    raise RemoteError(f"{shown(self.url)} does not exist ({describe(error)}); check the URL",
                                       missing=True) from error
                 if isinstance(error, PermissionError):
-                    raise RemoteError(f"access to {self.url} was refused ({describe(error)}); check the credentials "
-                                      "of the store (its environment variables or config files)") from error
+                    raise RemoteError(f"access to {shown(self.url)} was refused ({describe(error)}); check the "
+                                      "credentials of the store (its environment variables or config files)"
+                                      ) from error
                 if _fatal(error):
                     raise
                 attempt += 1
                 if attempt > self.retries:
                     raise RemoteError(
-                        f"cannot read {self.url} at byte {self.offset}: {describe(error)} (gave up after "
+                        f"cannot read {shown(self.url)} at byte {self.offset}: {describe(error)} (gave up after "
                         f"{self.retries} retries in {time.monotonic() - started:.0f} s); check the store, then run "
                         "the same command again (--resume auto continues from the newest checkpoint) or raise "
                         "--io-retries") from error
                 delay = backoff(attempt)
                 if attempt > 1:  # one blip is routine for a busy store; a fault that persists is worth a line
-                    print(f"warning: {self.url}: {describe(error)} at byte {self.offset}; retry {attempt} of "
+                    print(f"warning: {shown(self.url)}: {describe(error)} at byte {self.offset}; retry {attempt} of "
                           f"{self.retries} in {delay:.1f} s", file=sys.stderr)
                 self._close_source()
                 time.sleep(delay)
@@ -324,7 +331,7 @@ def local_copy(url: str) -> str:
                 _download(url, path)
                 _evict(cache, parse_size(os.environ.get(_CACHE_SIZE_ENV, DEFAULT_CACHE_SIZE)), keep=path)
     except OSError as error:
-        raise SimmimError(f"cannot keep {url} in the shard cache {cache} ({describe(error)}); free space there, "
+        raise SimmimError(f"cannot keep {shown(url)} in the shard cache {cache} ({describe(error)}); free space there, "
                           "point --shard-cache at another folder, or leave it out to stream") from error
     return str(path)
 
@@ -340,7 +347,7 @@ def _download(url: str, path: Path) -> None:
             with tarfile.open(tmp) as tar:  # every member's header: a truncated or foreign file fails here
                 tar.getmembers()
         except tarfile.TarError as error:  # what the store holds: kept, and the reader reports what it lost
-            print(f"warning: {url} is not a complete tar file ({describe(error)}), as the store holds it; "
+            print(f"warning: {shown(url)} is not a complete tar file ({describe(error)}), as the store holds it; "
                   "re-create it with simmim make-shards", file=sys.stderr)
         os.replace(tmp, path)
     finally:
