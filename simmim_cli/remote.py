@@ -14,7 +14,6 @@ Credentials and endpoints come from each store's own environment and config file
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import io
 import os
@@ -258,6 +257,9 @@ def open_shard(url: str, retries: int | None = None, cache: bool = True) -> IO[b
         path = url[7:] if url.startswith("file://") else url
         return open(path, "rb")  # noqa: SIM115 - the caller closes it
     if cache and shard_cache() is not None:
+        for _ in range(3):
+            with contextlib.suppress(FileNotFoundError):  # evicted by another process between check and open
+                return open(local_copy(url), "rb")  # noqa: SIM115
         return open(local_copy(url), "rb")  # noqa: SIM115
     return io.BufferedReader(ResumingReader(url, retries), buffer_size=READ_SIZE)
 
@@ -314,6 +316,8 @@ def shard_cache() -> Path | None:
 def local_copy(url: str) -> str:
     """The path of ``url``'s copy in the shard cache, downloaded (once per node: other processes wait on a lock),
     checked and renamed into place if it is not there yet; the least recently used shards make room."""
+    import fcntl  # POSIX file locks (the clusters this is for); imported here so that the CLI loads anywhere
+
     cache = shard_cache()
     assert cache is not None
     name = re.sub(r"[^A-Za-z0-9._-]", "_", url.rstrip("/").rsplit("/", 1)[-1])[-80:]
@@ -329,7 +333,9 @@ def local_copy(url: str) -> str:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one download per node, whichever process asks first
             if not path.exists():
                 _download(url, path)
-                _evict(cache, parse_size(os.environ.get(_CACHE_SIZE_ENV, DEFAULT_CACHE_SIZE)), keep=path)
+                with open(cache / ".evict.lock", "w") as evicting:
+                    fcntl.flock(evicting, fcntl.LOCK_EX)  # one process of the node evicts at a time
+                    _evict(cache, parse_size(os.environ.get(_CACHE_SIZE_ENV, DEFAULT_CACHE_SIZE)), keep=path)
     except OSError as error:
         raise SimmimError(f"cannot keep {shown(url)} in the shard cache {cache} ({describe(error)}); free space there, "
                           "point --shard-cache at another folder, or leave it out to stream") from error
@@ -357,12 +363,18 @@ def _download(url: str, path: Path) -> None:
 
 def _evict(cache: Path, limit: int, keep: Path) -> None:
     """Removes the least recently used shards (and their DALI index files) until the cache fits in ``limit``."""
-    shards = sorted((p for p in cache.glob("*.tar") if p != keep), key=lambda p: p.stat().st_mtime)
-    total = sum(p.stat().st_size for p in shards) + keep.stat().st_size
-    for old in shards:
+    shards = []  # (time of last use, size, path)
+    for path in cache.glob("*.tar"):
+        with contextlib.suppress(FileNotFoundError):  # removed meanwhile
+            stat = path.stat()
+            shards.append((stat.st_mtime, stat.st_size, path))
+    total = sum(size for _, size, _ in shards)
+    for _, size, old in sorted(shards):
         if total <= limit:
             break
-        total -= old.stat().st_size
+        if old == keep:
+            continue
+        total -= size
         old.unlink(missing_ok=True)  # a process still reading it keeps its open file
         old.with_suffix(".idx").unlink(missing_ok=True)
 
