@@ -16,7 +16,6 @@ import multiprocessing as mp
 import os
 import random
 import sys
-import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -74,46 +73,6 @@ def _image_bytes(sample: dict) -> bytes:
         if key in sample:
             return sample[key]
     raise ValueError(f"no image in sample (it has {sorted(k for k in sample if not k.startswith('__'))})")
-
-
-def _tar_samples(url: str, stream) -> Iterator[dict]:
-    """The samples of one tar stream: consecutive members sharing a key (up to the first dot) make a sample."""
-    sample: dict | None = None
-    for member in wds.tariterators.tar_file_iterator(stream):
-        key, extension = wds.tariterators.base_plus_ext(member["fname"])
-        if key is None:
-            continue
-        if sample is not None and sample["__key__"] != key:
-            yield sample
-            sample = None
-        if sample is None:
-            sample = {"__key__": key, "__url__": url}
-        sample[extension.lower()] = member["data"]
-    if sample is not None:
-        yield sample  # only after the whole tar was read: a sample cut short by a corrupt end is never yielded
-
-
-def shard_samples(urls: list[str], skipped: list[str], lengths: dict[str, int] | None = None) -> Iterator[dict]:
-    """The samples of the shards in turn, read through :func:`remote.open_shard` (network faults are retried and
-    resumed there, so nothing is lost to them). A shard that is corrupt (not a network fault) is reported once,
-    by name, and each sample it lost is counted in ``skipped`` (``lengths``: samples per URL, from _info.json)."""
-    for url in urls:
-        count = 0
-        try:
-            with remote.open_shard(url) as stream:
-                for sample in _tar_samples(url, stream):
-                    count += 1
-                    yield sample
-        except (tarfile.TarError, OSError, EOFError, ValueError) as error:
-            if isinstance(error, remote.RemoteError):
-                raise  # the store stays unreachable: the run stops (its newest checkpoint is the resume point)
-            expected = (lengths or {}).get(url)
-            lost = max(expected - count, 1) if expected is not None else 1
-            what = f"{lost} sample(s) lost" if expected is not None else "the rest of it lost (its length is unknown)"
-            name = remote.shown(url)
-            skipped.append(f"{name}: corrupt shard after {count} sample(s), {what} ({remote.describe(error)}); "
-                           "re-create it with simmim make-shards")
-            skipped += [f"{name}: lost with the corrupt shard"] * (lost - 1)
 
 
 class ShardStream(IterableDataset):
@@ -187,8 +146,10 @@ class ShardStream(IterableDataset):
                     and sum(lengths) >= self.num_consumers)
         split_by_shard = len(self.shards.urls) >= self.num_consumers
 
+        length_of = dict(zip(self.shards.urls, lengths, strict=False))  # for what a corrupt shard loses
+
         def read(urls: list[str]) -> Iterator[dict]:
-            return shard_samples(urls, skipped, dict(zip(self.shards.urls, lengths, strict=False)))
+            return remote.shard_samples(urls, skipped, length_of)
 
         def sample_range(order: list[int]) -> Iterator[dict]:
             """Samples [lo, hi) of the shards laid end to end in ``order``."""
@@ -365,7 +326,7 @@ class EvalStream(IterableDataset):
             by_shard = len(urls) >= consumers
             mine = urls[consumer::consumers] if by_shard else urls
             lengths = dict(zip(urls, self.source.shard_lengths, strict=False)) if by_shard else None
-            samples = shard_samples(mine, skipped, lengths)
+            samples = remote.shard_samples(mine, skipped, lengths)
             for index, sample in enumerate(samples):
                 if by_shard or index % consumers == consumer:
                     name = f"{sample.get('__url__')}:{sample.get('__key__')}"
@@ -439,7 +400,7 @@ def _image_readers(sources: list[Path | ShardSet], limit: int | None) -> Iterato
         if isinstance(source, Path):
             readers: Iterator[tuple[str, Callable[[], bytes]]] = iter([(str(source), source.read_bytes)])
         else:
-            samples = _warn_lost(shard_samples(source.urls, lost := []), lost)
+            samples = _warn_lost(remote.shard_samples(source.urls, lost := []), lost)
             readers = ((f"{s['__url__']}:{s['__key__']}", functools.partial(_image_bytes, s)) for s in samples)
         for reader in readers:
             yield reader

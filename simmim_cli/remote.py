@@ -1,5 +1,5 @@
 """Remote files: the one place that opens a shard URL (``http(s)://``, ``s3://``, ``gs://``, ``pipe:``, or a local
-path) and reads it to the end through network faults.
+path) and reads it to the end through network faults, and the samples of the tar shards read that way.
 
 A read that fails (a connection cut mid-body, a 5xx, a timeout, a stream that ends early) is retried with
 exponential backoff and continues at the byte offset already delivered (an HTTP/S3 range request through fsspec;
@@ -23,8 +23,11 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
+
+from webdataset import tariterators
 
 from .errors import SimmimError
 
@@ -377,6 +380,46 @@ def _evict(cache: Path, limit: int, keep: Path) -> None:
         total -= size
         old.unlink(missing_ok=True)  # a process still reading it keeps its open file
         old.with_suffix(".idx").unlink(missing_ok=True)
+
+
+def _tar_samples(url: str, stream) -> Iterator[dict]:
+    """The samples of one tar stream: consecutive members sharing a key (up to the first dot) make a sample."""
+    sample: dict | None = None
+    for member in tariterators.tar_file_iterator(stream):
+        key, extension = tariterators.base_plus_ext(member["fname"])
+        if key is None:
+            continue
+        if sample is not None and sample["__key__"] != key:
+            yield sample
+            sample = None
+        if sample is None:
+            sample = {"__key__": key, "__url__": url}
+        sample[extension.lower()] = member["data"]
+    if sample is not None:
+        yield sample  # only after the whole tar was read: a sample cut short by a corrupt end is never yielded
+
+
+def shard_samples(urls: list[str], skipped: list[str], lengths: dict[str, int] | None = None) -> Iterator[dict]:
+    """The samples of the shards in turn, read through :func:`remote.open_shard` (network faults are retried and
+    resumed there, so nothing is lost to them). A shard that is corrupt (not a network fault) is reported once,
+    by name, and each sample it lost is counted in ``skipped`` (``lengths``: samples per URL, from _info.json)."""
+    for url in urls:
+        count = 0
+        try:
+            with open_shard(url) as stream:
+                for sample in _tar_samples(url, stream):
+                    count += 1
+                    yield sample
+        except (tarfile.TarError, OSError, EOFError, ValueError) as error:
+            if isinstance(error, RemoteError):
+                raise  # the store stays unreachable: the run stops (its newest checkpoint is the resume point)
+            expected = (lengths or {}).get(url)
+            lost = max(expected - count, 1) if expected is not None else 1
+            what = f"{lost} sample(s) lost" if expected is not None else "the rest of it lost (its length is unknown)"
+            name = shown(url)
+            skipped.append(f"{name}: corrupt shard after {count} sample(s), {what} ({describe(error)}); "
+                           "re-create it with simmim make-shards")
+            skipped += [f"{name}: lost with the corrupt shard"] * (lost - 1)
 
 
 def read_bytes(url: str, retries: int | None = None) -> bytes:

@@ -20,7 +20,8 @@ from typer.testing import CliRunner
 from simmim_cli import checkpoints, remote
 from simmim_cli.cli import app
 from simmim_cli.errors import SimmimError
-from simmim_cli.pipeline import ShardStream, make_loader, shard_samples
+from simmim_cli.pipeline import ShardStream, make_loader
+from simmim_cli.remote import shard_samples
 from simmim_cli.shards import resolve_shards, write_shards
 
 runner = CliRunner()
