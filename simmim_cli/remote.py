@@ -29,7 +29,7 @@ from typing import IO
 
 from webdataset import tariterators
 
-from .errors import SimmimError
+from .errors import RemoteError, SimmimError
 
 DEFAULT_IO_RETRIES = 10  # backoff 0, 0.5, 1, 2, ... 60 s: about 3 minutes of a store not answering
 MAX_BACKOFF_S = 60.0
@@ -41,16 +41,6 @@ REMOTE_EXTRA = 'pip install "simmim-cli[remote]"'
 DEFAULT_CACHE_SIZE = "100GB"
 # set by configure(): inherited by loader workers and launched processes
 _RETRIES_ENV, _CACHE_ENV, _CACHE_SIZE_ENV = "SIMMIM_IO_RETRIES", "SIMMIM_SHARD_CACHE", "SIMMIM_SHARD_CACHE_SIZE"
-
-
-class RemoteError(SimmimError):
-    """A remote shard could not be read (after the retries, or at once for a missing file or a refused login)."""
-
-    exit_code = 74  # EX_IOERR, like storage faults: the newest checkpoint is the resume point
-
-    def __init__(self, message: str, missing: bool = False):
-        super().__init__(message)
-        self.missing = missing  # the file is not there (no retry can help)
 
 
 def configure(io_retries: int | None, shard_cache: str | None = None,

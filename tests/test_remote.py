@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 import threading
 import time
@@ -338,6 +339,17 @@ def test_a_store_that_keeps_failing_stops_the_command_with_one_line(digits, tmp_
     assert len(lines) - sum(line.startswith("warning: ") for line in lines) == 1, result.output
     assert lines[-1].startswith(f"error: cannot read {server.url}/train/_info.json at byte 0: ClientResponseError: 503")
     assert "gave up after 2 retries" in lines[-1] and "Traceback" not in result.output
+
+    # the same from a loader worker, mid-epoch: every download of a shard is cut
+    with ShardServer(digits["root"], cut_every=1) as server:
+        result = runner.invoke(app, ["pretrain", "--data", f"{server.url}/train/", "--io-retries", "1", "--model",
+                                     VIT_NAME, "--model-kwargs", json.dumps(VIT_KWARGS), "--img-size", str(SIZE),
+                                     "--mask-patch-size", "16", "--batch-size", "4", "--workers", "2",
+                                     "--output", str(tmp_path / "w")])
+    assert result.exit_code == 74, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert re.fullmatch(rf"error: cannot read {server.url}/train/train-\d+\.tar at byte 0: .* \(gave up after 1 "
+                        r"retries in \d+ s\); check the store, .* or raise --io-retries", last), last
 
 
 def test_a_missing_remote_folder_and_a_bad_io_retries_are_one_line_errors(digits, tmp_path):
