@@ -19,9 +19,11 @@ import io
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -163,7 +165,11 @@ class ResumingReader(io.RawIOBase):
     def _open(self) -> None:
         self._close_source()
         if self.url.startswith("pipe:"):
-            self._process = subprocess.Popen(self.url[5:], shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            # its own process group, so that stopping it stops what the shell started; stderr to a file, so that a
+            # chatty command never blocks on a full pipe
+            self._errors = tempfile.TemporaryFile()
+            self._process = subprocess.Popen(self.url[5:], shell=True, stdout=subprocess.PIPE, stderr=self._errors,
+                                             start_new_session=True)
             self._file, self._skip = self._process.stdout, self.offset
             return
         fs, path = filesystem(self.url)
@@ -192,7 +198,8 @@ class ResumingReader(io.RawIOBase):
         if self._process is not None:
             code = self._process.wait()
             if code != 0:
-                message = self._process.stderr.read().decode(errors="replace").strip().splitlines()
+                self._errors.seek(0)
+                message = self._errors.read().decode(errors="replace").strip().splitlines()
                 raise _EarlyEnd(f"the command exited with status {code}" + (f" ({message[-1]})" if message else ""))
             if self._skip:
                 raise _EarlyEnd(f"the command's output is shorter than the {self.offset} bytes read before")
@@ -207,9 +214,11 @@ class ResumingReader(io.RawIOBase):
         except Exception:  # noqa: BLE001 - a broken connection may fail to close; it is dropped either way
             pass
         if process is not None:
-            process.kill()
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-            process.stderr.close()
+            self._errors.close()
 
     def _call(self, step):
         """Runs ``step``; on a fault, reopens at :attr:`offset` (after a backoff) and runs it again."""
