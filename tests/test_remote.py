@@ -232,7 +232,7 @@ def test_exhausted_retries_stop_with_one_line_naming_the_url(keyed_shards, monke
 def s3_store():
     """moto's S3 server on 127.0.0.1, reached as a user of MinIO or Ceph reaches theirs: the store's own
     variables (endpoint, dummy credentials), nothing of ours. Yields a boto3 client with a bucket "data"."""
-    boto3 = pytest.importorskip("boto3")  # installed with the test extra (moto[server], s3fs)
+    import boto3  # the test extra installs moto[server] (with boto3) and s3fs
     from moto.server import ThreadedMotoServer
 
     port = free_port()
