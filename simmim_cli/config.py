@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import yaml
 
 from .errors import SimmimError
+from .remote import DEFAULT_CACHE_SIZE, DEFAULT_IO_RETRIES
 from .tracking import check_trackers
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -27,6 +28,9 @@ class TrainConfig:
     # data
     data: str | None = None
     epoch_size: int | None = None  # samples per epoch when the shards do not say
+    io_retries: int = DEFAULT_IO_RETRIES  # tries after a failed read of a remote shard (remote.py)
+    shard_cache: str | None = None  # local folder keeping remote shards
+    shard_cache_size: str = DEFAULT_CACHE_SIZE
     workers: int | None = None  # loader processes per training process; None: sized to the node
     decode: str = "cpu"  # cpu | gpu (NVIDIA DALI)
     # model
@@ -301,6 +305,9 @@ class KnnConfig(LocalProcesses):
     seed: int = 0  # the random encoder's weights
     json: bool = False
     epoch_size: int | None = None  # not used; what the shared checks of --data read
+    io_retries: int = DEFAULT_IO_RETRIES
+    shard_cache: str | None = None
+    shard_cache_size: str = DEFAULT_CACHE_SIZE
 
     command = "knn"
 
@@ -338,6 +345,9 @@ class EvaluateConfig(LocalProcesses):
     device: str = "auto"
     precision: str = "auto"
     force: bool = False
+    io_retries: int = DEFAULT_IO_RETRIES
+    shard_cache: str | None = None
+    shard_cache_size: str = DEFAULT_CACHE_SIZE
 
     command = "evaluate"
 
@@ -445,6 +455,7 @@ class PredictConfig:
     json: bool = False
     img_size: int | None = None
     limit: int | None = None
+    io_retries: int = DEFAULT_IO_RETRIES
 
     command = "predict"
 

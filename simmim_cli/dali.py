@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import remote
 from .errors import SimmimError
 from .masking import MaskGenerator
 from .shards import ShardSet, dali_index_path, read_dali_index_count, write_dali_index
@@ -78,11 +79,14 @@ def _check_image(extension: str, data: bytes) -> None:
 def ensure_indexes(shards: ShardSet, threads: int | None = None) -> int:
     """DALI index files next to the shards, built (and cached) where missing or older than their shard;
     returns the number of samples the indexes leave out as undecodable."""
+    if remote.shard_cache() is not None:  # DALI reads files: remote shards are read from their cached copies
+        shards.urls = [remote.local_copy(u) if remote.is_url(u) else u for u in shards.urls]
     urls = shards.urls
-    remote = [u for u in urls if "://" in u or u.startswith("pipe:") or not Path(u).is_file()]
-    if remote:
-        raise SimmimError(f"--decode gpu reads local shard files; {remote[0]} is not one (use --decode cpu, "
-                          "or copy the shards to local storage)")
+    not_local = [u for u in urls if "://" in u or u.startswith("pipe:") or not Path(u).is_file()]
+    if not_local:
+        raise SimmimError(f"--decode gpu reads local shard files; {not_local[0]} is not one (give --shard-cache DIR "
+                          "to keep remote shards in a local folder, use --decode cpu, or copy the shards to local "
+                          "storage)")
     missing = [u for u in urls if read_dali_index_count(u) is None]
     if missing:
         print(f"note: writing DALI index files next to {len(missing)} shard(s) (once; checking that every image "

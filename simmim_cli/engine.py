@@ -337,7 +337,7 @@ class Trainer:
 
     def _report_skipped(self, batch: dict[str, Any]) -> int:
         skipped = batch.pop("skipped", [])
-        for description in skipped[:5]:
+        for description in list(dict.fromkeys(skipped))[:5]:  # a corrupt shard: one line, each lost sample counted
             self.reporter.print(f"warning: skipped a bad sample: {description}")
         return len(skipped)
 

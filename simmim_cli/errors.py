@@ -24,6 +24,16 @@ class TrainingDiverged(SimmimError):
     exit_code = 1
 
 
+class RemoteError(SimmimError):
+    """A remote shard could not be read (after the retries, or at once for a missing file or a refused login)."""
+
+    exit_code = 74  # EX_IOERR, like storage faults: the newest checkpoint is the resume point
+
+    def __init__(self, message: str, missing: bool = False):
+        super().__init__(message)
+        self.missing = missing  # the file is not there (no retry can help)
+
+
 class Interrupted(SimmimError):
     """Stopped by a signal after saving a checkpoint."""
 

@@ -35,6 +35,17 @@ Data = Annotated[str | None, typer.Option(
 EpochSize = Annotated[int | None, typer.Option(
     help="Samples per epoch, when the shards' _info.json does not say (remote shards).",
     rich_help_panel=DATA, show_default=False)]
+IoRetries = Annotated[int, typer.Option(
+    help="Tries after a failed read of a remote shard (a cut connection, a 5xx, a timeout) before the run stops; "
+         "each continues where the read stopped, after a backoff growing to a minute: the default rides out about "
+         "3 minutes of a store not answering.", rich_help_panel=DATA)]
+ShardCache = Annotated[str | None, typer.Option(
+    help="Keep remote shards in this local folder: each downloaded once per node (processes share it), checked, "
+         "renamed into place; later epochs read the local copy. Needed by --decode gpu for remote data.",
+    rich_help_panel=DATA, show_default=False)]
+ShardCacheSize = Annotated[str, typer.Option(
+    help="Most the --shard-cache folder may hold, e.g. 200GB or 1.5TB; the least recently used shards make room.",
+    rich_help_panel=DATA)]
 Workers = Annotated[int | None, typer.Option(
     help="Data loader processes per training process [default: the cores this process may use ÷ training "
          "processes on the node, minus one, at most 12]. One process decodes and crops about 500 images/s; an "

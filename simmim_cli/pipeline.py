@@ -16,6 +16,7 @@ import math
 import multiprocessing as mp
 import os
 import random
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from . import epoch_order
+from . import epoch_order, remote
 from .errors import SimmimError
 from .shards import IMAGE_SUFFIXES, ShardSet, resolve_shards
 from .transforms import CropTransform, decode_image
@@ -189,9 +190,10 @@ class ShardStream(IterableDataset):
         samples: list[dict[str, torch.Tensor]] = []
         bad_slots: list[list[int]] = []  # seeds of the slots of undecodable samples, filled by the next good image
         for slot, sample in stream:
+            if sample is None:  # its shard fell short: counted in ``skipped`` where the shard was read
+                bad_slots.append(slot)
+                continue
             try:
-                if sample is None:
-                    raise ValueError("missing from its shard (fewer samples than _info.json says)")
                 image = self.decode(_image_bytes(sample))
                 label = sample_label(sample, self.num_classes) if self.labels else None
             except (OSError, ValueError, KeyError, SyntaxError, RuntimeError, Image.DecompressionBombError) as error:
@@ -223,13 +225,10 @@ class ShardStream(IterableDataset):
             bad_slots.clear()
 
     def _read(self, urls: list[str], skipped: list[str]) -> Iterator[dict]:
-        def on_error(error: Exception) -> bool:
-            if isinstance(error, (TypeError, AttributeError, NameError, AssertionError)):
-                raise error  # a bug, not a bad file
-            skipped.append(f"{type(error).__name__}: {error}")
-            return True
-
-        return wds.tariterators.tarfile_samples(iter([{"url": u} for u in urls]), handler=on_error)
+        """The shards' samples through ``remote`` (network faults retried and resumed there); a shard that is
+        corrupt or shorter than ``_info.json`` says is named once and each sample it lost counted in ``skipped``."""
+        lengths = dict(zip(self.shards.urls, self.shards.shard_lengths, strict=False))
+        return remote.shard_samples(urls, skipped, lengths)
 
     def _ordered_samples(self, epoch: int, share: epoch_order.Ranges,
                          skipped: list[str]) -> Iterator[tuple[list[int], dict | None]]:
@@ -362,13 +361,9 @@ class EvalStream(IterableDataset):
         if isinstance(self.source, ShardSet):
             urls = self.source.urls
             by_shard = len(urls) >= consumers
-
-            def on_error(error: Exception) -> bool:
-                skipped.append(f"{type(error).__name__}: {error}")
-                return True
-
             mine = urls[consumer::consumers] if by_shard else urls
-            samples = wds.tariterators.tarfile_samples(iter([{"url": u} for u in mine]), handler=on_error)
+            lengths = dict(zip(urls, self.source.shard_lengths, strict=False)) if by_shard else None
+            samples = remote.shard_samples(mine, skipped, lengths)
             for index, sample in enumerate(samples):
                 if by_shard or index % consumers == consumer:
                     name = f"{sample.get('__url__')}:{sample.get('__key__')}"
@@ -407,7 +402,9 @@ def image_sources(inputs: list[str]) -> list[Path | ShardSet]:
     sources: list[Path | ShardSet] = []
     for item in inputs:
         path = Path(item)
-        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+        if remote.is_url(item):
+            sources.append(resolve_shards(item, count_required=False))
+        elif path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
             sources.append(path)
         elif path.is_dir() and not list(path.glob("*.tar")):
             files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
@@ -421,6 +418,17 @@ def image_sources(inputs: list[str]) -> list[Path | ShardSet]:
     return sources
 
 
+def _warn_lost(samples: Iterator[dict], lost: list[str]) -> Iterator[dict]:
+    """``samples``, with a warning line for what a corrupt shard lost (read where no batch carries "skipped")."""
+    for sample in samples:
+        yield sample
+        if lost:
+            print(f"warning: {lost[0]}", file=sys.stderr)
+            lost.clear()
+    if lost:
+        print(f"warning: {lost[0]}", file=sys.stderr)
+
+
 def _image_readers(sources: list[Path | ShardSet], limit: int | None) -> Iterator[tuple[str, Callable[[], bytes]]]:
     """(name, a function returning its bytes) of each image in ``sources``, at most ``limit``: an image file is
     read only when asked for (a loader worker passes over the files of the others' batches)."""
@@ -429,7 +437,7 @@ def _image_readers(sources: list[Path | ShardSet], limit: int | None) -> Iterato
         if isinstance(source, Path):
             readers: Iterator[tuple[str, Callable[[], bytes]]] = iter([(str(source), source.read_bytes)])
         else:
-            samples = wds.tariterators.tarfile_samples(iter([{"url": u} for u in source.urls]))
+            samples = _warn_lost(remote.shard_samples(source.urls, lost := []), lost)
             readers = ((f"{s['__url__']}:{s['__key__']}", functools.partial(_image_bytes, s)) for s in samples)
         for reader in readers:
             yield reader

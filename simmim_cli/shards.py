@@ -8,12 +8,14 @@ import contextlib
 import hashlib
 import io
 import json
+import multiprocessing as mp
 import os
 import random
 import shutil
 import sys
 import tarfile
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +23,7 @@ import braceexpand
 import webdataset as wds
 from PIL import Image
 
-from . import storage
+from . import remote, storage
 from .errors import SimmimError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm"}
@@ -78,15 +80,49 @@ def count_tar_samples(path: str) -> int:
     return len(keys)
 
 
-def resolve_shards(data: str, split: str | None = None, epoch_size: int | None = None) -> ShardSet:
-    """Find shards from a directory, a brace pattern (``shards/train-{000000..000099}.tar``) or a list file.
+def _read_remote_info(folder_url: str, required: bool) -> dict | None:
+    """``_info.json`` of a remote folder (None when it has none and it is not ``required``)."""
+    url = f"{folder_url.rstrip('/')}/{INFO_FILE}"
+    try:
+        text = remote.read_bytes(url)
+    except remote.RemoteError as error:
+        if error.missing and not required:
+            return None
+        if error.missing:
+            raise SimmimError(f"no {INFO_FILE} at {url}: a remote folder is read through the {INFO_FILE} that "
+                              "make-shards writes; copy the whole make-shards output there, or give the shards as a "
+                              "brace pattern such as s3://bucket/train-{000000..000099}.tar with --epoch-size N"
+                              ) from None
+        raise
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise SimmimError(f"cannot read {url}: {error}; re-create the shards with simmim make-shards") from error
+
+
+def _remote_folder(urls: list[str]) -> str | None:
+    """The remote folder holding all ``urls`` (where an ``_info.json`` may describe them), or None."""
+    folders = {u.rsplit("/", 1)[0] for u in urls if remote.is_url(u) and not u.startswith("pipe:")}
+    return folders.pop() if len(folders) == 1 and all(remote.is_url(u) for u in urls) else None
+
+
+def resolve_shards(data: str, split: str | None = None, epoch_size: int | None = None,
+                   count_required: bool = True) -> ShardSet:
+    """Find shards from a directory, a brace pattern (``shards/train-{000000..000099}.tar``) or a list file, local
+    or remote (``s3://``, ``gs://``, ``http(s)://``, ``pipe:``): a remote folder URL (``s3://bucket/train/``) is
+    read through its ``_info.json``, and a pattern or list of URLs in one remote folder uses the ``_info.json``
+    there when it has one.
 
     Sample counts come from ``_info.json`` next to the shards when present, else from reading tar headers
-    (local files) or ``epoch_size``.
+    (local files) or ``epoch_size``; with ``count_required`` False they may stay unknown (0).
     """
     path = Path(data)
     info = None
-    if path.is_dir():
+    if remote.is_url(data) and not data.startswith("pipe:") and "{" not in data and not data.endswith(".tar"):
+        info = _read_remote_info(data, required=True)
+        entry = _info_split(info, split)
+        urls = [f"{data.rstrip('/')}/{name}" for name in entry["filenames"]]
+    elif path.is_dir():
         info = _read_info(path)
         if info is not None:
             entry = _info_split(info, split)
@@ -95,15 +131,17 @@ def resolve_shards(data: str, split: str | None = None, epoch_size: int | None =
             urls = sorted(str(p) for p in path.glob("*.tar"))
         if not urls:
             raise SimmimError(f"no .tar shards in {path}; make them with: simmim make-shards IMAGES {path}")
-    elif path.is_file() and path.suffix != ".tar":
+    elif not remote.is_url(data) and path.is_file() and path.suffix != ".tar":
         lines = [line.strip() for line in path.read_text().splitlines()]
         urls = [line if "://" in line or line.startswith(("pipe:", "/")) else str(path.parent / line)
                 for line in lines if line and not line.startswith("#")]
         if not urls:
             raise SimmimError(f"the list file {path} names no shards; put one shard path or URL per line")
+        if (folder := _remote_folder(urls)) is not None:
+            info = _read_remote_info(folder, required=False)
     else:
         urls = list(braceexpand.braceexpand(data))
-        local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+        local = [u for u in urls if not remote.is_url(u)]
         missing = [u for u in local if not Path(u).is_file()]
         if missing:
             raise SimmimError(f"shard not found: {missing[0]}; --data takes a shard directory, a brace pattern "
@@ -111,22 +149,26 @@ def resolve_shards(data: str, split: str | None = None, epoch_size: int | None =
         info_dir = {Path(u).parent for u in local}
         if len(info_dir) == 1:
             info = _read_info(info_dir.pop())
+        elif (folder := _remote_folder(urls)) is not None:
+            info = _read_remote_info(folder, required=False)
 
     classes = info.get("classes") if info else None
     lengths_by_name: dict[str, int] = {}
     if info is not None:
         for entry in info.get("splits", {}).values():
             lengths_by_name.update(zip(entry.get("filenames", []), entry.get("shard_lengths", []), strict=False))
-    lengths = [lengths_by_name.get(os.path.basename(u)) for u in urls]
+    lengths = [lengths_by_name.get(u.rsplit("/", 1)[-1]) for u in urls]
     if any(n is None for n in lengths):
-        if epoch_size is None and all(Path(u).is_file() for u in urls):
+        if epoch_size is None and not any(remote.is_url(u) for u in urls) and all(Path(u).is_file() for u in urls):
             lengths = [count_tar_samples(u) for u in urls]
-        elif epoch_size is None:
-            raise SimmimError("the number of samples in remote shards is unknown; give it with --epoch-size N")
+        elif epoch_size is None and count_required:
+            where = "the _info.json beside them does not list them" if info else "no _info.json is beside them"
+            raise SimmimError(f"the number of samples in remote shards is unknown ({where}); give it with "
+                              "--epoch-size N, or copy make-shards' _info.json next to them")
         else:
             lengths = []
     num_samples = epoch_size or sum(lengths)
-    if num_samples <= 0:
+    if num_samples <= 0 and (count_required or lengths):
         raise SimmimError(f"the shards in {data} hold no samples; re-create them with simmim make-shards")
     return ShardSet(urls=urls, num_samples=num_samples, classes=classes, shard_lengths=lengths)
 
@@ -190,14 +232,18 @@ def write_shards(
     force: bool = False,
     on_progress: Callable[[int, int], None] | None = None,
     on_skip: Callable[[Path, str], None] | None = None,
+    workers: int = 1,
+    on_shard: Callable[[Path], None] | None = None,
+    dali_indexes: bool = True,
 ) -> dict:
     """Writes ``OUTPUT/{split}-000000.tar ...`` and ``OUTPUT/_info.json``; returns the info dict.
 
     A shard closes at ``maxcount`` samples or ``max_size_mb`` megabytes of image data, whichever comes first:
     100 MB holds about 1,000 ImageNet-like JPEGs, enough shards for every loader process of a cluster job.
 
-    Each shard is written to a temporary name and renamed when complete. Unreadable images are passed to
-    ``on_skip`` and left out.
+    Each shard is written to a temporary name and renamed when complete (then passed to ``on_shard``, which may
+    move it elsewhere). Unreadable images are passed to ``on_skip`` and left out. ``workers`` processes read and
+    check the images; one writes them in order, so the output is the same for any number of workers.
     """
     files, classes = find_images(source)
     with storage.writing(output):
@@ -228,19 +274,21 @@ def write_shards(
             filenames.append(shard_path.name)
             lengths.append(count)
             count, size = 0, 0
+            if on_shard is not None:
+                on_shard(shard_path)
 
     try:
-        for index, (path, label) in enumerate(files):
-            try:
-                extension, data = image_record(path)
-            except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as error:
+        for index, (path, label, record, problem) in enumerate(_checked_records(files, workers)):
+            if record is None:
                 skipped.append(str(path))
                 if on_skip:
-                    on_skip(path, str(error) or type(error).__name__)
+                    on_skip(path, problem)
             else:
+                extension, data = record
                 if writer is None:
                     shard_path = output / f"{split}-{len(filenames):06d}.tar"
-                    writer = wds.TarWriter(str(shard_path.with_suffix(".tar.tmp")))
+                    # a fixed member time: the same images give the same bytes, whenever and however written
+                    writer = wds.TarWriter(str(shard_path.with_suffix(".tar.tmp")), mtime=0)
                 sample = {"__key__": _sample_key(path, source, used_keys), extension: data}
                 if label is not None:
                     sample["cls"] = label
@@ -252,7 +300,7 @@ def write_shards(
             if on_progress:
                 on_progress(index + 1, len(files))
         close_shard()
-        for name in filenames:  # for --decode gpu: DALI reads shards through these (tar headers only, cheap)
+        for name in filenames if dali_indexes else []:  # for --decode gpu: DALI reads shards through these
             write_dali_index(output / name)
         if not filenames:
             raise SimmimError(f"none of the {len(files)} images in {source} could be read")
@@ -286,6 +334,50 @@ def write_shards(
             raise
         raise fault from error
     return info
+
+
+def write_remote_shards(source: Path, url: str, split: str = "train", force: bool = False, **options) -> dict:
+    """:func:`write_shards` to a bucket (``s3://bucket/train/``): each shard is uploaded when it is complete and its
+    local copy removed (one shard on local disk at a time), and ``_info.json`` (with the other splits already
+    listed there) goes last, so readers only ever see a complete set. DALI index files are made where the data is
+    read (``--shard-cache``)."""
+    url = url.rstrip("/")
+    info = _read_remote_info(url, required=False) or {}
+    if split in info.get("splits", {}) and not force:
+        raise SimmimError(f"{url} already holds {split} shards (its {INFO_FILE} lists them); pass --force to replace "
+                          "them or choose another output folder")
+
+    def upload(shard: Path) -> None:
+        remote.upload(f"{url}/{shard.name}", shard)
+        shard.unlink()
+
+    with tempfile.TemporaryDirectory(prefix="simmim-make-shards-") as tmp:
+        written = write_shards(source, Path(tmp), split=split, force=True, on_shard=upload, dali_indexes=False,
+                               **options)
+    info.setdefault("name", url.rsplit("/", 1)[-1])
+    info.setdefault("splits", {})[split] = written["splits"][split]
+    info.update({key: written[key] for key in ("classes", "num_classes", "skipped") if key in written})
+    remote.upload(f"{url}/{INFO_FILE}", data=json.dumps(info, indent=2).encode())  # last: a complete set
+    return info
+
+
+def _checked_record(item: tuple[Path, int | None]) -> tuple[Path, int | None, tuple[str, bytes] | None, str]:
+    path, label = item
+    try:
+        return path, label, image_record(path), ""
+    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as error:
+        return path, label, None, str(error) or type(error).__name__
+
+
+def _checked_records(files: list[tuple[Path, int | None]], workers: int) -> Iterator[tuple]:
+    """(path, label, (extension, bytes) or None, why not) of each file, in order: decoding every image to check
+    it is what takes the time, so ``workers`` processes do it, and the results come back in the files' order."""
+    if workers <= 1 or len(files) < 2:
+        yield from map(_checked_record, files)
+        return
+    context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    with context.Pool(workers) as pool:
+        yield from pool.imap(_checked_record, files, chunksize=8)
 
 
 def _write_info(output: Path, info: dict) -> None:

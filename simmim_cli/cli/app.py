@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .. import __version__
+from .. import __version__, remote
 from ..config import resolve_config
 from ..errors import SimmimError, debug_enabled, set_debug
 from ..storage import unexpected
@@ -86,7 +86,11 @@ def config_from_context(config_class: type, ctx: typer.Context) -> Any:
         from ..demo import DEMO_SETTINGS
 
         values.update({k: v for k, v in DEMO_SETTINGS.items() if k not in explicit})
-    return resolve_config(config_class, values, explicit)
+    config = resolve_config(config_class, values, explicit)
+    if hasattr(config, "io_retries"):  # read by every process this one starts, loader workers included
+        remote.configure(config.io_retries, getattr(config, "shard_cache", None),
+                         getattr(config, "shard_cache_size", remote.DEFAULT_CACHE_SIZE))
+    return config
 
 
 def run() -> None:

@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from .. import remote
 from ..config import (
     EvaluateConfig,
     ExportConfig,
@@ -25,10 +26,13 @@ from ..options import (
     CropPct,
     Decode,
     Device,
+    IoRetries,
     MasterPort,
     ModelKwargs,
     Nproc,
     Precision,
+    ShardCache,
+    ShardCacheSize,
     Workers,
 )
 from .app import app, config_from_context, handle_errors
@@ -52,6 +56,9 @@ def evaluate(
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = EV.batch_size,
     workers: Annotated[int, typer.Option(help="Data loader processes.")] = EV.workers,
     decode: Decode = EV.decode,
+    io_retries: IoRetries = EV.io_retries,
+    shard_cache: ShardCache = None,
+    shard_cache_size: ShardCacheSize = EV.shard_cache_size,
     crop_pct: Annotated[float | None, typer.Option(
         help="Centre-crop fraction [default: the checkpoint's].", show_default=False)] = None,
     device: Device = EV.device,
@@ -160,6 +167,9 @@ def knn(
         help="Folder of cached features \\[default: runs/features].", rich_help_panel=DATA, show_default=False)] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.", rich_help_panel=DATA)] = KN.batch_size,
     workers: Workers = KN.workers,
+    io_retries: IoRetries = KN.io_retries,
+    shard_cache: ShardCache = None,
+    shard_cache_size: ShardCacheSize = KN.shard_cache_size,
     pretrained: Annotated[str | None, typer.Option(
         help="Encoder checkpoint (simmim, official SimMIM, timm, a transformers folder or hf-hub: id); without it "
              "a randomly initialised encoder is scored, the baseline to compare against.", rich_help_panel=MODEL,
@@ -334,6 +344,7 @@ def predict(
     img_size: Annotated[int | None, typer.Option(help="Check the model takes this size.",
                                                  show_default=False)] = None,
     limit: Annotated[int | None, typer.Option(help="At most this many images.", show_default=False)] = None,
+    io_retries: IoRetries = PredictConfig().io_retries,
 ) -> None:
     """Top-k classes of images, with names, from an ONNX model (onnxruntime, GPU when available) or a checkpoint."""
     import json
@@ -347,6 +358,7 @@ def predict(
     values["json"] = values.pop("json_output")
     config = PredictConfig(**values)
     config.validate()
+    remote.configure(config.io_retries)
     result = run(config)
     errors = Console(stderr=True)
     for line in result["notes"]:

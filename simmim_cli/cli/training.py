@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -43,6 +45,7 @@ from ..options import (
     GradAccum,
     GradCheckpointing,
     ImgSize,
+    IoRetries,
     Keep,
     LabelledData,
     LogEvery,
@@ -66,6 +69,8 @@ from ..options import (
     SaveEvery,
     Schedule,
     Seed,
+    ShardCache,
+    ShardCacheSize,
     ValData,
     WarmupEpochs,
     WarmupLr,
@@ -80,7 +85,9 @@ from .app import app, config_from_context, handle_errors
 def make_shards(
     source: Annotated[Path, typer.Argument(help="Folder of images; class sub-folders become integer labels.",
                                            show_default=False)],
-    output: Annotated[Path, typer.Argument(help="Folder for the shards and _info.json.", show_default=False)],
+    output: Annotated[str, typer.Argument(
+        help="Folder for the shards and _info.json: a local folder, or s3://bucket/path/ or gs://bucket/path/ (each "
+             "shard uploaded when complete, _info.json last).", show_default=False)],
     maxcount: Annotated[int, typer.Option(help="Most samples per shard.")] = 10000,
     max_size: Annotated[float, typer.Option(
         help="Most megabytes of images per shard. Training deals shards out to every loader process of every GPU "
@@ -89,21 +96,31 @@ def make_shards(
     seed: Annotated[int, typer.Option(help="Seed of the shuffle.")] = 0,
     split: Annotated[str, typer.Option(help="Split name: shard file prefix and key in _info.json.")] = "train",
     force: Annotated[bool, typer.Option("--force", help="Replace shards of the same split in OUTPUT.")] = False,
+    workers: Annotated[int | None, typer.Option(
+        help="Processes reading and checking the images [default: the cores]; the output is the same for any "
+             "number.", show_default=False)] = None,
+    io_retries: IoRetries = D.io_retries,
 ) -> None:
     """Write WebDataset tar shards from a folder of images (JPEG bytes kept as they are, others stored losslessly)."""
     from rich.console import Console
     from rich.progress import Progress
 
-    from ..shards import write_shards
+    from .. import remote
+    from ..shards import write_remote_shards, write_shards
 
     if maxcount < 1 or max_size <= 0:
         raise SimmimError("--maxcount must be at least 1 and --max-size above 0")
+    if workers is not None and workers < 1:
+        raise SimmimError(f"--workers must be at least 1, got {workers}")
+    remote.configure(io_retries)
+    write = (functools.partial(write_remote_shards, url=output) if remote.is_url(output)
+             else functools.partial(write_shards, output=Path(output)))
     console = Console(stderr=True)
     with Progress(console=console, disable=not console.is_terminal) as progress:
         task = progress.add_task("writing shards", total=None)
-        info = write_shards(
-            source, output, maxcount=maxcount, max_size_mb=max_size, shuffle=shuffle, seed=seed, split=split,
-            force=force,
+        info = write(
+            source, maxcount=maxcount, max_size_mb=max_size, shuffle=shuffle, seed=seed, split=split,
+            force=force, workers=workers or os.cpu_count() or 1,
             on_progress=lambda done, total: progress.update(task, completed=done, total=total),
             on_skip=lambda path, reason: console.print(f"warning: skipped unreadable {path}: {reason}",
                                                        markup=False, highlight=False),
@@ -133,6 +150,9 @@ def pretrain(
         "--demo", help="Pretrain a small ViT on a built-in image set (crops of the photos scikit-learn ships).",
         rich_help_panel=DATA)] = False,
     epoch_size: EpochSize = None,
+    io_retries: IoRetries = D.io_retries,
+    shard_cache: ShardCache = None,
+    shard_cache_size: ShardCacheSize = D.shard_cache_size,
     val_data: Annotated[str | None, typer.Option(
         help="Held-out shards (labels not needed): their masked L1 is logged as val_loss after every epoch "
              "(centre crops, the same masks each time), the loss to watch for overfitting.", rich_help_panel=DATA,
@@ -213,6 +233,9 @@ def finetune(
     data: LabelledData = None,
     val_data: ValData = None,
     epoch_size: EpochSize = None,
+    io_retries: IoRetries = D.io_retries,
+    shard_cache: ShardCache = None,
+    shard_cache_size: ShardCacheSize = D.shard_cache_size,
     workers: Workers = FT.workers,
     decode: Decode = FT.decode,
     auto_augment: Annotated[str | None, typer.Option(
@@ -315,6 +338,9 @@ def linear_probe(
     data: LabelledData = None,
     val_data: ValData = None,
     epoch_size: EpochSize = None,
+    io_retries: IoRetries = D.io_retries,
+    shard_cache: ShardCache = None,
+    shard_cache_size: ShardCacheSize = D.shard_cache_size,
     workers: Workers = LP.workers,
     decode: Decode = LP.decode,
     crop_pct: CropPct = LP.crop_pct,
