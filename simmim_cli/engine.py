@@ -558,7 +558,8 @@ class _DevicePrefetcher:
     def __init__(self, batches: Any, device: torch.device, window: _Window):
         self.batches, self.device, self.window = batches, device, window
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.ready = self._load()
+        self.ready: dict[str, Any] | None = None
+        self.started = False  # the first batch is asked for at the first __next__, inside the caller's try
 
     def _load(self) -> dict[str, Any] | None:
         started = time.perf_counter()
@@ -583,6 +584,8 @@ class _DevicePrefetcher:
             shutdown()
 
     def __next__(self) -> dict[str, Any]:
+        if not self.started:
+            self.ready, self.started = self._load(), True
         batch = self.ready
         if batch is None:
             raise StopIteration

@@ -12,6 +12,7 @@ import multiprocessing as mp
 import os
 import random
 import shutil
+import signal
 import sys
 import tarfile
 import tempfile
@@ -376,8 +377,17 @@ def _checked_records(files: list[tuple[Path, int | None]], workers: int) -> Iter
         yield from map(_checked_record, files)
         return
     context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    with context.Pool(workers) as pool:
+    with context.Pool(workers, initializer=_default_signals) as pool:
         yield from pool.imap(_checked_record, files, chunksize=8)
+        pool.close()
+        pool.join()  # the workers end on their own; Pool's exit would otherwise terminate them
+
+
+def _default_signals() -> None:
+    """A forked worker inherits the parent's signal handlers (a training run's, the launcher's), with which
+    SIGTERM would not end it: the pool's workers take the defaults, and leave Ctrl-C to the parent."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _write_info(output: Path, info: dict) -> None:
