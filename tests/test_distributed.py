@@ -295,7 +295,7 @@ def test_ctrl_c_in_the_terminal_of_a_launched_job_saves_once_and_resumes(uneven_
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("WORLD_SIZE", None)
     args = ["pretrain", "--data", str(uneven_shards), "--output", str(run), "--nproc", "2", "--workers", "0",
-            *tiny_args(free_port()), "--epochs", "400"]
+            *tiny_args(free_port()), "--epochs", "4000"]
     job = subprocess.Popen([sys.executable, "-m", "simmim_cli", *args], stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT, start_new_session=True)
     deadline = time.monotonic() + 180
@@ -310,7 +310,7 @@ def test_ctrl_c_in_the_terminal_of_a_launched_job_saves_once_and_resumes(uneven_
     stopped_at = checkpoints.load_checkpoint(latest)["step"]
     assert stopped_at >= 3 and latest.name in err  # saved where it stopped, and says so
     print(err)
-    finish = simmim(*args[:-2], "--epochs", "400", "--resume", "auto", "--max-steps", str(stopped_at + 2))
+    finish = simmim(*args[:-2], "--epochs", "4000", "--resume", "auto", "--max-steps", str(stopped_at + 2))
     assert finish.returncode == 0, finish.stderr
     assert "resumed from" in finish.stdout and train_rows(run)[-1]["step"] == stopped_at + 2
 
