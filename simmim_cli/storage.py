@@ -148,6 +148,16 @@ _warned: set[tuple[str, str]] = set()
 
 
 @contextlib.contextmanager
+def move_into_place(tmp: Path, directory: Path, names: Iterable[str]) -> None:
+    """A folder written completely in ``tmp`` becomes ``directory``: renamed when new, else its ``names`` each
+    replace the old file (other files there are kept), so a reader never sees half an export."""
+    if not directory.exists():
+        tmp.rename(directory)
+        return
+    for name in names:
+        os.replace(tmp / name, directory / name)
+
+
 def best_effort(what: str, path: str | Path | None, temporary: Iterable[Path] | Path = (),
                 warn: Callable[[str], None] | None = None) -> Iterator[None]:
     """Around a write the command can do without (a preview, a tracker's file, a cache): a storage fault gives one

@@ -118,11 +118,7 @@ def write_folder(found: TimmModel, directory: Path, source: str, force: bool = F
             task = "image-classification" if found.what == "classifier" else "image-feature-extraction"
             readme = generate_readme(card, directory.resolve().name, task_name=task)
             (tmp / "README.md").write_text(readme, encoding="utf-8")
-            if not directory.exists():
-                tmp.rename(directory)
-            else:
-                for name in FILES:
-                    os.replace(tmp / name, directory / name)
+            storage.move_into_place(tmp, directory, FILES)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return [directory / name for name in FILES]

@@ -96,11 +96,7 @@ def export_hf(config: ExportConfig) -> dict[str, Any]:
         write_files(found, tmp, crop_pct, config.checkpoint)
         difference = check_hf_folder(tmp, found.what, ours, config.tolerance)
         directory.parent.mkdir(parents=True, exist_ok=True)
-        if not directory.exists():
-            tmp.rename(directory)
-        else:
-            for name in HF_FILES:
-                os.replace(tmp / name, directory / name)
+        storage.move_into_place(tmp, directory, HF_FILES)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     result: dict[str, Any] = {"hf": {"folder": directory, "architecture": found.architecture,
