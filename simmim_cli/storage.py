@@ -147,7 +147,6 @@ def write_text(path: str | Path, text: str) -> None:
 _warned: set[tuple[str, str]] = set()
 
 
-@contextlib.contextmanager
 def move_into_place(tmp: Path, directory: Path, names: Iterable[str]) -> None:
     """A folder written completely in ``tmp`` becomes ``directory``: renamed when new, else its ``names`` each
     replace the old file (other files there are kept), so a reader never sees half an export."""
@@ -158,6 +157,7 @@ def move_into_place(tmp: Path, directory: Path, names: Iterable[str]) -> None:
         os.replace(tmp / name, directory / name)
 
 
+@contextlib.contextmanager
 def best_effort(what: str, path: str | Path | None, temporary: Iterable[Path] | Path = (),
                 warn: Callable[[str], None] | None = None) -> Iterator[None]:
     """Around a write the command can do without (a preview, a tracker's file, a cache): a storage fault gives one
