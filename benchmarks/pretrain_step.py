@@ -1,8 +1,9 @@
-"""Pretraining speed: the step alone against this machine's bf16 matmul peak, and against another commit's code.
+"""Pretraining speed: the step alone against this machine's matmul peak, and against another commit's code.
 
 The step alone: the real `simmim pretrain` engine (engine.Trainer, default settings) on synthetic uint8
 batches, so decoding is not measured; the best window of a few counts. For each model: training FLOPs per
-image (torch.utils.flop_counter, forward + backward), img/s, and the share of a large bf16 matmul's speed.
+image (torch.utils.flop_counter, forward + backward), img/s, and the share of a large matmul's speed in the
+step's precision (bf16 under bf16 autocast; fp32 on a CPU without bf16 instructions, where `auto` trains in fp32).
 
     python benchmarks/pretrain_step.py [--models vit_small swin_tiny] [--steps 5] [--batch-size 16]
 
@@ -111,11 +112,13 @@ def train_flops_per_image(key: str, batch_size: int) -> float:
     return counted
 
 
-def matmul_peak_gflops() -> float:
-    """GFLOP/s of a large bf16 matmul, the best of the rounds that fit in 3 seconds."""
+def matmul_peak_gflops(precision: str) -> float:
+    """GFLOP/s of a large matmul in the step's precision (bf16 where the step runs under bf16 autocast, fp32 on
+    a CPU without bf16 instructions), the best of the rounds that fit in 3 seconds."""
     from simmim_cli import flops
 
-    return flops.matmul_peak(torch.bfloat16, size=4096, seconds=3.0) / 1e9
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    return flops.matmul_peak(dtype, size=4096, seconds=3.0) / 1e9
 
 
 # ---------------------------------------------------------------------------------------------- the real loop
@@ -248,15 +251,15 @@ def main() -> None:
         return
     from simmim_cli.precision import resolve_precision
 
+    precision = resolve_precision(args.precision, torch.device("cpu"))
     for key in args.models:
-        before = matmul_peak_gflops()
+        before = matmul_peak_gflops(precision)
         result = measure_step(key, args.batch_size, args.steps, args.windows, args.precision, args.compile)
-        peak = max(before, matmul_peak_gflops())  # the machine's capability: the best of before and after
+        peak = max(before, matmul_peak_gflops(precision))  # the machine's capability: the best of before and after
         gflop = train_flops_per_image(key, args.batch_size) / 1e9
         result.update(
             img_size=MODELS[key][2], batch_size=args.batch_size, compile=args.compile,
-            precision=resolve_precision(args.precision, torch.device("cpu")),
-            train_gflop_per_image=round(gflop, 2), bf16_matmul_peak_gflops=round(peak, 1),
+            precision=precision, train_gflop_per_image=round(gflop, 2), matmul_peak_gflops=round(peak, 1),
             limit_img_per_s=round(peak / gflop, 2), ratio_of_limit=round(result["img_per_s"] * gflop / peak, 3),
             threads=torch.get_num_threads(), machine=platform.processor() or platform.machine(),
             torch=torch.__version__)
