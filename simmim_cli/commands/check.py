@@ -29,7 +29,7 @@ from .. import checkpoints, distributed, preflight
 from ..config import TrainConfig
 from ..engine import Trainer
 from ..errors import SimmimError
-from ..pipeline import _image_bytes, default_workers, make_loader, sample_label, seeded_rng
+from ..pipeline import default_workers, make_loader, sample_image_bytes, sample_label, seeded_rng
 from ..shards import is_image_folder, write_shards
 from .finetune import build_finetune, prepare_finetune
 from .pretrain import build_pretrain, prepare_pretrain
@@ -204,7 +204,7 @@ def _time_data(dataset: Any) -> dict[str, Any]:
             break
         started = time.perf_counter()
         try:
-            image = dataset.decode(_image_bytes(sample))
+            image = dataset.decode(sample_image_bytes(sample))
             if dataset.labels:
                 sample_label(sample, dataset.num_classes)
             with seeded_rng(images):
