@@ -27,10 +27,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .. import checkpoints, distributed, preflight
 from ..config import TrainConfig
+from ..data_sources import is_image_folder
 from ..engine import Trainer
 from ..errors import SimmimError
 from ..pipeline import default_workers, make_loader, sample_image_bytes, sample_label, seeded_rng
-from ..shards import is_image_folder, write_shards
+from ..shards import write_shards
 from .finetune import build_finetune, prepare_finetune
 from .pretrain import build_pretrain, prepare_pretrain
 from .probe import build_linear_probe, prepare_linear_probe

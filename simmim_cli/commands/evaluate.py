@@ -11,12 +11,12 @@ import torch
 
 from .. import dali, distributed
 from ..config import EvaluateConfig
+from ..data_sources import labelled_source
 from ..errors import SimmimError
 from ..evaluation import evaluate_classifier, image_logits
 from ..inference import load_classifier, newest_classifier
 from ..pipeline import EvalStream, make_loader
 from ..precision import autocast, resolve_precision
-from ..shards import labelled_source
 from ..transforms import CropTransform
 
 
