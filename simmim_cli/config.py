@@ -1,10 +1,11 @@
-"""Run configurations: dataclass defaults, YAML recipes on top, explicit command-line options on top of those."""
+"""Run configurations: dataclass defaults, YAML recipes on top, explicit command-line options on top of those
+(``resolve_config``, for every command). Here the training commands' configs; those of the commands that use a
+trained model are in ``tool_configs.py``."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -266,212 +267,6 @@ class LinearProbeConfig(TrainConfig):
             raise SimmimError(f"--optimizer must be lars or sgd, got '{self.optimizer}'")
 
 
-@dataclass
-class LocalProcesses:
-    """Several processes on this machine with the images split between them (``--gpus N``/``--nproc N``): the
-    fields distributed.py reads, for the commands that are not training runs."""
-
-    gpus: int = 0
-    nproc: int = 0
-    nnodes: int = 1
-    node_rank: int = 0
-    master_addr: str = "127.0.0.1"
-    master_port: int = 29500
-    dist_timeout: float = 30.0
-
-
-@dataclass
-class KnnConfig(LocalProcesses):
-    """``simmim knn``: weighted k-NN classification on frozen features (DINO's protocol: cosine, k 20, T 0.07)."""
-
-    data: str | None = None  # labelled shards: the memory bank
-    val_data: str | None = None  # labelled shards: scored
-    pretrained: str | None = None  # none: a randomly initialised encoder, the baseline
-    allow_missing: bool = False
-    model: str | None = None
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    img_size: int | None = None
-    layer: int = -1
-    pool: str = "mean"
-    k: int = 20
-    temperature: float = 0.07
-    crop_pct: float = 0.875
-    cache_features: bool = False
-    cache_dir: str | None = None  # default runs/features
-    batch_size: int = 64
-    workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
-    device: str = "auto"
-    precision: str = "auto"
-    seed: int = 0  # the random encoder's weights
-    json: bool = False
-    epoch_size: int | None = None  # not used; what the shared checks of --data read
-    io_retries: int = DEFAULT_IO_RETRIES
-    shard_cache: str | None = None
-    shard_cache_size: str = DEFAULT_CACHE_SIZE
-
-    command = "knn"
-
-    def validate(self) -> None:
-        if self.data is None or self.val_data is None:
-            raise SimmimError("give --data (labelled shards: the memory bank) and --val-data (labelled shards to "
-                              "classify)")
-        if self.model is None and self.pretrained is None:
-            raise SimmimError("no encoder: give --pretrained CHECKPOINT, or --model NAME for a random one")
-        if self.k < 1 or self.temperature <= 0:
-            raise SimmimError(f"--k must be at least 1 and --temperature above 0, got {self.k} and {self.temperature}")
-        if self.pool not in ("mean", "cls"):
-            raise SimmimError(f"--pool must be mean or cls, got '{self.pool}'")
-        if self.batch_size < 1 or self.workers < 0:
-            raise SimmimError("--batch-size must be > 0 and --workers >= 0")
-        for name, choices in (("precision", PRECISIONS), ("device", DEVICES)):
-            if getattr(self, name) not in choices:
-                raise SimmimError(f"--{name} must be one of {', '.join(choices)}, got '{getattr(self, name)}'")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-@dataclass
-class EvaluateConfig(LocalProcesses):
-    """``simmim evaluate``: accuracy, per-class accuracy and a confusion matrix of a classifier checkpoint."""
-
-    checkpoint: str | None = None
-    data: str | None = None
-    output: str | None = None
-    batch_size: int = 64
-    workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
-    decode: str = "cpu"  # cpu | gpu (NVIDIA DALI)
-    crop_pct: float | None = None  # the checkpoint's own unless given
-    device: str = "auto"
-    precision: str = "auto"
-    force: bool = False
-    io_retries: int = DEFAULT_IO_RETRIES
-    shard_cache: str | None = None
-    shard_cache_size: str = DEFAULT_CACHE_SIZE
-
-    command = "evaluate"
-
-    def validate(self) -> None:
-        if self.data is None:
-            raise SimmimError("give --data: labelled shards or a folder with one sub-folder per class")
-        if self.batch_size < 1 or self.workers < 0:
-            raise SimmimError("--batch-size must be > 0 and --workers >= 0")
-        if self.precision not in PRECISIONS:
-            raise SimmimError(f"--precision must be one of {', '.join(PRECISIONS)}")
-        if self.decode not in DECODES:
-            raise SimmimError(f"--decode must be one of {', '.join(DECODES)}, got '{self.decode}'")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-@dataclass
-class VisualizeConfig:
-    """``simmim visualize-recon``: reconstruction panels for images."""
-
-    images: list[str] = field(default_factory=list)
-    checkpoint: str | None = None
-    output: str = "recon.png"
-    force: bool = False
-    mask_ratio: float | None = None  # the checkpoint's unless given
-    mask_patch_size: int | None = None
-    seed: int = 0
-    mask: str | None = None  # a .npy 0/1 array on the mask-patch or model-patch grid
-    save_arrays: str | None = None
-    model: str | None = None
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    img_size: int | None = None
-    limit: int = 16
-    device: str = "auto"
-
-    command = "visualize-recon"
-
-    def validate(self) -> None:
-        if not self.images:
-            raise SimmimError("give images: files, folders or shards, e.g. simmim visualize-recon photo.jpg")
-        if self.limit < 1:
-            raise SimmimError("--limit must be at least 1")
-        if self.mask_ratio is not None and not 0 < self.mask_ratio < 1:
-            raise SimmimError(f"--mask-ratio {self.mask_ratio} is outside (0, 1)")
-        if self.save_arrays and not self.save_arrays.endswith(".npz"):
-            raise SimmimError("--save-arrays takes a .npz file name")
-
-
-@dataclass
-class ExportConfig:
-    """``simmim export``: ONNX (and TorchScript) files for deployment."""
-
-    checkpoint: str | None = None
-    onnx: bool = True
-    what: str | None = None  # classifier | features | reconstruction; by the checkpoint's kind unless given
-    output: str | None = None
-    opset: int = 18
-    exporter: str = "auto"  # auto | dynamo | torchscript
-    fp16: bool = False
-    int8: bool = False  # dynamic int8 quantization (CPU deployment)
-    torchscript: bool = False
-    verify: bool = True
-    tolerance: float = 1e-4
-    force: bool = False
-    timm: str | None = None  # a folder in timm's hub layout (model.safetensors + config.json)
-    hf: str | None = None  # a folder in transformers' layout (config.json + model.safetensors + preprocessor)
-    push_to_hub: str | None = None  # a Hugging Face Hub repository for the --timm or --hf folder
-    img_size: int | None = None  # the --timm folder's model at another input size; the checkpoint's unless given
-    model_kwargs: dict[str, Any] = field(default_factory=dict)  # likewise, e.g. {"window_size": 7}
-
-    command = "export"
-
-    def validate(self) -> None:
-        if self.what not in (None, "classifier", "features", "reconstruction"):
-            raise SimmimError(f"--what must be classifier, features or reconstruction, got '{self.what}'")
-        if self.exporter not in ("auto", "dynamo", "torchscript"):
-            raise SimmimError(f"--exporter must be auto, dynamo or torchscript, got '{self.exporter}'")
-        if not self.onnx and not self.torchscript and not self.timm and not self.hf:
-            raise SimmimError("nothing to export: give --onnx, --torchscript, --timm DIR and/or --hf DIR")
-        if self.push_to_hub and not (self.timm or self.hf):
-            raise SimmimError("--push-to-hub uploads the --timm or --hf folder; give one of them too")
-        if self.push_to_hub and self.timm and self.hf:
-            raise SimmimError("--push-to-hub uploads one folder: give --timm DIR or --hf DIR, not both")
-        if self.timm and self.hf and Path(self.timm).resolve() == Path(self.hf).resolve():
-            raise SimmimError("--timm and --hf need two folders (both write config.json and model.safetensors)")
-        if self.fp16 and self.int8:
-            raise SimmimError("choose one of --fp16 (GPUs) and --int8 (CPUs)")
-        if self.opset < 17:
-            raise SimmimError(f"--opset {self.opset} is too old for these models; use 17 or newer (default 18)")
-        if self.img_size is not None and self.img_size < 1:
-            raise SimmimError(f"--img-size must be a positive number of pixels, got {self.img_size}")
-
-
-@dataclass
-class PredictConfig:
-    """``simmim predict``: top-k classes of images from an ONNX model or a checkpoint."""
-
-    model: str | None = None
-    images: list[str] = field(default_factory=list)
-    top_k: int = 5
-    batch_size: int = 32
-    workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))  # loader processes: decode, crop
-    provider: str = "auto"  # auto | cuda | tensorrt | cpu (ONNX); the torch device for checkpoints
-    json: bool = False
-    img_size: int | None = None
-    limit: int | None = None
-    io_retries: int = DEFAULT_IO_RETRIES
-
-    command = "predict"
-
-    def validate(self) -> None:
-        if not self.model:
-            raise SimmimError("give a model: simmim predict model.onnx IMAGE... (or a best.pth checkpoint)")
-        if not self.images:
-            raise SimmimError("give images: files, folders or shards after the model")
-        if self.provider not in ("auto", "cuda", "tensorrt", "cpu"):
-            raise SimmimError(f"--provider must be auto, cuda, tensorrt or cpu, got '{self.provider}'")
-        if self.top_k < 1 or self.batch_size < 1:
-            raise SimmimError("--top-k and --batch-size must be at least 1")
-        if self.workers < 0:
-            raise SimmimError(f"--workers must be >= 0, got {self.workers}")
-
-
 C = TypeVar("C", bound=TrainConfig)
 
 
@@ -546,3 +341,15 @@ def resolve_config(config_class: type[C], cli_values: dict[str, Any], explicit: 
             config.warmup_epochs = round(default.warmup_epochs * min(1.0, config.epochs / default.epochs), 2)
     config.validate()
     return config
+
+
+def __getattr__(name: str) -> Any:
+    """``from simmim_cli.config import EvaluateConfig`` (or ``ExportConfig``), as benchmarks/hf_parity.py and
+    benchmarks/pretrained_vs_scratch.py still write it: both configs live in tool_configs.py now. Imported when
+    asked for, so that config.py does not import tool_configs.py back at load time. Remove once those two scripts
+    import from tool_configs.py."""
+    if name in ("EvaluateConfig", "ExportConfig"):
+        from . import tool_configs
+
+        return getattr(tool_configs, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

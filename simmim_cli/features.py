@@ -11,11 +11,12 @@ from pathlib import Path
 import torch
 
 from . import checkpoints, distributed, hf, storage
-from .config import KnnConfig, LinearProbeConfig
+from .config import LinearProbeConfig
 from .models import ProbeModel
 from .pipeline import EvalStream, make_loader
 from .precision import autocast, resolve_precision
 from .shards import resolve_shards
+from .tool_configs import KnnConfig
 from .transforms import CropTransform, normalize
 
 

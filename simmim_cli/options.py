@@ -7,15 +7,8 @@ from typing import Annotated
 
 import typer
 
-from .config import (
-    PRECISIONS,
-    SCHEDULES,
-    EvaluateConfig,
-    FinetuneConfig,
-    KnnConfig,
-    LinearProbeConfig,
-    PretrainConfig,
-)
+from .config import PRECISIONS, SCHEDULES, FinetuneConfig, LinearProbeConfig, PretrainConfig
+from .tool_configs import EvaluateConfig, KnnConfig
 
 DATA, MODEL, MASKING, OPTIM, RUN, DIST = "Data", "Model", "Masking", "Optimisation", "Run", "Distributed"
 D = PretrainConfig()  # the defaults shown in --help

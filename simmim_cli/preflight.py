@@ -202,8 +202,8 @@ class Rates:
     """What the check measured, reduced to what the forecast needs (seconds per optimizer step, per rank)."""
 
     images_per_step: int  # per rank: batch × grad-accum
-    compute_step_s: float  # forward, backward, all-reduce and optimizer step, synchronised (slowest rank)
-    loop_step_s: float  # the same steps fed by the real loader: compute plus waiting for data (slowest rank)
+    compute_step_s: float  # forward, backward, all-reduce and optimizer step, synchronised; median step, slowest rank
+    loop_step_s: float  # the same steps fed by the real loader: compute plus the mean wait for data (slowest rank)
     data_wait: float  # share of the loop's time spent waiting for batches (mean over ranks)
     loader_img_s: float | None  # images/s the rank's loader processes can deliver (timed read × processes)
     allreduce_s: float | None  # one all-reduce of the gradients (more than one process)

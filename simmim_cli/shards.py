@@ -1,19 +1,17 @@
-"""WebDataset shards on disk: writing them from image folders, finding them, and describing them (``_info.json``,
-sample counts, class names).
+"""WebDataset shards on disk: writing them from image folders (make-shards), finding them, describing them
+(``_info.json``, sample counts, class names) and DALI's index files beside them. How a command's ``--data``
+becomes shards (an image folder cached as shards, labels required) is ``data_sources.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import multiprocessing as mp
 import os
 import random
-import shutil
 import signal
-import sys
 import tarfile
 import tempfile
 from collections.abc import Callable, Iterator
@@ -31,8 +29,6 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".g
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # stored as their original bytes
 INFO_FILE = "_info.json"
 DALI_INDEX_VERSION = "v1.2"  # the index format of DALI's fn.readers.webdataset (as its wds2idx tool writes it)
-CACHE_SUFFIX = ".simmim-shards"  # FOLDER's shards are kept in FOLDER.simmim-shards/, next to it
-CACHE_SHARD_SIZE = 1000  # samples per cached shard: several shards for loader workers and ranks to share
 
 # ---------------------------------------------------------------------------------------------- shards
 
@@ -51,7 +47,8 @@ class ShardSet:
         return len(self.classes) if self.classes is not None else None
 
 
-def _read_info(directory: Path) -> dict | None:
+def read_info(directory: Path) -> dict | None:
+    """A shard folder's ``_info.json`` (None when it has none)."""
     path = directory / INFO_FILE
     if not path.is_file():
         return None
@@ -124,7 +121,7 @@ def resolve_shards(data: str, split: str | None = None, epoch_size: int | None =
         entry = _info_split(info, split)
         urls = [f"{data.rstrip('/')}/{name}" for name in entry["filenames"]]
     elif path.is_dir():
-        info = _read_info(path)
+        info = read_info(path)
         if info is not None:
             entry = _info_split(info, split)
             urls = [str(path / name) for name in entry["filenames"]]
@@ -149,7 +146,7 @@ def resolve_shards(data: str, split: str | None = None, epoch_size: int | None =
                               "like shards/train-{000000..000009}.tar or a file listing shards")
         info_dir = {Path(u).parent for u in local}
         if len(info_dir) == 1:
-            info = _read_info(info_dir.pop())
+            info = read_info(info_dir.pop())
         elif (folder := _remote_folder(urls)) is not None:
             info = _read_remote_info(folder, required=False)
 
@@ -305,7 +302,7 @@ def write_shards(
             write_dali_index(output / name)
         if not filenames:
             raise SimmimError(f"none of the {len(files)} images in {source} could be read")
-        info = _read_info(output) or {}
+        info = read_info(output) or {}
         info.setdefault("name", output.name)
         info.setdefault("splits", {})[split] = {
             "name": split, "num_samples": sum(lengths), "filenames": filenames, "shard_lengths": lengths,
@@ -314,7 +311,7 @@ def write_shards(
             info["classes"] = classes
             info["num_classes"] = len(classes)
         info["skipped"] = skipped
-        _write_info(output, info)  # last: only a complete set is listed
+        write_info(output, info)  # last: only a complete set is listed
     except BaseException as error:
         # nothing half done stays: the partial shard and the shards written so far (a set without its _info.json
         # entry would be read as if complete) go, and the space they took is free again
@@ -390,43 +387,21 @@ def _default_signals() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _write_info(output: Path, info: dict) -> None:
+def write_info(output: Path, info: dict) -> None:
+    """Writes a shard folder's ``_info.json`` (whole, or not at all)."""
     storage.write_text(output / INFO_FILE, json.dumps(info, indent=2))
 
 
 def _forget_split(output: Path, split: str) -> None:
     """Takes ``split`` out of ``_info.json`` (deleting the file when no split is left)."""
-    info = _read_info(output)
+    info = read_info(output)
     if info is None or split not in info.get("splits", {}):
         return
     del info["splits"][split]
     if info["splits"]:
-        _write_info(output, info)
+        write_info(output, info)
     else:
         (output / INFO_FILE).unlink()
-
-
-def labelled_source(data: str) -> tuple[ShardSet | list[tuple[Path, int]], list[str] | None, int]:
-    """``--data`` for evaluation: labelled shards, or a folder with one sub-folder per class.
-    Returns (source, class names or None, sample count)."""
-    path = Path(data)
-    if is_image_folder(path):  # read as it is: one pass over every image needs no shards
-        files, classes = find_images(path)
-        if classes is None:
-            raise SimmimError(f"{path} has no class sub-folders; evaluation needs labels")
-        return files, classes, len(files)
-    warn_unlisted_shards(path)
-    shards = resolve_shards(data)
-    return shards, shards.classes, shards.num_samples
-
-
-def labelled_shards(data: str, epoch_size: int | None = None, option: str = "--data") -> ShardSet:
-    """Shards with labels and class names, or a clear error."""
-    shards = resolve_shards(data, epoch_size=epoch_size)
-    if not shards.classes:
-        raise SimmimError(f"{option} {data} has no class names in _info.json, so no labels; make the shards from a "
-                          "folder with one sub-folder per class (simmim make-shards IMAGES/ OUT/)")
-    return shards
 
 
 # ---------------------------------------------------------------------------------------------- DALI index files
@@ -477,108 +452,3 @@ def read_dali_index_count(shard: str | Path) -> int | None:
     with path.open() as index:
         version, _, count = index.readline().partition(" ")
     return int(count) if version == DALI_INDEX_VERSION and count.strip().isdigit() else None
-# ---------------------------------------------------------------------------------------------- --data as shards
-
-
-def is_image_folder(path: Path) -> bool:
-    """A folder that is not a shard folder (no .tar files, no _info.json): images, flat or in class folders."""
-    return path.is_dir() and not (path / INFO_FILE).exists() and not any(path.glob("*.tar"))
-
-
-def data_shards(data: str, option: str = "--data", labels: bool = False) -> str:
-    """The one call a command makes to turn ``--data`` into shards, before anything reads it (and, in multi-process
-    runs, before any worker starts: on one process only, never concurrently).
-
-    A folder of images (flat, or class sub-folders for labels) is written once into shards in
-    ``FOLDER.simmim-shards/`` next to it, and that cache is used while the folder's images are the same files
-    (names, sizes, modification times, classes); any change rebuilds it. Anything else is returned unchanged,
-    after a warning when a shard folder holds .tar files its ``_info.json`` does not list. ``labels``: a flat
-    folder is an error (classifiers need class sub-folders). Returns the ``--data`` value to use."""
-    path = Path(data)
-    if not is_image_folder(path):
-        warn_unlisted_shards(path, option)
-        return data
-    source = path.resolve()
-    files, classes = find_images(source)
-    if labels and classes is None:
-        raise SimmimError(f"{option} {data} has no class sub-folders, so no labels; put each class's images in a "
-                          "sub-folder named after the class")
-    fingerprint = folder_fingerprint(source, files, classes)
-    cache = source.parent / f"{source.name}{CACHE_SUFFIX}"
-    if _cached_fingerprint(cache) == fingerprint:
-        print(f"note: {option} {data}: using its shards in {cache} (rebuilt when the folder changes)", file=sys.stderr)
-        return str(cache)
-    print(f"note: {option} {data}: writing its {len(files)} images into shards in {cache}, once (reused while the "
-          f"folder is unchanged); for large sets make shards yourself, once, with simmim make-shards {data} OUT "
-          "(a progress bar, shard sizes of your choice, any storage) and pass --data OUT", file=sys.stderr)
-    tmp = source.parent / f".{cache.name}.tmp-{os.getpid()}"
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        info = write_shards(source, tmp, maxcount=CACHE_SHARD_SIZE, force=True,
-                            on_skip=lambda image, reason: print(f"warning: skipped unreadable {image}: {reason}",
-                                                                file=sys.stderr))
-        info["source"] = {"folder": str(source), "fingerprint": fingerprint, "images": len(files)}
-        _write_info(tmp, info)
-        _swap_in(tmp, cache, fingerprint)
-    except Exception as error:
-        fault = storage.storage_error(error, cache)
-        if fault is None:
-            raise
-        raise storage.StorageError(f"{option} {data}: its shards are kept next to it, and {fault}; or make them "
-                                   f"elsewhere with simmim make-shards {data} OUT and pass {option} OUT") from error
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(cache)
-
-
-def folder_fingerprint(source: Path, files: list[tuple[Path, int | None]], classes: list[str] | None) -> str:
-    """A digest of what the images of a folder are: relative names, labels, sizes and modification times."""
-    digest = hashlib.sha256(json.dumps(classes).encode())
-    for path, label in sorted(files, key=lambda item: str(item[0])):
-        stat = path.stat()
-        digest.update(f"{path.relative_to(source)}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:32]
-
-
-def _cached_fingerprint(cache: Path) -> str | None:
-    try:
-        return json.loads((cache / INFO_FILE).read_text()).get("source", {}).get("fingerprint")
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return None
-
-
-def _swap_in(tmp: Path, cache: Path, fingerprint: str) -> None:
-    """Puts the finished shards in place; an outdated cache is replaced, one written meanwhile by another run of
-    the same folder is kept."""
-    if not cache.exists():
-        try:
-            tmp.rename(cache)
-            return
-        except OSError:
-            if not cache.exists():
-                raise
-    if _cached_fingerprint(cache) == fingerprint:
-        return
-    old = cache.parent / f".{cache.name}.old-{os.getpid()}"
-    cache.rename(old)
-    tmp.rename(cache)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def unlisted_shards(directory: Path) -> list[str]:
-    """The .tar files of a shard folder that its _info.json lists in no split (and that readers therefore skip)."""
-    info = _read_info(directory) if directory.is_dir() else None
-    if info is None:
-        return []
-    listed = {name for entry in info.get("splits", {}).values() for name in entry.get("filenames", [])}
-    return sorted(p.name for p in directory.glob("*.tar") if p.name not in listed)
-
-
-def warn_unlisted_shards(path: Path, option: str = "--data") -> None:
-    unlisted = unlisted_shards(path)
-    if unlisted:
-        print(f"warning: {option} {path}: {len(unlisted)} .tar file(s) are not listed in its {INFO_FILE} and are "
-              f"ignored ({', '.join(unlisted[:3])}{', ...' if len(unlisted) > 3 else ''}); to include them, re-make "
-              f"the shards with simmim make-shards IMAGES {path} --force, or add their names and sample counts to a "
-              f"split's filenames and shard_lengths in {INFO_FILE}, or pass {option} as a pattern or list file naming "
-              "every shard", file=sys.stderr)

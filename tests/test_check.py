@@ -4,14 +4,17 @@ CPU processes over gloo with tiny models. The machine running the tests is share
 is compared with run back to back with one torch thread each (oversubscribed OpenMP threads make times erratic).
 """
 
+import argparse
 import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import ROOT, TINY_MODELS, digit_images, free_port
 from PIL import Image
 from typer.testing import CliRunner
@@ -254,6 +257,87 @@ def test_the_forecast_names_the_bound_from_the_rates():
     talky = preflight.forecast(preflight.Rates(**{**base, "allreduce_s": 0.08}))
     assert talky["bound"] == "communication" and talky["comm_share"] == pytest.approx(0.8)
     assert preflight.forecast(preflight.Rates(**base, fits=False))["bound"] == "memory"
+
+
+class SleepingTrainer:
+    """A trainer whose steps take ``compute`` seconds each, one of them ``slow_step`` seconds longer."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, compute: float, slow_step: int, events: list[str]):
+        self.compute, self.slow_step, self.events, self.steps = compute, slow_step, events, 0
+
+    def train_step(self, batch, last_micro):
+        time.sleep(self.compute + (1.0 if self.steps == self.slow_step else 0.0))
+
+    def optimizer_step(self):
+        self.events.append("step")
+        self.steps += 1
+
+
+class Memory:
+    def __init__(self, events: list[str]):
+        self.events = events
+
+    def reset(self):
+        self.events.append("reset")
+
+    def read(self):
+        return 1
+
+
+class RestartingBatches:
+    """Batches on time, but the loader starts again (for 1 s, timed apart in ``starts``) at batch ``restart_at``."""
+
+    def __init__(self, restart_at: int):
+        self.restart_at, self.taken, self.starts = restart_at, 0, [0.5]
+
+    def next(self):
+        self.taken += 1
+        if self.taken == self.restart_at:
+            time.sleep(1.0)
+            self.starts.append(1.0)
+        return {"image": torch.zeros(1)}, 0.0
+
+
+def test_the_timed_step_is_the_median_step_without_a_loader_restart_and_after_the_memory_reset():
+    """A step slowed by something else (1 s) and a loader that starts again within a step (1 s) do not move the
+    step time (10 ms): their mean would be about 0.2 s. The peak-memory reset comes before the warm-up steps,
+    so the memory it hands back is faulted in again by an untimed step."""
+    events: list[str] = []
+    config = argparse.Namespace(grad_accum=1, batch_size=4)
+    figures = check_command._timed_steps(SleepingTrainer(0.01, slow_step=5, events=events), RestartingBatches(8),
+                                         config, 10, Memory(events))
+    assert figures["steps"] == 10
+    assert figures["compute_step_s"] < 0.1 and figures["loop_step_s"] == figures["compute_step_s"]
+    assert figures["img_per_s"] == pytest.approx(4 / figures["loop_step_s"])
+    assert events[0] == "reset" and events.count("reset") == 1 and events.count("step") == 12  # 2 warm-up, 10 timed
+
+
+class CountingStream:
+    """A stream of ``per_epoch`` batches an epoch, as many epochs as ``set_epoch`` asks for."""
+
+    def __init__(self, per_epoch: int):
+        self.per_epoch, self.calls = per_epoch, []
+
+    def set_epoch(self, epoch: int, epochs: int = 1):
+        self.calls.append((epoch, epochs))
+        self.epoch, self.epochs = epoch, epochs
+
+    def __iter__(self):
+        for epoch in range(self.epoch, self.epoch + self.epochs):
+            for index in range(self.per_epoch):
+                yield {"epoch": epoch, "index": index}
+
+
+def test_the_check_takes_batches_across_epochs_as_the_run_does_starting_its_loader_once():
+    stream = CountingStream(per_epoch=3)
+    batches = check_command._Batches(stream, torch.device("cpu"), epochs=2)
+    taken = [batches.next()[0] for _ in range(6)]
+    assert [(b["epoch"], b["index"]) for b in taken] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+    assert stream.calls == [(0, 2)] and len(batches.starts) == 1  # one pass over the run's epochs
+    assert batches.next()[0]["epoch"] == 2 and stream.calls == [(0, 2), (2, 2)]  # past them: started again
+    assert len(batches.starts) == 2
 
 
 @pytest.mark.gpu

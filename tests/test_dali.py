@@ -17,10 +17,11 @@ from typer.testing import CliRunner
 
 from simmim_cli import dali
 from simmim_cli.cli import app
+from simmim_cli.data_sources import labelled_shards
 from simmim_cli.errors import SimmimError
 from simmim_cli.masking import MaskGenerator
 from simmim_cli.pipeline import EvalStream
-from simmim_cli.shards import labelled_shards, read_dali_index_count, resolve_shards, write_dali_index, write_shards
+from simmim_cli.shards import read_dali_index_count, resolve_shards, write_dali_index, write_shards
 from simmim_cli.transforms import CropTransform
 
 runner = CliRunner()

@@ -11,12 +11,12 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from simmim_cli import epoch_order
-from simmim_cli import shards as shards_module
+from simmim_cli import data_sources, epoch_order
+from simmim_cli.data_sources import data_shards
 from simmim_cli.errors import SimmimError
 from simmim_cli.masking import MaskGenerator
 from simmim_cli.pipeline import ShardStream, make_loader
-from simmim_cli.shards import data_shards, resolve_shards, write_shards
+from simmim_cli.shards import resolve_shards, write_shards
 from simmim_cli.transforms import PretrainTransform, decode_image, decode_tensor, to_rgb
 
 
@@ -231,7 +231,7 @@ def test_an_unwritable_cache_is_a_clear_error(photo_folder, tmp_path, monkeypatc
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(shards_module, "write_shards", refuse)
+    monkeypatch.setattr(data_sources, "write_shards", refuse)
     with pytest.raises(SimmimError, match="permission denied.*simmim make-shards") as raised:
         data_shards(str(photo_folder))
     assert raised.value.exit_code == 74  # a storage fault (docs/storage-faults.md)

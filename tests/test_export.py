@@ -15,10 +15,11 @@ from typer.testing import CliRunner
 from simmim_cli import checkpoints
 from simmim_cli.cli import app
 from simmim_cli.commands.predict import predict
-from simmim_cli.config import FinetuneConfig, PredictConfig
+from simmim_cli.config import FinetuneConfig
 from simmim_cli.inference import load_classifier
 from simmim_cli.models import build_simmim, make_classifier
 from simmim_cli.tasks import save_model_file
+from simmim_cli.tool_configs import PredictConfig
 from simmim_cli.transforms import CropTransform, decode_image, normalize
 from simmim_cli.visualize import MIN_TILE
 from simmim_cli.weights import load_simmim

@@ -91,7 +91,7 @@ def needs_onnxruntime_cuda() -> None:
 def test_fp16_export_is_verified_on_the_cuda_provider(pretrain_checkpoint, tmp_path):  # noqa: F811
     needs_onnxruntime_cuda()
     from simmim_cli.commands.export import export
-    from simmim_cli.config import ExportConfig
+    from simmim_cli.tool_configs import ExportConfig
 
     report = export(ExportConfig(checkpoint=str(pretrain_checkpoint), output=str(tmp_path / "model.onnx"),
                                  what="features", fp16=True))
@@ -105,7 +105,7 @@ def onnx_classifier(tmp_path):
     from test_export import classifier_checkpoint
 
     from simmim_cli.commands.export import export
-    from simmim_cli.config import ExportConfig
+    from simmim_cli.tool_configs import ExportConfig
 
     checkpoint = classifier_checkpoint(tmp_path, "vit")
     export(ExportConfig(checkpoint=str(checkpoint), output=str(tmp_path / "m.onnx"), verify=False))
@@ -139,8 +139,8 @@ def test_predict_and_evaluate_hand_an_onnx_model_its_batches_on_the_gpu(tmp_path
 
     from simmim_cli.commands.evaluate import evaluate
     from simmim_cli.commands.predict import predict
-    from simmim_cli.config import EvaluateConfig, PredictConfig
     from simmim_cli.inference import OnnxClassifier
+    from simmim_cli.tool_configs import EvaluateConfig, PredictConfig
 
     _, path = onnx_classifier(tmp_path)
     seen: list[str] = []

@@ -345,7 +345,7 @@ def test_make_shards_whose_info_file_cannot_be_written_leaves_no_unlisted_shards
         with storage.writing(output / "_info.json"):
             raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
 
-    monkeypatch.setattr(shards, "_write_info", quota)
+    monkeypatch.setattr(shards, "write_info", quota)
     line = error_line(runner.invoke(app, ["make-shards", str(photo_folder), str(tmp_path / "out"), "--maxcount", "9"]))
     assert f"cannot write {tmp_path / 'out' / '_info.json'}: disk quota exceeded" in line
     assert "removed the partial shard and the 3 complete one(s) of this unfinished set" in line
@@ -481,7 +481,7 @@ def test_best_effort_warns_once_per_kind_and_folder_and_removes_its_temporary(tm
 
 
 def test_an_image_folder_whose_shard_cache_cannot_be_written_is_one_line(photo_folder, tmp_path, monkeypatch):
-    from simmim_cli import shards
+    from simmim_cli import data_sources
 
     folder = tmp_path / "images"
     shutil.copytree(photo_folder, folder)
@@ -493,10 +493,10 @@ def test_an_image_folder_whose_shard_cache_cannot_be_written_is_one_line(photo_f
     monkeypatch.setattr(wds.TarWriter, "write", full)
     with pytest.raises(StorageError, match=r"--data .*images: its shards are kept next to it, and cannot write .*"
                                            r"no space left on its disk.*simmim make-shards .*images OUT"):
-        shards.data_shards(str(folder))
+        data_sources.data_shards(str(folder))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]  # no cache, no temporary folder
     monkeypatch.setattr(wds.TarWriter, "write", real_write)
-    assert shards.data_shards(str(folder)).endswith("images.simmim-shards")
+    assert data_sources.data_shards(str(folder)).endswith("images.simmim-shards")
 
 
 def test_export_on_a_full_disk_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):

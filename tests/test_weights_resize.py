@@ -16,9 +16,10 @@ from typer.testing import CliRunner
 from simmim_cli.cli import app
 from simmim_cli.commands.classifier import resolve_classifier
 from simmim_cli.commands.visualize import visualize_recon
-from simmim_cli.config import FinetuneConfig, LinearProbeConfig, VisualizeConfig
+from simmim_cli.config import FinetuneConfig, LinearProbeConfig
 from simmim_cli.models import build_simmim, make_classifier
 from simmim_cli.shards import write_shards
+from simmim_cli.tool_configs import VisualizeConfig
 from simmim_cli.weights import load_encoder, read_weights
 
 runner = CliRunner()

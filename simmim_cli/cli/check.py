@@ -42,7 +42,7 @@ def check_options(
         "(doubling, then bisecting).")] = False,
     steps: Annotated[int | None, typer.Option(
         help="Timed optimizer steps per process, after 2 warm-up steps \\[default: as many as take about 5 s, at "
-             "least 5].", show_default=False)] = None,
+             "least 10].", show_default=False)] = None,
 ) -> None:
     """Will this run work, how fast, and what holds it back?"""
     from ..commands.check import CheckOptions
@@ -61,7 +61,7 @@ CHECK_PARAMETERS = [
                            rich_help_panel=CHECK)]),
     inspect.Parameter("check_steps", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
         int | None, typer.Option("--steps", help="Timed optimizer steps per process, after 2 warm-up steps "
-                                 "\\[default: as many as take about 5 s, at least 5].",
+                                 "\\[default: as many as take about 5 s, at least 10].",
                                  rich_help_panel=CHECK, show_default=False)]),
 ]
 

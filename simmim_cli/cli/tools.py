@@ -7,14 +7,7 @@ from typing import Annotated
 import typer
 
 from .. import remote
-from ..config import (
-    EvaluateConfig,
-    ExportConfig,
-    KnnConfig,
-    PredictConfig,
-    VisualizeConfig,
-    resolve_config,
-)
+from ..config import resolve_config
 from ..options import (
     DATA,
     EV,
@@ -35,6 +28,7 @@ from ..options import (
     ShardCacheSize,
     Workers,
 )
+from ..tool_configs import EvaluateConfig, ExportConfig, KnnConfig, PredictConfig, VisualizeConfig
 from .app import app, config_from_context, handle_errors
 
 

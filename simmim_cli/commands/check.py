@@ -27,10 +27,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .. import checkpoints, distributed, preflight
 from ..config import TrainConfig
+from ..data_sources import is_image_folder
 from ..engine import Trainer
 from ..errors import SimmimError
-from ..pipeline import _image_bytes, default_workers, make_loader, sample_label, seeded_rng
-from ..shards import is_image_folder, write_shards
+from ..pipeline import default_workers, make_loader, sample_image_bytes, sample_label, seeded_rng
+from ..shards import write_shards
 from .finetune import build_finetune, prepare_finetune
 from .pretrain import build_pretrain, prepare_pretrain
 from .probe import build_linear_probe, prepare_linear_probe
@@ -40,11 +41,13 @@ COMMANDS = {
     "finetune": (prepare_finetune, build_finetune),
     "linear-probe": (prepare_linear_probe, build_linear_probe),
 }
-WARMUP_STEPS = 2  # untimed steps first: DDP's buckets, cuDNN's kernel choice, the allocator's first blocks
+# untimed steps first: DDP's buckets, cuDNN's kernel choice, the allocator's first blocks, and on the CPU the memory
+# that the peak-memory reset handed back to the kernel, faulted in again
+WARMUP_STEPS = 2
 DATA_READ_SECONDS = 3.0  # the timed read of the shards stops after this long (or DATA_READ_IMAGES images)
 DATA_READ_IMAGES = 256
 TIMED_SECONDS = 5.0  # without --steps, timed steps go on for about this long
-MIN_TIMED_STEPS, MAX_TIMED_STEPS = 5, 500
+MIN_TIMED_STEPS, MAX_TIMED_STEPS = 10, 500  # the median of fewer steps is one slow step away from another figure
 FIND_BATCH_TRIALS = 16  # doublings and bisections together
 FIND_BATCH_SECONDS = 60.0  # --find-batch stops doubling after this long and reports "at least"
 FIND_BATCH_FACTOR = 64  # ... or at this many times the requested batch (a CPU's memory is large and slow to fill)
@@ -204,7 +207,7 @@ def _time_data(dataset: Any) -> dict[str, Any]:
             break
         started = time.perf_counter()
         try:
-            image = dataset.decode(_image_bytes(sample))
+            image = dataset.decode(sample_image_bytes(sample))
             if dataset.labels:
                 sample_label(sample, dataset.num_classes)
             with seeded_rng(images):
@@ -226,17 +229,19 @@ def _time_data(dataset: Any) -> dict[str, Any]:
 
 
 class _Batches:
-    """Batches from the real loader on the training device; an exhausted epoch starts the next one. Waiting for
-    a batch is timed; the loader's start at an epoch is timed apart (``starts``)."""
+    """Batches from the real loader on the training device, taken as the run takes them: one pass over the loader
+    spans the run's ``epochs``, so its processes start once and keep their batches coming across an epoch's end.
+    Waiting for a batch is timed; the loader's start is timed apart (``starts``), and so is a start again where
+    the check outlasts the run's epochs."""
 
-    def __init__(self, dataset: Any, device: torch.device):
-        self.dataset, self.device = dataset, device
+    def __init__(self, dataset: Any, device: torch.device, epochs: int):
+        self.dataset, self.device, self.epochs = dataset, device, max(epochs, 1)
         self.loader = make_loader(dataset, pin_memory=device.type == "cuda")
         self.epoch, self.starts = 0, []
         self._start()
 
     def _start(self) -> None:
-        self.dataset.set_epoch(self.epoch)
+        self.dataset.set_epoch(self.epoch, epochs=self.epochs)
         started = time.perf_counter()
         self.iterator = iter(self.loader)
         self.pending = next(self.iterator)
@@ -249,7 +254,7 @@ class _Batches:
             try:
                 batch = next(self.iterator)
             except StopIteration:
-                self.epoch += 1
+                self.epoch += self.epochs
                 self._start()
                 return self.next()
         else:
@@ -268,7 +273,7 @@ def _measure(trainer: Trainer, dataset: Any, config: TrainConfig, options: Check
     device = trainer.device
     memory = preflight.PeakMemory(device)
     cap = preflight.memory_cap()
-    batches = _Batches(dataset, device)
+    batches = _Batches(dataset, device, config.epochs)
     figures: dict[str, Any] = {"device": device.type, "device_memory": memory.total()}
     try:
         first, _ = batches.next()
@@ -338,18 +343,22 @@ def _timed_steps(trainer: Trainer, batches: _Batches, config: TrainConfig, steps
                  memory: preflight.PeakMemory) -> dict[str, Any]:
     """Optimizer steps as the run makes them (DDP, gradient accumulation, real batches), each synchronised:
     the time waiting for batches and the time computing, per step. ``steps`` None: as many as fill about
-    TIMED_SECONDS, at least MIN_TIMED_STEPS."""
+    TIMED_SECONDS, at least MIN_TIMED_STEPS.
+
+    A step computes for the median of the timed steps' compute times, so that one step slowed by something else
+    (a garbage collection, another job's burst on a shared machine) does not speak for all; it waits for data the
+    mean of their waits, since a loader slower than the model makes some steps wait and not others."""
     waits, computes = [], []
+    memory.reset()  # before the warm-up: the memory it hands back to the kernel is faulted in by an untimed step
     index, last = 0, WARMUP_STEPS + 1  # the count is fixed after the warm-up
     warm_started = time.perf_counter()
     while index < last:
         if index == WARMUP_STEPS:
-            memory.reset()
             # enough steps for TIMED_SECONDS at the slowest process's pace: every process makes the same number
             pace = max(distributed.gather_objects(time.perf_counter() - warm_started)) / WARMUP_STEPS
             wanted = steps or min(max(MIN_TIMED_STEPS, math.ceil(TIMED_SECONDS / max(pace, 1e-6))), MAX_TIMED_STEPS)
             last = WARMUP_STEPS + wanted
-        started, waited = time.perf_counter(), 0.0
+        started, waited, starts = time.perf_counter(), 0.0, len(batches.starts)
         for micro in range(config.grad_accum):
             batch, wait = batches.next()
             waited += wait
@@ -358,14 +367,14 @@ def _timed_steps(trainer: Trainer, batches: _Batches, config: TrainConfig, steps
         if trainer.device.type == "cuda":
             torch.cuda.synchronize(trainer.device)
         if index >= WARMUP_STEPS:
+            restarted = sum(batches.starts[starts:])  # the loader started again: a cost of the check, not the step's
             waits.append(waited)
-            computes.append(time.perf_counter() - started - waited)
+            computes.append(time.perf_counter() - started - waited - restarted)
         index += 1
-    steps = len(computes)
-    total = sum(waits) + sum(computes)
-    images = config.batch_size * config.grad_accum * steps
-    return {"steps": steps, "compute_step_s": sum(computes) / steps, "loop_step_s": total / steps,
-            "data_wait": sum(waits) / total, "img_per_s": images / total, "peak_memory": memory.read()}
+    compute, wait = statistics.median(computes), statistics.fmean(waits)
+    loop = compute + wait
+    return {"steps": len(computes), "compute_step_s": compute, "loop_step_s": loop, "data_wait": wait / loop,
+            "img_per_s": config.batch_size * config.grad_accum / loop, "peak_memory": memory.read()}
 
 
 def _tile(batch: dict[str, Any], size: int) -> dict[str, Any]:

@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 from ..config import FinetuneConfig, LinearProbeConfig
+from ..data_sources import labelled_shards
 from ..errors import SimmimError
 from ..models import check_img_size, make_classifier
 from ..pipeline import EvalStream
-from ..shards import labelled_shards
 from ..weights import architecture_of, classifier_kwargs, load_encoder, read_weights
 from .training import prepare_data
 

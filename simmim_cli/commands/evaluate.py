@@ -10,13 +10,13 @@ from typing import Any
 import torch
 
 from .. import dali, distributed
-from ..config import EvaluateConfig
+from ..data_sources import labelled_source
 from ..errors import SimmimError
 from ..evaluation import evaluate_classifier, image_logits
 from ..inference import load_classifier, newest_classifier
 from ..pipeline import EvalStream, make_loader
 from ..precision import autocast, resolve_precision
-from ..shards import labelled_source
+from ..tool_configs import EvaluateConfig
 from ..transforms import CropTransform
 
 

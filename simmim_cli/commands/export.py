@@ -10,10 +10,10 @@ from typing import Any
 import torch
 
 from .. import checkpoints, storage
-from ..config import ExportConfig
 from ..errors import SimmimError
 from ..export import example_inputs, exportable, set_metadata, to_fp16, to_int8, to_onnx, verification_images, verify
 from ..inference import newest_classifier
+from ..tool_configs import ExportConfig
 
 
 def export(config: ExportConfig) -> dict[str, Any]:

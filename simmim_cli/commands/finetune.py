@@ -6,10 +6,10 @@ from typing import Any
 
 from .. import dali, distributed
 from ..config import FinetuneConfig
+from ..data_sources import labelled_shards
 from ..defaults import choose_finetune, encoder_depth
 from ..models import make_classifier, model_family
 from ..pipeline import ShardStream
-from ..shards import labelled_shards
 from ..tasks import FinetuneTask, Task
 from ..transforms import ClassifierTrainTransform, CropTransform
 from ..weights import load_encoder, read_weights

@@ -8,11 +8,11 @@ from typing import Any
 import torch
 
 from .. import distributed
-from ..config import KnnConfig
+from ..data_sources import labelled_shards
 from ..evaluation import knn_classify
 from ..features import cached_features, data_features
 from ..models import make_classifier
-from ..shards import labelled_shards
+from ..tool_configs import KnnConfig
 from ..weights import load_encoder, read_weights
 from .classifier import resolve_classifier
 

@@ -9,10 +9,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import PredictConfig
 from ..errors import SimmimError
+from ..image_inputs import PredictStream, image_sources
 from ..inference import OnnxClassifier, load_classifier
-from ..pipeline import PredictStream, image_sources, make_loader
+from ..pipeline import make_loader
+from ..tool_configs import PredictConfig
 from ..transforms import normalize
 
 

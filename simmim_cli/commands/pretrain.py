@@ -10,12 +10,13 @@ import torch
 
 from .. import dali, distributed
 from ..config import PretrainConfig
+from ..data_sources import labelled_shards
 from ..defaults import choose_pretrain
 from ..errors import SimmimError
 from ..masking import MaskGenerator
 from ..models import build_simmim
 from ..pipeline import EvalStream, ShardStream
-from ..shards import labelled_shards, resolve_shards, write_shards
+from ..shards import resolve_shards, write_shards
 from ..tasks import PretrainTask, Task
 from ..transforms import CropTransform, PretrainTransform, decode_tensor, pretrain_decode_size
 from .training import prepare_data, prepare_run, run_training

@@ -7,10 +7,10 @@ from typing import Any
 
 from .. import dali, distributed
 from ..config import LinearProbeConfig
+from ..data_sources import labelled_shards
 from ..features import cached_features
 from ..models import make_classifier
 from ..pipeline import ShardStream, TensorStream
-from ..shards import labelled_shards
 from ..tasks import LinearProbeTask, Task
 from ..transforms import CropTransform
 from ..weights import load_encoder, read_weights

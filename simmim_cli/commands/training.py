@@ -12,10 +12,10 @@ import torch
 
 from .. import checkpoints, distributed, storage
 from ..config import TrainConfig
+from ..data_sources import data_shards, is_image_folder
 from ..engine import Trainer
 from ..errors import SimmimError
 from ..pipeline import default_workers
-from ..shards import data_shards, is_image_folder
 
 
 def resolve_run_paths(config: TrainConfig, runs_root: Path = Path("runs")) -> None:
@@ -121,7 +121,7 @@ def prepare_run(config: TrainConfig) -> None:
 
 def prepare_data(config: TrainConfig, *fields: str, labels: bool = False) -> None:
     """``--data`` (and the other data options named) as shards: an image folder is written into shards once (see
-    :func:`shards.data_shards`) here, before any worker starts; the workers get the shard paths with the config.
+    :func:`data_sources.data_shards`) here, before any worker starts; the workers get the shard paths with the config.
     Under torchrun/SLURM this runs on rank 0 only; the other nodes of a ``--nnodes`` job take node 0's paths."""
     for name in fields:
         value = getattr(config, name)

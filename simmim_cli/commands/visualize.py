@@ -9,11 +9,11 @@ import numpy as np
 import torch
 
 from .. import checkpoints, distributed, storage
-from ..config import VisualizeConfig
 from ..errors import SimmimError
+from ..image_inputs import collect_images, image_views
 from ..masking import MaskGenerator
 from ..models import masked_l1_per_image
-from ..pipeline import collect_images, image_views
+from ..tool_configs import VisualizeConfig
 from ..transforms import normalize
 from ..visualize import recon_panel, save_png
 from ..weights import load_simmim
