@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from simmim_cli import checkpoints  # noqa: E402
 from simmim_cli.commands.export import export  # noqa: E402
-from simmim_cli.config import ExportConfig  # noqa: E402
 from simmim_cli.export import verification_images  # noqa: E402
 from simmim_cli.masking import MaskGenerator  # noqa: E402
 from simmim_cli.models import build_simmim  # noqa: E402
+from simmim_cli.tool_configs import ExportConfig  # noqa: E402
 from simmim_cli.weights import load_simmim  # noqa: E402
 
 SWIN_B = dict(image_size=192, patch_size=4, embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32],

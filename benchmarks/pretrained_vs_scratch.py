@@ -28,14 +28,9 @@ from simmim_cli.checkpoints import latest_checkpoint  # noqa: E402
 from simmim_cli.commands.evaluate import evaluate  # noqa: E402
 from simmim_cli.commands.export import export  # noqa: E402
 from simmim_cli.commands.probe import linear_probe  # noqa: E402
-from simmim_cli.config import (  # noqa: E402
-    EvaluateConfig,
-    ExportConfig,
-    FinetuneConfig,
-    LinearProbeConfig,
-    PretrainConfig,
-)
+from simmim_cli.config import FinetuneConfig, LinearProbeConfig, PretrainConfig  # noqa: E402
 from simmim_cli.shards import write_shards  # noqa: E402
+from simmim_cli.tool_configs import EvaluateConfig, ExportConfig  # noqa: E402
 
 MODEL = "vit_tiny_patch16_224"
 MODEL_KWARGS = {"patch_size": 4, "embed_dim": 96, "depth": 6, "num_heads": 3}

@@ -341,15 +341,3 @@ def resolve_config(config_class: type[C], cli_values: dict[str, Any], explicit: 
             config.warmup_epochs = round(default.warmup_epochs * min(1.0, config.epochs / default.epochs), 2)
     config.validate()
     return config
-
-
-def __getattr__(name: str) -> Any:
-    """``from simmim_cli.config import EvaluateConfig`` (or ``ExportConfig``), as benchmarks/hf_parity.py and
-    benchmarks/pretrained_vs_scratch.py still write it: both configs live in tool_configs.py now. Imported when
-    asked for, so that config.py does not import tool_configs.py back at load time. Remove once those two scripts
-    import from tool_configs.py."""
-    if name in ("EvaluateConfig", "ExportConfig"):
-        from . import tool_configs
-
-        return getattr(tool_configs, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
