@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from pretrain_step import matmul_peak  # noqa: E402
+from pretrain_step import matmul_peak_gflops  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from simmim_cli.export import to_int8, to_onnx  # noqa: E402
@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args()
-    peak = matmul_peak(torch.float32)  # the ceiling for fp32 inference on this machine
+    peak = matmul_peak_gflops("fp32")  # the ceiling for fp32 inference on this machine
     with tempfile.TemporaryDirectory() as tmp:
         for key in args.models:
             name, kwargs = MODELS[key]
