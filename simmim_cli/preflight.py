@@ -278,7 +278,7 @@ def advice(bound: str, config: Any, figures: dict[str, Any]) -> list[str]:
     else:
         if config.precision == "fp32":
             tips.append("--precision auto: bf16 where the device has it")
-        if not config.compile:
+        if not config.compile and figures.get("device") == "cuda":  # on CPUs measured slower (docs/speed.md)
             tips.append("--compile: fused kernels, often 10-30% faster after a slow first step")
     return tips
 

@@ -364,3 +364,13 @@ def test_a_batch_too_large_for_the_gpu_is_caught_and_the_largest_that_fits_found
     assert not memory["requested_fits"] and memory["largest_batch"] >= 1
     assert memory["largest_batch"] < memory["first_failing_batch"] <= 2 * memory["largest_batch"]
     assert report["verdict"]["bound"] == "memory"
+
+
+def test_compute_bound_advice_suggests_compile_on_gpus_only():
+    config = argparse.Namespace(precision="auto", compile=False, bf16_grad_reduce=False, grad_accum=1)
+    on_gpu = preflight.advice("compute", config, {"device": "cuda"})
+    on_cpu = preflight.advice("compute", config, {"device": "cpu"})
+    assert any(tip.startswith("--compile") for tip in on_gpu)
+    assert not any(tip.startswith("--compile") for tip in on_cpu)  # measured slower there (docs/speed.md)
+    config.compile = True
+    assert not any(tip.startswith("--compile") for tip in preflight.advice("compute", config, {"device": "cuda"}))
