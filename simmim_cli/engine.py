@@ -27,10 +27,12 @@ from . import checkpoints, distributed, storage
 from .config import TrainConfig
 from .errors import Interrupted, SimmimError, TrainingDiverged
 from .flops import count_training_flops, device_peak_flops
+from .log_window import LogWindow
 from .models import set_fused_attention
 from .optim import build_scheduler, lr_scale_for_batch
 from .pipeline import make_loader
 from .precision import autocast, resolve_precision
+from .prefetch import DevicePrefetcher
 from .progress import Reporter
 from .storage import StorageError
 from .tasks import Task
@@ -105,7 +107,7 @@ class Trainer:
         batches = None
         try:
             if state.step < stop_at:  # (a finished run that resumes starts no loader)
-                batches = _DevicePrefetcher(iter(make_loader(dataset, pin_memory=self.device.type == "cuda")),
+                batches = DevicePrefetcher(iter(make_loader(dataset, pin_memory=self.device.type == "cuda")),
                                             self.device, self.window)
             while state.step < stop_at:
                 epoch = state.step // self.steps_per_epoch
@@ -192,7 +194,7 @@ class Trainer:
                 f"({context.world_size} process(es) × {max(dataset.workers, 1)} worker(s)): processes share shards "
                 f"and read past each other's samples; write at least {consumers} shards "
                 "(simmim make-shards --max-size)")
-        self.window = _Window(self.device)
+        self.window = LogWindow(self.device)
 
     def prepare_model(self, batch: dict[str, Any]) -> None:
         """At the first batch: count the training FLOPs per image on a meta-device copy (for MFU), freeze
@@ -492,108 +494,3 @@ class Trainer:
             return False
         self.resume_consumed = [tuple(r) for r in data["consumed"]]
         return True
-
-
-class _Window:
-    """Loss, throughput, time waiting for data and non-finite steps since the last log line, kept on the device
-    until it is printed."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.grad_norm: torch.Tensor | None = None
-        self.nonfinite_total: torch.Tensor | None = None  # since the start of this process
-        self.nonfinite_run = torch.zeros((), dtype=torch.int64, device=device)
-        self._reset()
-
-    def _reset(self) -> None:
-        self.loss_sum = torch.zeros((), device=self.device)
-        self.count = 0
-        self.images = 0
-        self.waited = 0.0
-        self.paused_seconds = 0.0
-        self.started = time.perf_counter()
-
-    @contextlib.contextmanager
-    def paused(self):
-        """Time spent inside is left out of the window's throughput (checkpoints, evaluation)."""
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.paused_seconds += time.perf_counter() - started
-
-    def add(self, loss: torch.Tensor, images: int) -> None:
-        self.loss_sum += loss.float()
-        self.count += 1
-        self.images += images
-
-    def count_step(self, nonfinite: torch.Tensor) -> None:
-        nonfinite = nonfinite.to(torch.int64)
-        self.nonfinite_total = nonfinite if self.nonfinite_total is None else self.nonfinite_total + nonfinite
-        self.nonfinite_run = (self.nonfinite_run + 1) * nonfinite  # back to 0 at a finite step
-
-    def nonfinite_counts(self, state: TrainState) -> tuple[int, int]:
-        """(non-finite steps in the run, non-finite steps in a row up to now)."""
-        if self.nonfinite_total is None:
-            return state.nonfinite_steps, state.nonfinite_in_a_row
-        new, run = torch.stack([self.nonfinite_total, self.nonfinite_run]).tolist()
-        self.nonfinite_total = None
-        return state.nonfinite_steps + new, run
-
-    def flush(self) -> tuple[float, int, int, float, float]:
-        seconds = time.perf_counter() - self.started - self.paused_seconds
-        result = (float(self.loss_sum), self.count, self.images, seconds, self.waited)
-        self._reset()
-        return result
-
-    def last_grad_norm(self) -> float | None:
-        return round(float(self.grad_norm), 4) if self.grad_norm is not None else None
-
-
-class _DevicePrefetcher:
-    """Batches on the training device, the next one already on its way: on a GPU it is copied from pinned
-    memory on a side stream while the current batch computes. Time spent waiting for the loader is added to
-    the window (``data_wait``)."""
-
-    def __init__(self, batches: Any, device: torch.device, window: _Window):
-        self.batches, self.device, self.window = batches, device, window
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.ready: dict[str, Any] | None = None
-        self.started = False  # the first batch is asked for at the first __next__, inside the caller's try
-
-    def _load(self) -> dict[str, Any] | None:
-        started = time.perf_counter()
-        try:
-            batch = next(self.batches)
-        except StopIteration:
-            return None
-        except RuntimeError as error:
-            if "shared memory" in str(error) or "shm" in str(error):
-                raise SimmimError("the data loader ran out of shared memory (/dev/shm); lower --workers or "
-                                  "--batch-size, or give the container more (docker run --shm-size=16g)") from error
-            raise
-        finally:
-            self.window.waited += time.perf_counter() - started
-        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
-            return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-    def close(self) -> None:
-        """Stops the loader's worker processes now (not whenever the iterator is collected)."""
-        shutdown = getattr(self.batches, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
-
-    def __next__(self) -> dict[str, Any]:
-        if not self.started:
-            self.ready, self.started = self._load(), True
-        batch = self.ready
-        if batch is None:
-            raise StopIteration
-        if self.stream is not None:
-            current = torch.cuda.current_stream(self.device)
-            current.wait_stream(self.stream)  # the copy is done before the step uses it
-            for value in batch.values():
-                if torch.is_tensor(value):
-                    value.record_stream(current)  # its memory is not reused before the step is done with it
-        self.ready = self._load()
-        return batch

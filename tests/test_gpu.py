@@ -13,8 +13,10 @@ import torch
 from test_export import pretrain_checkpoint  # noqa: F401  (a fixture)
 from test_pretrain import library_config, shards  # noqa: F401  (a fixture)
 
-from simmim_cli import checkpoints, distributed, engine
+from simmim_cli import checkpoints, distributed
 from simmim_cli.commands.pretrain import pretrain
+from simmim_cli.log_window import LogWindow
+from simmim_cli.prefetch import DevicePrefetcher
 
 pytestmark = pytest.mark.gpu
 
@@ -49,8 +51,8 @@ def test_compiled_pretraining_matches_eager_losses(shards, tmp_path):  # noqa: F
 def test_the_prefetcher_hands_over_the_same_batches_on_the_device():
     batches = [{"image": torch.randint(0, 255, (2, 3, 8, 8), dtype=torch.uint8).pin_memory(),
                 "label": torch.tensor([1, 2]), "skipped": []} for _ in range(3)]
-    window = engine._Window(torch.device("cuda"))
-    prefetcher = engine._DevicePrefetcher(iter(batches), torch.device("cuda"), window)
+    window = LogWindow(torch.device("cuda"))
+    prefetcher = DevicePrefetcher(iter(batches), torch.device("cuda"), window)
     for expected in batches:
         got = next(prefetcher)
         assert got["image"].is_cuda and torch.equal(got["image"].cpu(), expected["image"])
