@@ -5,7 +5,7 @@ when someone needs the figure.)"""
 from __future__ import annotations
 
 import ast
-import importlib
+import importlib.util
 import sys
 from pathlib import Path
 
