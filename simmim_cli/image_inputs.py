@@ -72,19 +72,24 @@ def _image_readers(sources: list[Path | ShardSet], limit: int | None) -> Iterato
                 return
 
 
-def collect_images(inputs: list[str], limit: int | None = None) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of the images named by ``inputs``: image files, folders of images (searched recursively),
-    shard folders, .tar files or brace patterns of shards. Stops after ``limit`` images."""
-    for name, read in _image_readers(image_sources(inputs), limit):
-        yield name, read()
+def image_readers(inputs: list[str], limit: int | None = None) -> Iterator[tuple[str, Callable[[], bytes]]]:
+    """(name, a function returning its bytes) of the images named by ``inputs``: image files, folders of images
+    (searched recursively), shard folders, .tar files or brace patterns of shards. Stops after ``limit`` images."""
+    return _image_readers(image_sources(inputs), limit)
 
 
-def image_views(entries: Iterator[tuple[str, bytes]], img_size: int, crop_pct: float, skipped: list[str],
-                notes: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+def image_views(readers: Iterator[tuple[str, Callable[[], bytes]]], img_size: int, crop_pct: float,
+                skipped: list[str], notes: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, uint8 view) for each readable image: resized to ``img_size / crop_pct`` and centre-cropped. Images
-    that do not decode are listed in ``skipped``; ones smaller than the model get a note in ``notes``."""
+    that cannot be read (permissions, a file gone since it was listed) or do not decode are listed in ``skipped``;
+    ones smaller than the model get a note in ``notes``."""
     view = CropTransform(img_size, crop_pct)
-    for name, data in entries:
+    for name, read in readers:
+        try:
+            data = read()
+        except OSError as error:
+            skipped.append(f"{name}: {type(error).__name__}: {error.strerror or error}")
+            continue
         try:
             image = decode_image(data)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
@@ -123,8 +128,8 @@ class PredictStream(IterableDataset):
                 continue  # another worker's batch: its files are not read here
             skipped: list[str] = []
             notes: list[str] = []
-            entries = ((name, read()) for _, (name, read) in batch)
-            views = list(image_views(entries, self.img_size, self.crop_pct, skipped, notes))
+            readers = (reader for _, reader in batch)
+            views = list(image_views(readers, self.img_size, self.crop_pct, skipped, notes))
             yield {"name": [name for name, _ in views],
                    "image": torch.stack([view for _, view in views]) if views
                    else torch.empty(0, 3, self.img_size, self.img_size, dtype=torch.uint8),

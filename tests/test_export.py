@@ -263,6 +263,24 @@ def test_predict_errors(photo_folder, tmp_path):
     assert "skipped unreadable" in result.output and len(json.loads(result.stdout)) == 1
 
 
+def test_predict_skips_an_image_it_cannot_read(photo_folder, tmp_path, monkeypatch):
+    # a file listed but unreadable (permissions, gone from a shared disk) is skipped like one that does not decode
+    checkpoint = classifier_checkpoint(tmp_path, "vit")
+    ok(runner.invoke(app, ["export", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "m.onnx")]))
+    first, locked, last = sorted(photo_folder.glob("photo*.jpg"))[:3]
+    read_bytes = Path.read_bytes
+
+    def refuse_locked(path):
+        if path == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", refuse_locked)
+    run = predict(PredictConfig(model=str(tmp_path / "m.onnx"), images=[str(first), str(locked), str(last)]))
+    assert [p["image"] for p in run["results"]] == [str(first), str(last)]
+    assert run["skipped"] == [f"{locked}: PermissionError: Permission denied"]
+
+
 def test_predict_with_loader_workers_keeps_the_input_order_skips_and_notes(photo_folder, tmp_path):
     import webdataset as wds
 

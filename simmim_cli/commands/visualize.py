@@ -10,7 +10,7 @@ import torch
 
 from .. import checkpoints, distributed, storage
 from ..errors import SimmimError
-from ..image_inputs import collect_images, image_views
+from ..image_inputs import image_readers, image_views
 from ..masking import MaskGenerator
 from ..models import masked_l1_per_image
 from ..tool_configs import VisualizeConfig
@@ -42,7 +42,7 @@ def visualize_recon(config: VisualizeConfig) -> dict[str, Any]:
         "reconstructions mean nothing; use a pretraining checkpoint"]
 
     skipped: list[str] = []
-    views = list(image_views(collect_images(config.images, config.limit), img_size, 1.0, skipped, notes))
+    views = list(image_views(image_readers(config.images, config.limit), img_size, 1.0, skipped, notes))
     names, images = [name for name, _ in views], [tensor for _, tensor in views]
     if not images:
         raise SimmimError("none of the images could be read" + (f" ({skipped[0]})" if skipped else ""))
