@@ -41,7 +41,6 @@ from .masking import MaskGenerator
 from .shards import ShardSet, dali_index_path, read_dali_index_count, write_dali_index
 from .transforms import PRETRAIN_RATIO, PRETRAIN_SCALE, decode_image
 
-DECODES = ("cpu", "gpu")
 INSTALL = 'pip install "simmim-cli[dali]"'
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "pgm", "pbm")
 MAX_FAILED_BATCHES = 20  # DALI failures in one epoch before giving up (the shards are broken, not a sample)
