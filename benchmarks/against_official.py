@@ -2,15 +2,17 @@
 
 The authors' models come from a checkout of https://github.com/microsoft/SimMIM that you pass (nothing of it
 is kept in this repository): their ``models/simmim.py`` encoders (``SwinTransformerForSimMIM``,
-``VisionTransformerForSimMIM``) and head, trained the way their ``main_simmim.py`` trains them: bf16 autocast
-(the precision ``auto`` picks on this machine), ``torch.optim.AdamW``, gradient clipping at 5. Ours is the
-real engine (``engine.Trainer`` with ``PretrainTask``) on the same synthetic uint8 batches and masks. The two
+``VisionTransformerForSimMIM``) and head, trained the way their ``main_simmim.py`` trains them: autocast in
+the precision ``auto`` picks for the device (bf16 on recent GPUs and bf16 CPUs; fp16, with a gradient scaler as
+their apex AMP, on older GPUs), ``torch.optim.AdamW``, gradient clipping at 5. Ours is the real engine
+(``engine.Trainer`` with ``PretrainTask``) on the same synthetic uint8 batches and masks. The two
 alternate, ``--rounds`` times (the order swaps every round), each the best of a few timed windows, so that a
 shared machine's noise hits both alike. Prints one JSON line per model with the pairs, the ratios (ours ÷
 theirs) and their median:
 
     git clone https://github.com/microsoft/SimMIM /tmp/SimMIM   # once, anywhere
     python benchmarks/against_official.py --official /tmp/SimMIM [--models swin_tiny beit_small] [--rounds 3]
+    python benchmarks/against_official.py --official /tmp/SimMIM --device cuda --batch-size 128   # on a GPU
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from simmim_cli import distributed  # noqa: E402
 from simmim_cli.config import PretrainConfig  # noqa: E402
 from simmim_cli.engine import Trainer  # noqa: E402
+from simmim_cli.errors import SimmimError  # noqa: E402
 from simmim_cli.masking import MaskGenerator  # noqa: E402
 from simmim_cli.models import build_simmim  # noqa: E402
 from simmim_cli.precision import autocast, resolve_precision  # noqa: E402
@@ -68,34 +71,46 @@ def official_model(folder: Path, key: str) -> nn.Module:
     return SimMIM(encoder=encoder, encoder_stride=stride)
 
 
-def time_official(folder: Path, key: str, batch: dict, precision: str, steps: int, windows: int) -> float:
+def time_official(folder: Path, key: str, batch: dict, precision: str, steps: int, windows: int,
+                  device: torch.device) -> float:
     """img/s of the authors' step (forward, backward, clip 5, AdamW), the best of ``windows`` windows."""
     torch.manual_seed(0)
-    model = official_model(folder, key).train()
+    model = official_model(folder, key).train().to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05)
-    images, mask = normalize(batch["image"]), batch["mask"].int()
-    device = torch.device("cpu")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    images, mask = normalize(batch["image"].to(device)), batch["mask"].int().to(device)
     best = 0.0
     for window in range(windows + 1):  # the first is warmup
+        synchronize(device)
         started = time.perf_counter()
         for _ in range(steps):
             with autocast(precision, device):
                 loss = model(images, mask)
-            loss.backward()
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
         if window:
             best = max(best, steps * len(images) / (time.perf_counter() - started))
     return best
 
 
-def time_ours(key: str, dataset: SyntheticBatches, precision: str, steps: int, windows: int) -> float:
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ours(key: str, dataset: SyntheticBatches, precision: str, steps: int, windows: int,
+              device: torch.device) -> float:
     """img/s of our engine's step, the best of ``windows`` windows after a warmup window."""
     name, kwargs, size = MODELS[key]
     config = PretrainConfig(model=name, model_kwargs=kwargs, img_size=size, batch_size=dataset.batch_size,
                             epochs=1, warmup_epochs=0, workers=0, log_every=steps, precision=precision,
-                            clip_grad=5.0, output=tempfile.mkdtemp(prefix="simmim-bench-"), data="synthetic")
+                            clip_grad=5.0, output=tempfile.mkdtemp(prefix="simmim-bench-"), data="synthetic",
+                            device=device.type)
     torch.manual_seed(0)
     model = build_simmim(name, size, kwargs, 0.0)
     dataset.batches_per_epoch = (1 + windows) * steps
@@ -114,29 +129,37 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=2, help="timed windows per measurement; the best counts")
     parser.add_argument("--rounds", type=int, default=3, help="pairs of measurements, alternating")
     parser.add_argument("--precision", default="auto")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="where both steps run; auto: the GPU if torch sees one")
     args = parser.parse_args()
-    precision = resolve_precision(args.precision, torch.device("cpu"))
+    try:
+        device = distributed.pick_device(args.device)
+    except SimmimError as error:
+        raise SystemExit(f"error: {error}") from None
+    precision = resolve_precision(args.precision, device)
     for key in args.models:
         _, _, size = MODELS[key]
         masks = MaskGenerator(size, 32, OFFICIAL[key][1]["patch_size"], 0.6)
         dataset = SyntheticBatches(args.batch_size, size, masks, 1)
         # one untimed run of each first: the process's first steps pay one-off costs (kernel selection, the
         # allocator growing its heap) that would otherwise fall on whichever side runs first
-        time_ours(key, dataset, args.precision, 1, 1)
-        time_official(args.official, key, dataset.batch, precision, 1, 1)
+        time_ours(key, dataset, precision, 1, 1, device)
+        time_official(args.official, key, dataset.batch, precision, 1, 1, device)
         pairs = []
         for round_index in range(args.rounds):
             order = ["theirs", "ours"] if round_index % 2 else ["ours", "theirs"]
             figures = {}
             for name in order:
-                figures[name] = (time_ours(key, dataset, args.precision, args.steps, args.windows) if name == "ours"
-                                 else time_official(args.official, key, dataset.batch, precision, args.steps,
-                                                    args.windows))
+                figures[name] = (time_ours(key, dataset, precision, args.steps, args.windows, device)
+                                 if name == "ours" else
+                                 time_official(args.official, key, dataset.batch, precision, args.steps,
+                                               args.windows, device))
             pairs.append((round(figures["ours"], 2), round(figures["theirs"], 2)))
             print(json.dumps({"model": key, "round": round_index + 1, "ours": pairs[-1][0], "theirs": pairs[-1][1]}),
                   file=sys.stderr, flush=True)
         ratios = [round(ours / theirs, 3) for ours, theirs in pairs]
         print(json.dumps({"model": key, "img_size": size, "batch_size": args.batch_size, "precision": precision,
+                          "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                           "ours_img_per_s": [p[0] for p in pairs], "theirs_img_per_s": [p[1] for p in pairs],
                           "ratios": ratios, "median_ratio": statistics.median(ratios),
                           "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
