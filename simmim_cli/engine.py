@@ -31,7 +31,7 @@ from .log_window import LogWindow
 from .models import set_fused_attention
 from .optim import build_scheduler, lr_scale_for_batch
 from .pipeline import make_loader
-from .precision import autocast, resolve_precision
+from .precision import autocast, emulated_bf16_warning, resolve_precision
 from .prefetch import DevicePrefetcher
 from .progress import Reporter
 from .storage import StorageError
@@ -187,6 +187,9 @@ class Trainer:
                f"after {config.dist_timeout:g} min\n" if context.distributed else "")
             + f"output: {self.output}"
         )
+        slow = emulated_bf16_warning(self.precision, self.device)
+        if context.is_main and slow:
+            self.reporter.print(slow)
         consumers = getattr(dataset, "num_consumers", 0)  # loader processes of the CPU stream, over all ranks
         if context.is_main and consumers and len(dataset.shards.urls) < consumers:
             self.reporter.print(

@@ -21,6 +21,21 @@ def gpu_has_native_bf16(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
+def emulated_bf16_warning(precision: str, device: torch.device) -> str | None:
+    """A warning line where bf16 was asked for on hardware that only emulates it (a CPU without AVX512-BF16/AMX,
+    a GPU older than Ampere), where a step runs many times slower than in fp32; None elsewhere."""
+    if precision != "bf16":
+        return None
+    if device.type == "cpu" and not cpu_supports_bf16():
+        hardware, instead = "this CPU has no bf16 instructions (AVX512-BF16 or AMX)", "fp32"
+    elif device.type == "cuda" and not gpu_has_native_bf16(device):
+        hardware, instead = f"{torch.cuda.get_device_name(device)} has no bf16 tensor cores", "fp16"
+    else:
+        return None
+    return (f"warning: {hardware}: bf16 is emulated and a step runs many times slower; drop --precision bf16 "
+            f"(auto picks {instead} here)")
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto`` → bf16 where the device has it (recent GPUs, CPUs with bf16 instructions), fp16 on older GPUs,
     fp32 on other CPUs."""

@@ -254,6 +254,28 @@ def test_auto_precision_takes_fp16_where_bf16_is_only_emulated(monkeypatch):
     assert resolve_precision("auto", torch.device("cuda", 0)) == "bf16"
 
 
+def test_bf16_where_it_is_only_emulated_is_warned_about(monkeypatch, shards, tmp_path, capsys):
+    from simmim_cli import precision
+    from simmim_cli.commands.pretrain import pretrain
+
+    monkeypatch.setattr(precision, "cpu_supports_bf16", lambda: False)  # an AVX2-only CPU
+    assert "no bf16 instructions" in precision.emulated_bf16_warning("bf16", torch.device("cpu"))
+    assert precision.emulated_bf16_warning("fp32", torch.device("cpu")) is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (7, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla V100")
+    assert "Tesla V100 has no bf16 tensor cores" in precision.emulated_bf16_warning("bf16", torch.device("cuda", 0))
+    assert precision.emulated_bf16_warning("fp16", torch.device("cuda", 0)) is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (9, 0))
+    assert precision.emulated_bf16_warning("bf16", torch.device("cuda", 0)) is None
+    monkeypatch.setattr(precision, "cpu_supports_bf16", lambda: True)
+    assert precision.emulated_bf16_warning("bf16", torch.device("cpu")) is None
+
+    monkeypatch.setattr(precision, "cpu_supports_bf16", lambda: False)
+    pretrain(library_config(shards, tmp_path / "run", precision="bf16", max_steps=1))
+    printed = capsys.readouterr().out
+    assert "warning: this CPU has no bf16 instructions (AVX512-BF16 or AMX): bf16 is emulated" in printed
+
+
 def test_loader_workers_default_to_the_cores_of_each_process(monkeypatch):
     from simmim_cli import pipeline
 
