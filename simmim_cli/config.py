@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -298,6 +299,24 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in values.items()}
 
 
+# one invocation's choices rather than the training's: a run's config.yaml records them, but a recipe made of it
+# must not write into that run's folder, delete it (force) or continue it (resume)
+INVOCATION_ONLY = ("output", "resume", "force")
+
+
+def _training_settings(from_recipe: dict[str, Any], recipe: str) -> dict[str, Any]:
+    """A recipe's values without the ones that belong to one invocation (a note names those it held), and without
+    the demo's own shard folder, which a ``--demo`` run records as its ``data``."""
+    dropped = [f"{key}: {from_recipe[key]}" for key in INVOCATION_ONLY if from_recipe.get(key)]
+    if dropped:
+        print(f"note: recipe {recipe} holds {', '.join(dropped)}; a recipe sets the training, not the run folder: "
+              "give --output, --resume or --force on the command line", file=sys.stderr)
+    settings = {key: value for key, value in from_recipe.items() if key not in INVOCATION_ONLY}
+    if settings.get("demo"):
+        settings.pop("data", None)
+    return settings
+
+
 def parse_model_kwargs(text: str | dict | None) -> dict[str, Any]:
     """``--model-kwargs`` JSON text → dict."""
     if text is None or isinstance(text, dict):
@@ -324,6 +343,7 @@ def resolve_config(config_class: type[C], cli_values: dict[str, Any], explicit: 
     if recipe:
         from_recipe = load_recipe(recipe)
         from_dict(config_class, from_recipe, strict=True, source=f"recipe {recipe}")  # reject unknown keys
+        from_recipe = _training_settings(from_recipe, recipe)
         values.update({k: v for k, v in from_recipe.items() if k not in explicit})
         given |= set(from_recipe)
     if "model_kwargs" in field_names(config_class):

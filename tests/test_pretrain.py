@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import webdataset as wds
+import yaml
 from conftest import TINY_MODELS
 from PIL import Image
 from typer.testing import CliRunner
@@ -216,10 +217,24 @@ def test_demo_builds_its_own_shards(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "make_demo_images",
                         lambda folder, count=640, size=128, seed=0: _small_demo(folder))
     result = runner.invoke(app, ["pretrain", "--demo", "--output", str(tmp_path / "demo"), "--max-steps", "2",
-                                 "--batch-size", "4", "--workers", "0"])
+                                 "--batch-size", "4", "--workers", "0", "--force"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "demo" / "demo-shards" / "_info.json").is_file()
     assert list((tmp_path / "demo").glob("preview-*.png")) and checkpoints.latest_checkpoint(tmp_path / "demo")
+
+    # the run's config.yaml as a recipe repeats it in a new folder: not into (or, with the recorded --force, over)
+    # the first run, and without the demo's recorded shard folder as --data
+    first = sorted(p.name for p in (tmp_path / "demo").iterdir())
+    monkeypatch.chdir(tmp_path)
+    again = runner.invoke(app, ["pretrain", "--recipe", str(tmp_path / "demo" / "config.yaml")])
+    assert again.exit_code == 0, again.output
+    assert "holds output: " in again.output and "force: True" in again.output
+    assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == first
+    (repeated,) = (tmp_path / "runs").glob("pretrain-*")
+    settings = {k: v for k, v in yaml.safe_load((repeated / "config.yaml").read_text()).items()
+                if k not in ("output", "force", "data")}
+    recorded = yaml.safe_load((tmp_path / "demo" / "config.yaml").read_text())
+    assert settings == {k: recorded[k] for k in settings} and checkpoints.latest_checkpoint(repeated)
 
 
 def _small_demo(folder: Path) -> Path:
