@@ -115,7 +115,7 @@ def time_ours(key: str, dataset: SyntheticBatches, precision: str, steps: int, w
     model = build_simmim(name, size, kwargs, 0.0)
     dataset.batches_per_epoch = (1 + windows) * steps
     with contextlib.redirect_stdout(sys.stderr):  # the engine's progress lines; stdout is for the JSON figures
-        Trainer(PretrainTask(model, config), config, distributed.Context()).fit(dataset)
+        Trainer(PretrainTask(model, config), config, distributed.Context(device=device)).fit(dataset)
     rows = [json.loads(line) for line in (Path(config.output) / "metrics.jsonl").read_text().splitlines()]
     return max([r["img_per_s"] for r in rows if "img_per_s" in r][1:])
 
@@ -136,6 +136,8 @@ def main() -> None:
         device = distributed.pick_device(args.device)
     except SimmimError as error:
         raise SystemExit(f"error: {error}") from None
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     precision = resolve_precision(args.precision, device)
     for key in args.models:
         _, _, size = MODELS[key]

@@ -54,7 +54,7 @@ step() {  # step NAME SECONDS COMMAND...: stdout to NAME.txt (figures), stderr t
 step gpu_tests 200 python3 -m pytest -m gpu -q -p no:cacheprovider -rs tests/test_gpu.py tests/test_check.py \
     tests/test_dali.py
 step gpu_step 100 python3 benchmarks/gpu_step.py --steps 10
-step gpu_data 45 python3 benchmarks/gpu_data.py --images 1024 --batch-size 128
+step gpu_data 60 python3 benchmarks/gpu_data.py --images 1024 --epochs 3 --batch-size 128
 if [ -d .official/models ]; then
     step against_official 100 python3 benchmarks/against_official.py --official .official --device cuda \
         --batch-size 128 --rounds 3 --steps 10

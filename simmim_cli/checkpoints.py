@@ -43,6 +43,7 @@ def save_checkpoint(state: dict[str, Any], path: Path, then: str = "", needed: i
     :class:`~simmim_cli.storage.StorageError` (``then`` is added to its message; ``needed``: the bytes it says the
     file needs, by default those of the tensors)."""
     path = Path(path)
+    state = on_cpu(state)
     tmp = path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
     with storage.writing(path, needed=needed or state_bytes(state), temporary=tmp, then=then):
         # an open file rather than a path: torch then reports the file's OSError (errno) behind its RuntimeError
@@ -51,6 +52,20 @@ def save_checkpoint(state: dict[str, Any], path: Path, then: str = "", needed: i
             file.flush()
             os.fsync(file.fileno())  # a quota or a full disk of a network file system may only show here
         os.replace(tmp, path)
+
+
+def on_cpu(value: Any) -> Any:
+    """A (nested) state with its tensors on the CPU, so that a checkpoint written on a GPU loads with a plain
+    ``torch.load`` on a machine without one (CPU tensors are not copied)."""
+    if torch.is_tensor(value):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {key: on_cpu(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [on_cpu(item) for item in value]
+    if isinstance(value, tuple):
+        return tuple(on_cpu(item) for item in value)
+    return value
 
 
 def state_bytes(value: Any) -> int:

@@ -353,7 +353,10 @@ class DaliStream(_DaliSource):
                     pipe = self._pipeline(epoch, skip_batches, failures)
             if self.masks is not None:
                 generator = torch.Generator().manual_seed(_seed(self.seed, epoch, self.rank, index))
-                batch["mask"] = self.masks(self.batch_size, generator=generator).to(batch["image"].device)
+                mask = self.masks(self.batch_size, generator=generator)
+                if batch["image"].is_cuda:  # from pageable memory the copy would wait for the step in flight
+                    mask = mask.pin_memory().to(batch["image"].device, non_blocking=True)
+                batch["mask"] = mask
             batch["skipped"] = skipped
             skipped = []
             yield batch

@@ -255,6 +255,8 @@ def test_predict_errors(photo_folder, tmp_path):
     if not torch.cuda.is_available():
         assert "no usable GPU" in one_line_error(runner.invoke(app, ["predict", str(tmp_path / "m.onnx"), image,
                                                                     "--provider", "cuda"]))
+    assert "above the 256 images TensorRT engines are built for" in one_line_error(runner.invoke(
+        app, ["predict", str(tmp_path / "m.onnx"), image, "--provider", "tensorrt", "--batch-size", "512"]))
     assert "takes 32×32 images" in one_line_error(runner.invoke(app, ["predict", str(tmp_path / "m.onnx"), image,
                                                                       "--img-size", "64"]))
     broken = tmp_path / "broken.png"

@@ -34,8 +34,11 @@ def test_pretrain_steps_on_a_gpu(shards, tmp_path, precision):  # noqa: F811
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in trained)
     assert trained[-1]["nonfinite_steps"] <= 3  # fp16 loss scaling may skip its first steps, no more
     assert all(0 <= r["data_wait"] <= 1 for r in trained)
-    saved = checkpoints.load_checkpoint(checkpoints.latest_checkpoint(run))
-    assert all(t.device.type == "cpu" for t in saved["model"].values())  # checkpoints load anywhere
+    # checkpoints load anywhere: a plain torch.load (no map_location) gives CPU tensors, the optimizer's too
+    saved = torch.load(checkpoints.latest_checkpoint(run), weights_only=True)
+    tensors = [*saved["model"].values(), *(t for state in saved["optimizer"]["state"].values()
+                                           for t in state.values() if torch.is_tensor(t))]
+    assert tensors and all(t.device.type == "cpu" for t in tensors)
 
 
 def test_compiled_pretraining_matches_eager_losses(shards, tmp_path):  # noqa: F811
@@ -125,7 +128,9 @@ def test_onnx_classifier_binds_cuda_tensors_in_place_on_the_cuda_provider(tmp_pa
     images = torch.randn(5, 3, 32, 32, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     with torch.no_grad():
         expected = load_classifier(checkpoint)[0].cuda()(images)
-    for file, tolerance in ((path, 1e-4), (tmp_path / "h16.onnx", 5e-3)):
+    # fp32 is TF32 on Ampere and newer on both sides (torch after a Trainer set it, onnxruntime's CUDA provider by
+    # default): about 1e-3 of the logits; a wrong binding (a stale or unsynchronised buffer) is off by far more
+    for file, tolerance in ((path, 2e-3), (tmp_path / "h16.onnx", 5e-3)):
         model = OnnxClassifier(file, "cuda")
         assert model.provider == "CUDAExecutionProvider" and model.on_gpu
         logits = model(images * 1.0)  # the product of a queued kernel: the binding must wait for it
