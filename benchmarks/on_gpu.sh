@@ -7,9 +7,10 @@
 #   bash benchmarks/on_gpu.sh prepare [SIMMIM_CHECKOUT]   # here, with the package index: .whl/ and .official/
 #   bash benchmarks/on_gpu.sh                               # on the GPU machine, in the repository's root
 #
-# `prepare` downloads, as wheels into .whl/, the pure-Python packages a bare PyTorch image lacks (webdataset,
-# braceexpand, and this project's timm), and copies the authors' models/ from a checkout of microsoft/SimMIM into
-# .official/ for benchmarks/against_official.py. Both folders are git-ignored; carry them to the GPU machine.
+# `prepare` downloads, as wheels into .whl/, the pure-Python packages that a PyTorch image with typer, rich, onnx
+# and scikit-learn (a lent GPU machine's) lacks: webdataset, braceexpand and this project's timm. It copies the
+# authors' models/ from a checkout of microsoft/SimMIM into .official/ for benchmarks/against_official.py. Both
+# folders are git-ignored; carry them to the GPU machine.
 # Not carried (too large for a short lease): NVIDIA DALI and onnxruntime-gpu, so their `gpu` tests skip there
 # unless the machine has them.
 set -uo pipefail
@@ -23,7 +24,7 @@ if [ "${1:-}" = "prepare" ]; then
     if [ -n "${2:-}" ]; then
         rm -rf .official && mkdir -p .official && cp -r "$2/models" .official/
     fi
-    ls -l .whl .official 2>/dev/null
+    ls -l .whl .official 2>/dev/null || true
     exit 0
 fi
 
@@ -41,16 +42,20 @@ step() {  # step NAME SECONDS COMMAND...: stdout to NAME.txt (figures), stderr t
     shift 2
     local started=$SECONDS
     echo "== $name: $*" >>"$OUT/log.txt"
-    timeout "$seconds" "$@" >"$OUT/$name.txt" 2>>"$OUT/log.txt"
-    echo "$name: exit $? after $((SECONDS - started)) s" | tee -a "$OUT/log.txt"
+    # -k: a training step takes SIGTERM as "save and stop"; the limit must hold even so
+    timeout -k 15 "$seconds" "$@" >"$OUT/$name.txt" 2>>"$OUT/log.txt"
+    local code=$?
+    echo "$name: exit $code after $((SECONDS - started)) s" | tee -a "$OUT/log.txt"
+    [ "$code" -eq 0 ] || failed=$((failed + 1))
 }
+failed=0
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c 'import torch, timm; print("torch", torch.__version__, "timm", timm.__version__,
               "cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")'
 } 2>&1 | tee "$OUT/log.txt"
 
-# the limits add up to under 9 minutes, inside a 10-minute command; each usually takes far less
+# the limits add up to under 9 minutes (15 s more each if a check ignores SIGTERM), inside a 10-minute command
 step gpu_tests 200 python3 -m pytest -m gpu -q -p no:cacheprovider -rs tests/test_gpu.py tests/test_check.py \
     tests/test_dali.py
 step gpu_step 100 python3 benchmarks/gpu_step.py --steps 10
@@ -62,3 +67,5 @@ fi
 step check_pretrain 60 python3 -m simmim_cli check pretrain --demo --device cuda --json
 tail -n 3 "$OUT/gpu_tests.txt"
 cat "$OUT"/gpu_step.txt "$OUT"/gpu_data.txt "$OUT"/against_official.txt 2>/dev/null
+echo "$failed check(s) failed"
+exit $((failed > 0))

@@ -11,6 +11,7 @@ Nothing in it is a pickled object, so loading one from a stranger can never run 
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import pickle
 import random
@@ -60,7 +61,10 @@ def on_cpu(value: Any) -> Any:
     if torch.is_tensor(value):
         return value.cpu()
     if isinstance(value, dict):
-        return {key: on_cpu(item) for key, item in value.items()}
+        copied = copy.copy(value)  # the same mapping type, with its attributes (a state_dict's version _metadata)
+        for key, item in value.items():
+            copied[key] = on_cpu(item)
+        return copied
     if isinstance(value, list):
         return [on_cpu(item) for item in value]
     if isinstance(value, tuple):

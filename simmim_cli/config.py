@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -299,21 +300,22 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in values.items()}
 
 
-# one invocation's choices rather than the training's: a run's config.yaml records them, but a recipe made of it
-# must not write into that run's folder, delete it (force) or continue it (resume)
-INVOCATION_ONLY = ("output", "resume", "force")
-
-
-def _training_settings(from_recipe: dict[str, Any], recipe: str) -> dict[str, Any]:
-    """A recipe's values without the ones that belong to one invocation (a note names those it held), and without
-    the demo's own shard folder, which a ``--demo`` run records as its ``data``."""
-    dropped = [f"{key}: {from_recipe[key]}" for key in INVOCATION_ONLY if from_recipe.get(key)]
-    if dropped:
-        print(f"note: recipe {recipe} holds {', '.join(dropped)}; a recipe sets the training, not the run folder: "
-              "give --output, --resume or --force on the command line", file=sys.stderr)
-    settings = {key: value for key, value in from_recipe.items() if key not in INVOCATION_ONLY}
+def _training_settings(from_recipe: dict[str, Any], recipe: str, explicit: set[str]) -> dict[str, Any]:
+    """A recipe's values, less what must not come back from a run's own ``config.yaml`` used as a recipe: that run's
+    folder and checkpoint (``output``, ``resume``: the recipe repeats the run in a new folder), a ``--demo`` run's
+    shard folder (``data``), and ``force`` from any recipe (deleting a run's checkpoints takes a ``--force`` typed
+    on the command line). A note names what was left out."""
+    settings = dict(from_recipe)
+    left_out = ["force"] if settings.pop("force", False) else []
+    output = settings.get("output")
+    if output and Path(output).resolve() == Path(recipe).resolve().parent:  # the record of the run in that folder
+        left_out += [key for key in ("output", "resume") if settings.pop(key, None)]
     if settings.get("demo"):
         settings.pop("data", None)
+    left_out = [key for key in left_out if key not in explicit]
+    if left_out and os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+        print(f"note: --recipe {recipe}: left out its {', '.join(left_out)} (a run's record, or force, which only the "
+              f"command line gives); give {' '.join('--' + key for key in left_out)} to use them", file=sys.stderr)
     return settings
 
 
@@ -343,7 +345,7 @@ def resolve_config(config_class: type[C], cli_values: dict[str, Any], explicit: 
     if recipe:
         from_recipe = load_recipe(recipe)
         from_dict(config_class, from_recipe, strict=True, source=f"recipe {recipe}")  # reject unknown keys
-        from_recipe = _training_settings(from_recipe, recipe)
+        from_recipe = _training_settings(from_recipe, recipe, explicit)
         values.update({k: v for k, v in from_recipe.items() if k not in explicit})
         given |= set(from_recipe)
     if "model_kwargs" in field_names(config_class):

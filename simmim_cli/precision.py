@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import platform
 
 import torch
 
@@ -26,7 +27,8 @@ def emulated_bf16_warning(precision: str, device: torch.device) -> str | None:
     a GPU older than Ampere), where a step runs many times slower than in fp32; None elsewhere."""
     if precision != "bf16":
         return None
-    if device.type == "cpu" and not cpu_supports_bf16():
+    # x86 only: cpu_supports_bf16 knows x86's bf16 instructions, not Arm's (Graviton3 and newer have them)
+    if device.type == "cpu" and platform.machine().lower() in ("x86_64", "amd64") and not cpu_supports_bf16():
         hardware, instead = "this CPU has no bf16 instructions (AVX512-BF16 or AMX)", "fp32"
     elif device.type == "cuda" and not gpu_has_native_bf16(device):
         hardware, instead = f"{torch.cuda.get_device_name(device)} has no bf16 tensor cores", "fp16"

@@ -218,11 +218,12 @@ class PredictConfig:
             raise SimmimError(f"--provider must be auto, cuda, tensorrt or cpu, got '{self.provider}'")
         if self.top_k < 1 or self.batch_size < 1:
             raise SimmimError("--top-k and --batch-size must be at least 1")
-        from .inference import TENSORRT_BATCHES  # the engines' profile; inference.py pulls in the models
+        if self.provider == "tensorrt" and self.model.endswith(".onnx"):
+            from .inference import TENSORRT_BATCHES  # the engines' profile; inference.py pulls in the models
 
-        largest = TENSORRT_BATCHES[-1]
-        if self.provider == "tensorrt" and self.batch_size > largest:
-            raise SimmimError(f"--batch-size {self.batch_size} is above the {largest} images TensorRT engines are "
-                              f"built for; use --batch-size {largest} or less, or --provider cuda")
+            if self.batch_size > TENSORRT_BATCHES[-1]:
+                raise SimmimError(f"--batch-size {self.batch_size} is above the {TENSORRT_BATCHES[-1]} images "
+                                  f"TensorRT engines are built for; use --batch-size {TENSORRT_BATCHES[-1]} or less, "
+                                  "or --provider cuda")
         if self.workers < 0:
             raise SimmimError(f"--workers must be >= 0, got {self.workers}")

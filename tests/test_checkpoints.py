@@ -72,3 +72,15 @@ def test_random_states_round_trip_through_a_safe_checkpoint(tmp_path):
 def test_wrapper_prefixes_are_stripped():
     state = {"module._orig_mod.encoder.w": 1, "encoder._orig_mod.b": 2, "decoder.0.weight": 3}
     assert checkpoints.strip_prefixes(state) == {"encoder.w": 1, "encoder.b": 2, "decoder.0.weight": 3}
+
+
+def test_a_saved_state_dict_keeps_its_type_and_module_versions(tmp_path):
+    # save_checkpoint moves tensors to the CPU (a GPU run's checkpoint loads anywhere); the state_dict it rebuilds
+    # stays an OrderedDict with the _metadata (module versions) that load_state_dict's version hooks read
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3))
+    checkpoints.save_checkpoint({"model": model.state_dict(), "pair": (1, [torch.ones(1)])}, tmp_path / "c.pth")
+    saved = torch.load(tmp_path / "c.pth", weights_only=True)
+    assert type(saved["model"]) is type(model.state_dict())
+    assert saved["model"]._metadata == model.state_dict()._metadata
+    assert saved["pair"][0] == 1 and torch.equal(saved["pair"][1][0], torch.ones(1))
+    torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3)).load_state_dict(saved["model"])

@@ -52,6 +52,24 @@ def test_a_recipe_keeps_its_warmup_and_the_papers_settings(tmp_path):
     assert config.warmup_epochs == 2.0 and config.auto == ["warmup_epochs"]
 
 
+def test_a_recipe_keeps_its_run_folder_but_never_forces(tmp_path, capsys):
+    # written by hand: its output and resume stand (a resubmitted SLURM job continues); force never comes from a file
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"epochs": 10, "output": "runs/exp1", "resume": "auto", "force": True}))
+    config = resolve_config(PretrainConfig, {"data": "x/", "recipe": str(recipe)}, {"data"})
+    assert (config.output, config.resume, config.force) == ("runs/exp1", "auto", False)
+    assert "left out its force" in capsys.readouterr().err
+    config = resolve_config(PretrainConfig, {"data": "x/", "recipe": str(recipe), "force": True}, {"data", "force"})
+    assert config.force and "left out" not in capsys.readouterr().err  # given on the command line: no note
+    # a run's own record (its folder is the recipe's): repeated in a new folder, not continued
+    run = tmp_path / "runs" / "pretrain-1"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"epochs": 10, "output": str(run), "resume": str(run / "c.pth")}))
+    config = resolve_config(PretrainConfig, {"data": "x/", "recipe": str(run / "config.yaml")}, {"data"})
+    assert (config.output, config.resume, config.epochs) == (None, None, 10)
+    assert "left out its output, resume" in capsys.readouterr().err
+
+
 def test_given_options_and_changed_values_are_not_chosen_again():
     config = typed(FinetuneConfig, data="x/", model="m", mixup=0.8, base_lr=1.25e-3)  # given, equal to the default
     assert "mixup" not in config.auto and "base_lr" not in config.auto and "cutmix" in config.auto
