@@ -38,6 +38,7 @@ from .storage import StorageError
 from .tasks import Task
 from .tracking import RunLog
 
+FOLLOWER_GRACE_S = 3.0  # the launcher reports the first worker it sees failing; the cause should be that one
 MAX_NONFINITE_IN_A_ROW = 25  # fp16 loss scaling may skip a few steps at the start; 25 in a row is divergence
 DATA_WAIT_WARNING = 0.1  # share of the time spent waiting for batches above which the GPU is said to starve
 REPEATED_SIGNAL_SECONDS = 3.0  # a launcher passes on the terminal's Ctrl-C: the same signal again within this is one
@@ -408,8 +409,10 @@ class Trainer:
         # in place of a barrier: every rank learns whether rank 0 could write, and all stop together (none waits)
         if distributed.any_rank(failure is not None, self.context):
             hint = distributed.resume_hint(self.config)
-            raise StorageError(f"{failure}; {hint}" if failure else
-                               f"rank 0 could not write to {self.output} (its message says why); {hint}")
+            if failure is None:  # rank 0's own error names the cause: let the launcher see rank 0 fail first
+                time.sleep(FOLLOWER_GRACE_S)
+                raise StorageError(f"rank 0 could not write to {self.output} (its message says why); {hint}")
+            raise StorageError(f"{failure}; {hint}")
         state.last_saved_step = state.step
         return path
 
