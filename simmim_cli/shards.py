@@ -373,7 +373,12 @@ def _checked_records(files: list[tuple[Path, int | None]], workers: int) -> Iter
     if workers <= 1 or len(files) < 2:
         yield from map(_checked_record, files)
         return
-    context = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    # forkserver: the workers fork from a fresh single-threaded server, never from this process, whose other threads
+    # (fsspec's IO loop, tqdm's monitor) may hold a lock at the fork that the child would then wait on forever
+    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+    context = mp.get_context(method)
+    if method == "forkserver":
+        context.set_forkserver_preload([__name__])  # imported once in the server (webdataset pulls in torch: 3 s)
     with context.Pool(workers, initializer=_default_signals) as pool:
         yield from pool.imap(_checked_record, files, chunksize=8)
         pool.close()
