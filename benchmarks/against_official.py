@@ -40,6 +40,7 @@ from simmim_cli.errors import SimmimError  # noqa: E402
 from simmim_cli.masking import MaskGenerator  # noqa: E402
 from simmim_cli.models import build_simmim  # noqa: E402
 from simmim_cli.precision import autocast, resolve_precision  # noqa: E402
+from simmim_cli.preflight import synchronize  # noqa: E402
 from simmim_cli.tasks import PretrainTask  # noqa: E402
 from simmim_cli.transforms import normalize  # noqa: E402
 
@@ -96,11 +97,6 @@ def time_official(folder: Path, key: str, batch: dict, precision: str, steps: in
         if window:
             best = max(best, steps * len(images) / (time.perf_counter() - started))
     return best
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_ours(key: str, dataset: SyntheticBatches, precision: str, steps: int, windows: int,

@@ -177,10 +177,10 @@ def bus_bandwidth(numel: int, dtype: torch.dtype, device: torch.device, repeats:
     times = []
     for round_index in range(repeats + 2):
         dist.barrier(group)
-        _sync(device)
+        synchronize(device)
         started = time.perf_counter()
         dist.all_reduce(tensor, group=group)
-        _sync(device)
+        synchronize(device)
         if round_index >= 2:
             times.append(time.perf_counter() - started)
     seconds = min(times)
@@ -189,7 +189,8 @@ def bus_bandwidth(numel: int, dtype: torch.dtype, device: torch.device, repeats:
     return {"bytes": size, "seconds": seconds, "algbw_gbps": algbw, "busbw_gbps": algbw * 2 * (world - 1) / world}
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Waits for the GPU's queued work (a timer must not stop before it); nothing on a CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 

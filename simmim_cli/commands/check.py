@@ -364,8 +364,7 @@ def _timed_steps(trainer: Trainer, batches: _Batches, config: TrainConfig, steps
             waited += wait
             trainer.train_step(batch, last_micro=micro == config.grad_accum - 1)
         trainer.optimizer_step()
-        if trainer.device.type == "cuda":
-            torch.cuda.synchronize(trainer.device)
+        preflight.synchronize(trainer.device)
         if index >= WARMUP_STEPS:
             restarted = sum(batches.starts[starts:])  # the loader started again: a cost of the check, not the step's
             waits.append(waited)
