@@ -322,7 +322,8 @@ class Trainer:
     def _check_nonfinite(self) -> None:
         """Brings the device's non-finite step counts to the host (a sync) and stops a diverging run."""
         state = self.state
-        state.nonfinite_steps, state.nonfinite_in_a_row = self.window.nonfinite_counts(state)
+        state.nonfinite_steps, state.nonfinite_in_a_row = self.window.nonfinite_counts(
+            state.nonfinite_steps, state.nonfinite_in_a_row)
         if state.nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
             last = checkpoints.latest_checkpoint(self.output)
             raise TrainingDiverged(

@@ -5,12 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import TYPE_CHECKING
-
 import torch
-
-if TYPE_CHECKING:
-    from .engine import TrainState
 
 
 class LogWindow:
@@ -51,13 +46,14 @@ class LogWindow:
         self.nonfinite_total = nonfinite if self.nonfinite_total is None else self.nonfinite_total + nonfinite
         self.nonfinite_run = (self.nonfinite_run + 1) * nonfinite  # back to 0 at a finite step
 
-    def nonfinite_counts(self, state: TrainState) -> tuple[int, int]:
-        """(non-finite steps in the run, non-finite steps in a row up to now)."""
+    def nonfinite_counts(self, steps: int, in_a_row: int) -> tuple[int, int]:
+        """(non-finite steps in the run, non-finite steps in a row up to now), given the counts last read
+        (``steps``, ``in_a_row``)."""
         if self.nonfinite_total is None:
-            return state.nonfinite_steps, state.nonfinite_in_a_row
+            return steps, in_a_row
         new, run = torch.stack([self.nonfinite_total, self.nonfinite_run]).tolist()
         self.nonfinite_total = None
-        return state.nonfinite_steps + new, run
+        return steps + new, run
 
     def flush(self) -> tuple[float, int, int, float, float]:
         seconds = time.perf_counter() - self.started - self.paused_seconds
