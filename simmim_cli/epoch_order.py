@@ -1,10 +1,13 @@
 """The epoch order, the same whoever reads it, and how it is dealt out to the loader processes.
 
-An epoch of ``N`` samples (shard lengths from ``_info.json``) is laid out as its shards end to end in a
-(seed, epoch) shuffled order; the layout is cut into blocks of :data:`BLOCK` samples, each shuffled by a
-(seed, epoch, block) permutation. The *epoch order* is the blocks one after the other, each in its shuffled
-order: order index ``i`` names one sample of the layout. Nothing in it depends on the number of nodes, GPUs or
-loader workers, and a block is read sequentially (a consumer reads whole blocks, never one sample at a time).
+An epoch of ``N`` samples (shard lengths from ``_info.json``) is laid out as its shards in a (seed, epoch)
+shuffled order, taken :data:`GROUP` at a time: the groups end to end, and inside a group the shards' samples
+interleaved in proportion to their lengths, so that any stretch of the layout draws from every shard of its group
+(shards written in class order, one class or site a shard, still give batches that mix them). The layout is cut
+into blocks of :data:`BLOCK` samples, each shuffled by a (seed, epoch, block) permutation. The *epoch order* is
+the blocks one after the other, each in its shuffled order: order index ``i`` names one sample of the layout.
+Nothing in it depends on the number of nodes, GPUs or loader workers, and each shard is read forward (a consumer
+reads whole blocks, the shards of a group side by side, never one sample at a time).
 
 An epoch has ``steps × global batch`` slots, ``N`` or up to one global batch more: slot ``p`` holds order index
 ``p % N``, so the last step fills up with samples from the epoch's start (repeats, with augmentation of their
@@ -24,6 +27,9 @@ from dataclasses import dataclass
 import numpy as np
 
 BLOCK = 1024  # samples shuffled together: the mixing of the shuffle buffer it replaces, one block in memory
+# shards read side by side: every block, and so every batch, mixes up to this many shards (each reader holds a
+# remote shard's read-ahead buffer, 8 MB: more would cost memory in every loader process)
+GROUP = 8
 
 Ranges = list[tuple[int, int]]
 
@@ -137,41 +143,69 @@ def slots(share: Ranges) -> Iterator[int]:
         yield from range(a, b)
 
 
+class _ShardReader:
+    """One shard's samples, read forward."""
+
+    def __init__(self, samples: Iterator[dict]):
+        self.samples, self.next_offset, self.ended = samples, 0, False
+
+    def take(self, offset: int) -> dict | None:
+        """Sample ``offset`` (at or after :attr:`next_offset`); None where the shard ends before it."""
+        sample = None
+        while not self.ended and self.next_offset <= offset:
+            sample = next(self.samples, None)
+            self.ended = sample is None
+            self.next_offset += not self.ended
+        return sample if self.next_offset == offset + 1 else None
+
+    def close(self) -> None:
+        close = getattr(self.samples, "close", None)  # a generator: its shard's file closes now
+        if close is not None:
+            close()
+
+
 class LayoutCursor:
-    """Samples by position in shards laid end to end, read forward: whole shards before a wanted position are
-    passed over unopened, a step back starts again at the shard that holds it."""
+    """Samples by position in the layout of shards given in order (:data:`GROUP` shards at a time, interleaved).
+    Each shard is read forward by a reader of its own; shards of groups not asked for are never opened, a step
+    back starts that shard's reader again, and the readers of a group are closed once a read has left it."""
 
     def __init__(self, urls: list[str], lengths: list[int], read: Callable[[list[str]], Iterator[dict]]):
         self.urls, self.lengths, self.read_urls = urls, lengths, read
-        self.starts = list(itertools.accumulate(lengths, initial=0))
-        self.samples: Iterator[tuple[int, dict]] | None = None
-        self.position = 0  # where the samples iterator stands
-        self.pending: tuple[int, dict] | None = None
+        self.groups = [range(first, min(first + GROUP, len(urls))) for first in range(0, len(urls), GROUP)]
+        self.group_starts = list(itertools.accumulate((sum(lengths[i] for i in group) for group in self.groups),
+                                                      initial=0))
+        self.readers: dict[int, _ShardReader] = {}
+        self._placed: tuple[int, np.ndarray, np.ndarray] | None = None
 
-    def _shard_of(self, position: int) -> int:
-        return bisect.bisect_right(self.starts, position) - 1
+    def _group_layout(self, group: int) -> tuple[np.ndarray, np.ndarray]:
+        """(shard, offset in the shard) of each position of ``group``: sample ``o`` of a shard of length ``L`` sits
+        at about ``(o + 1/2) / L`` of the group (ties: the earlier shard first)."""
+        if self._placed is None or self._placed[0] != group:
+            shards = np.asarray(self.groups[group])
+            lengths = np.asarray([self.lengths[i] for i in shards], dtype=np.int64)
+            which = np.repeat(np.arange(len(shards)), lengths)
+            offsets = np.arange(len(which)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+            order = np.lexsort((which, (2 * offsets + 1) / (2 * lengths[which])))
+            self._placed = (group, shards[which[order]], offsets[order])
+        return self._placed[1], self._placed[2]
 
-    def _from_shard(self, shard: int) -> Iterator[tuple[int, dict]]:
-        for index in range(shard, len(self.urls)):
-            for offset, sample in enumerate(self.read_urls([self.urls[index]])):
-                if offset >= self.lengths[index]:
-                    break
-                yield self.starts[index] + offset, sample
+    def _sample(self, shard: int, offset: int) -> dict | None:
+        reader = self.readers.get(shard)
+        if reader is None or reader.next_offset > offset:  # not open yet, or a step back
+            if reader is not None:
+                reader.close()
+            reader = self.readers[shard] = _ShardReader(iter(self.read_urls([self.urls[shard]])))
+        return reader.take(offset)
 
     def read(self, lo: int, hi: int) -> list[dict | None]:
         """Positions ``[lo, hi)``: their samples, None where a shard holds fewer than its length."""
-        if self.samples is None or lo < self.position or self._shard_of(lo) > self._shard_of(self.position):
-            self.samples, self.pending = self._from_shard(self._shard_of(lo)), None
-        found: list[dict | None] = [None] * (hi - lo)
-        while True:
-            item = self.pending or next(self.samples, None)
-            self.pending = None
-            if item is None:
-                break
-            if item[0] >= hi:
-                self.pending = item
-                break
-            if item[0] >= lo:
-                found[item[0] - lo] = item[1]
-        self.position = hi
+        found: list[dict | None] = []
+        groups = range(bisect.bisect_right(self.group_starts, lo) - 1, bisect.bisect_left(self.group_starts, hi))
+        for group in groups:
+            start = self.group_starts[group]
+            shards, offsets = self._group_layout(group)
+            for position in range(max(lo, start), min(hi, self.group_starts[group + 1])):
+                found.append(self._sample(int(shards[position - start]), int(offsets[position - start])))
+        for shard in [s for s in self.readers if not any(s in self.groups[g] for g in groups)]:
+            self.readers.pop(shard).close()
         return found
