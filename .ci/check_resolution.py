@@ -12,9 +12,10 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 TIME_BOUND_S = 600  # downloads of metadata included; a backtracking resolve takes far longer
