@@ -384,16 +384,17 @@ def test_the_map_colours_each_label_and_draws_thumbnails(digit_embeddings, tmp_p
 
 @pytest.mark.slow
 def test_neighbours_of_held_out_digits_share_their_class_more_with_a_trained_encoder(tmp_path):
-    shards = write_digit_shards(tmp_path, {"val": range(1000, 1300)})
-    trained = supervised_encoder(tmp_path / "vit.pth", 1000)
+    # the memory bank: 500 digits embedded; the queries: 100 other digits, as image files
+    shards = write_digit_shards(tmp_path, {"train": range(500), "val": range(1000, 1100)})
+    queries = sorted(str(path) for path in (tmp_path / "images" / "val").rglob("*.png"))
+    trained = supervised_encoder(tmp_path / "vit.pth", 500)
     agreement = {}
-    for name, encoder in {"random": MODEL, "trained": ["--pretrained", str(trained), "--crop-pct", "1"]}.items():
+    for name, encoder in {"random": MODEL, "trained": ["--pretrained", str(trained)]}.items():
         output = tmp_path / f"{name}.parquet"
-        ok(embed(*encoder, "--data", str(shards["val"]), "--output", str(output)))
-        table = read_embeddings(output)
-        query_keys = table.keys[:100]
-        result = json.loads(ok(runner.invoke(app, ["search", str(output), *query_keys, "--k", "5", "--json"])).output)
-        label_of = dict(zip(table.keys, table.labels, strict=True))
-        same = [n["label"] == label_of[entry["query"]] for entry in result["results"] for n in entry["neighbours"]]
+        ok(embed(*encoder, "--data", str(shards["train"]), "--output", str(output), "--crop-pct", "1"))
+        result = json.loads(ok(runner.invoke(app, ["search", str(output), *queries, "--k", "5", "--json"])).output)
+        same = [n["label"] == Path(entry["query"]).parent.name for entry in result["results"]
+                for n in entry["neighbours"]]
         agreement[name] = sum(same) / len(same)
-    assert agreement["trained"] > agreement["random"] + 0.1, agreement
+    print(f"same-class share of the 5 nearest: {agreement}")
+    assert agreement["trained"] > agreement["random"] + 0.05, agreement

@@ -157,33 +157,35 @@ def search(
     console = Console()
     if "results" in result:
         for entry in result["results"]:
-            table = Table("#", "key", "label", "similarity", "source", title=f"nearest to {entry['query']}",
-                          title_justify="left")
+            console.print(f"nearest to {entry['query']}:", markup=False, highlight=False)
+            table = Table("#", "key", "label", "similarity", "source")
             for rank, n in enumerate(entry["neighbours"], 1):
                 table.add_row(str(rank), n["key"], n["label"] or "", f"{n['similarity']:.4f}", _short(n["source"]))
             console.print(table)
         if sheet:
-            console.print(f"wrote {sheet}")
-    elif "groups" in result and not result["groups"]:
-        console.print(f"no near-duplicates (cosine >= {result['threshold']}) among {result['count']} images")
+            console.print(f"wrote {sheet}", markup=False, highlight=False)
     elif "groups" in result:
-        table = Table("group", "images", "keys", title=f"{len(result['groups'])} group(s) of near-duplicates "
-                      f"(cosine >= {result['threshold']}) among {result['count']} images", title_justify="left")
-        for number, group in enumerate(result["groups"], 1):
-            keys = ", ".join(row["key"] for row in group[:8]) + (", ..." if len(group) > 8 else "")
-            table.add_row(str(number), str(len(group)), keys)
-        console.print(table)
+        found = f"{len(result['groups'])} group(s) of" if result["groups"] else "no"
+        console.print(f"{found} near-duplicates (cosine >= {result['threshold']}) among {result['count']} images",
+                      markup=False, highlight=False)
+        if result["groups"]:
+            table = Table("group", "images", "keys")
+            for number, group in enumerate(result["groups"], 1):
+                keys = ", ".join(row["key"] for row in group[:8]) + (", ..." if len(group) > 8 else "")
+                table.add_row(str(number), str(len(group)), keys)
+            console.print(table)
     elif "outliers" in result:
-        table = Table("#", "key", "label", f"mean similarity to {result['k']} nearest", "source",
-                      title=f"{len(result['outliers'])} outlier(s) among {result['count']} images",
-                      title_justify="left")
+        console.print(f"{len(result['outliers'])} outlier(s) among {result['count']} images, least similar to "
+                      f"their {result['k']} nearest neighbours first:", markup=False, highlight=False)
+        table = Table("#", "key", "label", "mean similarity", "source")
         for rank, row in enumerate(result["outliers"], 1):
             table.add_row(str(rank), row["key"], row["label"] or "", f"{row['mean_similarity']:.4f}",
                           _short(row["source"]))
         console.print(table)
     else:
         console.print(f"wrote {result['map']}: {result['points']} images, {result['projection']}, coloured by "
-                      f"{result['colour_by']} ({result['categories']} kinds), {result['thumbnails']} thumbnails")
+                      f"{result['colour_by']} ({result['categories']} kinds), {result['thumbnails']} thumbnails",
+                      markup=False, highlight=False)
 
 
 def _short(source: str) -> str:
