@@ -161,6 +161,7 @@ def test_a_stopped_embed_continues_where_it_stopped_and_writes_nothing_twice(dig
     error = one_line_error(embed(*MODEL, "--data", str(digits["train"]), "--output", str(output), "--layer", "0"))
     assert "holds an unfinished embedding made with other settings (layer)" in error
     monkeypatch.setattr("simmim_cli.commands.embed.write_part", real_write)
+    (parts / ".part-000005.parquet.tmp").write_bytes(b"half a part")  # as a write killed with kill -9 leaves it
     resumed = ok(embed(*MODEL, "--data", str(digits["train"]), "--output", str(output), "--batch-size", "7"))
     assert "continuing" in resumed.output and "2 of 6 shard(s)" in resumed.output
     assert "120 embeddings" in resumed.output and "80 embedded now" in resumed.output
