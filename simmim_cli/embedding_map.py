@@ -5,6 +5,7 @@ coloured by label or source shard, with thumbnails of a spread-out sample of the
 from __future__ import annotations
 
 import io
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from .errors import SimmimError
 
 MAP_POINTS = 50_000  # dots drawn at most (a seeded sample): more only blacken the picture and slow the drawing
 MAX_COLOURS = 20  # categories with a colour of their own; the rest are grey "other"
-THUMBNAIL = 44  # pixels
+THUMBNAIL = 56  # pixels on the PNG
 
 
 def require_matplotlib():
@@ -87,7 +88,7 @@ def draw_map(embeddings: Embeddings, output: Path, projection: str = "auto", col
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.offsetbox import AnnotationBbox, OffsetImage
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     from .transforms import decode_image
 
@@ -98,7 +99,7 @@ def draw_map(embeddings: Embeddings, output: Path, projection: str = "auto", col
     coordinates, method = project(embeddings.vectors[torch.from_numpy(rows)], projection, seed)
     names, what = categories(embeddings, rows, colour_by)
     ranked = [name for name, _ in Counter(names).most_common()]
-    coloured = ranked if len(ranked) <= MAX_COLOURS else ranked[:MAX_COLOURS - 1]
+    coloured = sorted(ranked if len(ranked) <= MAX_COLOURS else ranked[:MAX_COLOURS - 1], key=_natural)
     palette = _palette(len(coloured))
     colour_of = {name: palette[i] for i, name in enumerate(coloured)}
     other = (0.6, 0.6, 0.6, 1.0)
@@ -111,23 +112,10 @@ def draw_map(embeddings: Embeddings, output: Path, projection: str = "auto", col
         mask = np.array([n == name if name in colour_of else n not in colour_of for n in names])
         axes.scatter(coordinates[mask, 0], coordinates[mask, 1], s=size, color=colour_of.get(name, other),
                      label=f"{name} ({int(mask.sum())})", alpha=0.75, linewidths=0)
-    shown = spread_sample(coordinates, thumbnails)
-    pictures = read_images([(embeddings.sources[rows[i]], embeddings.keys[rows[i]]) for i in shown])
-    for i in shown:
-        data = pictures.get((embeddings.sources[rows[i]], embeddings.keys[rows[i]]))
-        if data is None:
-            continue
-        try:
-            image = decode_image(data)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-            continue
-        image.thumbnail((THUMBNAIL, THUMBNAIL))
-        box = AnnotationBbox(OffsetImage(np.asarray(image), zoom=1.0), coordinates[i], frameon=True, pad=0.15,
-                             bboxprops={"edgecolor": colour_of.get(names[i], other), "linewidth": 2})
-        axes.add_artist(box)
     handles, labels = axes.get_legend_handles_labels()
-    axes.legend(handles[::-1], labels[::-1], title=what, loc="upper left", bbox_to_anchor=(1.01, 1.0),
-                fontsize=9, markerscale=max(1.0, 40 / size) ** 0.5, frameon=False)
+    order = sorted(range(len(labels)), key=lambda i: (labels[i].startswith("other ("), _natural(labels[i])))
+    axes.legend([handles[i] for i in order], [labels[i] for i in order], title=what, loc="upper left",
+                bbox_to_anchor=(1.01, 1.0), fontsize=9, markerscale=max(1.0, 40 / size) ** 0.5, frameon=False)
     axes.set_xticks([])
     axes.set_yticks([])
     model = embeddings.metadata.get("model", {})
@@ -136,6 +124,26 @@ def draw_map(embeddings: Embeddings, output: Path, projection: str = "auto", col
                                          f"{embeddings.metadata.get('pool')} pooling"
     sample = f" (a sample of {len(rows):,})" if len(rows) < count else ""
     axes.set_title(f"{count:,} images{sample}: {encoder}{where}; {method}", fontsize=12)
+    figure.canvas.draw()  # the layout is final: data coordinates → pixels, so that thumbnails do not overlap
+    pixels = axes.transData.transform(coordinates)
+    shown = _without_overlap(spread_sample(coordinates, 20 * thumbnails), pixels)[:thumbnails]
+    pictures = read_images([(embeddings.sources[rows[i]], embeddings.keys[rows[i]]) for i in shown])
+    drawn = 0
+    for i in shown:
+        data = pictures.get((embeddings.sources[rows[i]], embeddings.keys[rows[i]]))
+        if data is None:
+            continue
+        try:
+            image = decode_image(data)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            continue
+        image = ImageOps.contain(image, (THUMBNAIL, THUMBNAIL))
+        # zoom: OffsetImage draws a pixel per point; the PNG has figure.dpi pixels per 72 points
+        picture = OffsetImage(np.asarray(image), zoom=72 / figure.dpi)
+        box = AnnotationBbox(picture, coordinates[i], frameon=True, pad=0.1,
+                             bboxprops={"edgecolor": colour_of.get(names[i], other), "linewidth": 2})
+        axes.add_artist(box)
+        drawn += 1
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     tmp = output.with_name(f".{output.name}.tmp")
@@ -143,7 +151,23 @@ def draw_map(embeddings: Embeddings, output: Path, projection: str = "auto", col
         tmp.write_bytes(buffer.getvalue())
         tmp.replace(output)
     return {"map": str(output), "points": len(rows), "projection": method, "colour_by": what,
-            "categories": len(ranked), "thumbnails": len(pictures)}
+            "categories": len(ranked), "thumbnails": drawn}
+
+
+def _without_overlap(candidates: list[int], pixels: np.ndarray) -> list[int]:
+    """The candidates, in order, whose thumbnails would not cover one already placed."""
+    placed: list[np.ndarray] = []
+    kept = []
+    for index in candidates:
+        if all(np.abs(pixels[index] - other).max() > THUMBNAIL + 10 for other in placed):
+            placed.append(pixels[index])
+            kept.append(index)
+    return kept
+
+
+def _natural(text: str) -> list:
+    """A sort key that puts digit2 before digit10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
 def _palette(count: int) -> list[tuple[float, float, float, float]]:

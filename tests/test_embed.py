@@ -162,7 +162,8 @@ def test_a_stopped_embed_continues_where_it_stopped_and_writes_nothing_twice(dig
     assert "holds an unfinished embedding made with other settings (layer)" in error
     monkeypatch.setattr("simmim_cli.commands.embed.write_part", real_write)
     (parts / ".part-000005.parquet.tmp").write_bytes(b"half a part")  # as a write killed with kill -9 leaves it
-    resumed = ok(embed(*MODEL, "--data", str(digits["train"]), "--output", str(output), "--batch-size", "7"))
+    resumed = ok(embed(*MODEL, "--data", str(digits["train"]), "--output", str(output), "--batch-size", "7",
+                       "--force"))  # the same settings: --force continues too
     assert "continuing" in resumed.output and "2 of 6 shard(s)" in resumed.output
     assert "120 embeddings" in resumed.output and "80 embedded now" in resumed.output
     table, reference = read_embeddings(output), read_embeddings(whole)
@@ -170,8 +171,13 @@ def test_a_stopped_embed_continues_where_it_stopped_and_writes_nothing_twice(dig
     assert table.keys == reference.keys and torch.equal(table.vectors, reference.vectors)
     assert not parts.exists()
     assert "already exists" in one_line_error(embed(*MODEL, "--data", str(digits["train"]), "--output", str(output)))
+    # --force replaces the output and discards the parts of a stopped run of other settings
+    parts.mkdir()
+    (parts / "manifest.json").write_text(json.dumps({"layer": 1}))
+    real_write(parts / "part-000000.parquet", ["stale"], ["x"], [None], np.zeros((1, 32), np.float32), 32)
     ok(embed(*MODEL, "--data", str(digits["val"]), "--output", str(output), "--force"))
-    assert len(read_embeddings(output)) == 60
+    replaced = read_embeddings(output)
+    assert len(replaced) == 60 and "stale" not in replaced.keys
 
 
 @pytest.mark.slow
@@ -184,6 +190,19 @@ def test_two_processes_write_the_same_file_as_one(digits, tmp_path):
     first, second = read_embeddings(one), read_embeddings(two)
     assert first.keys == second.keys and first.labels == second.labels
     assert torch.allclose(first.vectors, second.vectors, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_embeddings_and_neighbours_are_the_cpus(digits, tmp_path):
+    # the GPU path copies each batch's vectors out while the next one computes
+    for device in ("cpu", "cuda"):
+        ok(embed(*MODEL, "--data", str(digits["train"]), "--output", str(tmp_path / f"{device}.parquet"),
+                 "--device", device, "--precision", "fp32", "--batch-size", "16"))
+    on_cpu, on_gpu = read_embeddings(tmp_path / "cpu.parquet"), read_embeddings(tmp_path / "cuda.parquet")
+    assert on_cpu.keys == on_gpu.keys and torch.allclose(on_cpu.vectors, on_gpu.vectors, atol=1e-3)
+    _, cpu_rows = neighbours.all_nearest(on_cpu.vectors, 3, "cpu")
+    _, gpu_rows = neighbours.all_nearest(on_cpu.vectors, 3, "cuda")
+    assert torch.equal(cpu_rows, gpu_rows)
 
 
 @pytest.mark.parametrize(("extra", "message"), [
@@ -368,9 +387,10 @@ def test_outliers_of_a_set_find_the_odd_images(tmp_path):
 
 def test_the_map_colours_each_label_and_draws_thumbnails(digit_embeddings, tmp_path):
     picture = tmp_path / "map.png"
-    result = ok(runner.invoke(app, ["search", str(digit_embeddings), "--map", str(picture), "--projection", "pca",
-                                    "--thumbnails", "12"]))
-    assert "coloured by label (10 kinds), 12 thumbnails" in result.output and "PCA" in result.output
+    result = json.loads(ok(runner.invoke(app, ["search", str(digit_embeddings), "--map", str(picture),
+                                               "--projection", "pca", "--thumbnails", "12", "--json"])).output)
+    assert result["colour_by"] == "label" and result["categories"] == 10 and result["projection"].startswith("PCA")
+    assert 3 <= result["thumbnails"] <= 12  # as many as fit without covering each other
     image = np.asarray(Image.open(picture).convert("RGB"))
     assert image.shape[0] >= 800 and image.shape[1] >= 1000
     from matplotlib import colormaps

@@ -50,7 +50,8 @@ def embed(
              "preprocessing in its metadata. Parts are kept in OUTPUT.parts/ until it is complete.",
         rich_help_panel=DATA)] = EM.output,
     force: Annotated[bool, typer.Option(
-        "--force", help="Replace --output, and start over rather than continue an unfinished run.",
+        "--force", help="Replace --output, and discard the parts of a stopped run made with other settings (a "
+        "stopped run of the same settings continues).",
         rich_help_panel=DATA)] = False,
     crop_pct: Annotated[float | None, typer.Option(
         help="Centre-crop fraction \\[default: 0.875 as knn, or an .onnx file's own].", rich_help_panel=DATA,

@@ -110,16 +110,16 @@ def _plan(config: EmbedConfig) -> Plan:
     shards = resolve_shards(config.data)
     metadata = json.loads(json.dumps(describe(config, shards)))  # as it reads back from JSON
     manifest = parts / MANIFEST
-    if config.force and manifest.is_file():
-        shutil.rmtree(parts)
     if manifest.is_file():
         previous = json.loads(manifest.read_text())
         changed = sorted(k for k in {*previous, *metadata} - {"simmim_cli_version"}
                          if previous.get(k) != metadata.get(k))
-        if changed:
+        if changed and not config.force:
             raise SimmimError(f"{parts} holds an unfinished embedding made with other settings ({', '.join(changed)}); "
                               "continue it with the command that started it, or pass --force to start over")
-    else:
+        if changed:  # --force: that run's parts go; a run of these very settings continues, --force or not
+            shutil.rmtree(parts)
+    if not manifest.is_file():
         if parts.exists() and any(parts.iterdir()):
             raise SimmimError(f"{parts} exists and is not a parts folder of simmim embed; move it away or choose "
                               "another --output")
