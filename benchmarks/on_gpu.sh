@@ -57,7 +57,7 @@ failed=0
 
 # the limits add up to under 9 minutes (15 s more each if a check ignores SIGTERM), inside a 10-minute command
 step gpu_tests 200 python3 -m pytest -m gpu -q -p no:cacheprovider -rs tests/test_gpu.py tests/test_check.py \
-    tests/test_dali.py
+    tests/test_dali.py tests/test_embed.py
 step gpu_step 100 python3 benchmarks/gpu_step.py --steps 10
 step gpu_data 60 python3 benchmarks/gpu_data.py --images 1024 --epochs 3 --batch-size 128
 if [ -d .official/models ]; then

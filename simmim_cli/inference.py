@@ -156,19 +156,23 @@ GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
 class OnnxClassifier(nn.Module):
     """An exported classifier behind PyTorch's module interface (normalised images in, logits out), so that
-    ``predict`` and ``evaluate`` score an ``.onnx`` file exactly as they score a checkpoint.
+    ``predict`` and ``evaluate`` score an ``.onnx`` file exactly as they score a checkpoint; with
+    ``what="features"`` an exported feature extractor (features out), for ``embed``.
 
     Images and logits are bound to onnxruntime in place (IO binding): on the CUDA and TensorRT providers a CUDA
     tensor is read where it lies and the logits are written into a CUDA tensor, with no copy through the host;
     other tensors go through CPU memory."""
 
-    def __init__(self, path: Path | str, provider: str = "auto"):
+    def __init__(self, path: Path | str, provider: str = "auto", what: str = "classifier"):
         super().__init__()
         if not Path(path).is_file():
             raise SimmimError(f"{path} not found; give an .onnx file written by simmim export")
         metadata = read_metadata(Path(path))
-        if metadata.get("what", "classifier") != "classifier":
-            raise SimmimError(f"{path} computes {metadata['what']}, not class scores; export --what classifier")
+        if metadata.get("what", "classifier") != what:  # embed reads --what features files the same way
+            wanted = "class scores" if what == "classifier" else what
+            raise SimmimError(f"{path} computes {metadata.get('what', 'classifier')}, not {wanted}; export "
+                              f"--what {what}")
+        self.metadata = metadata
         self.session, self.provider = session(Path(path), provider)
         graph_input, graph_output = self.session.get_inputs()[0], self.session.get_outputs()[0]
         for value in (graph_input, graph_output):

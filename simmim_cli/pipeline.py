@@ -330,7 +330,9 @@ def make_loader(dataset: ShardStream, pin_memory: bool = False) -> DataLoader:
 class EvalStream(IterableDataset):
     """Every sample exactly once, for evaluation: shards (or image files) split over ranks and loader workers,
     nothing shuffled or repeated, the last batch of each worker possibly short. Batches are
-    ``{"image": uint8, "label": int64, "skipped": [...]}``.
+    ``{"image": uint8, "label": int64, "skipped": [...]}``; with ``names`` also ``"key"`` and ``"source"`` (each
+    image's sample key and shard URL) and ``"done"``: the shards whose every sample is in this batch or an earlier
+    one (where each consumer reads whole shards: at least as many shards as ranks × workers).
 
     ``source`` is a :class:`ShardSet` or a list of ``(image path, label)`` pairs (a class-folder tree).
     """
@@ -346,6 +348,7 @@ class EvalStream(IterableDataset):
         decode: Callable[[bytes], Any] = decode_image,
         num_classes: int | None = None,
         labels: bool = True,
+        names: bool = False,
     ):
         self.source = source
         self.labels = labels  # False: unlabelled shards, every label -1 (pretraining's --val-data)
@@ -356,44 +359,65 @@ class EvalStream(IterableDataset):
         self.world_size = world_size
         self.decode = decode
         self.num_classes = num_classes
+        self.names = names
 
-    def _records(self, consumer: int, consumers: int, skipped: list[str]) -> Iterator[tuple[bytes, int, str]]:
+    def _records(self, consumer: int, consumers: int,
+                 skipped: list[str]) -> Iterator[tuple[bytes | None, int, str, str]]:
+        """(image bytes, label, shard URL or file, sample key) of this consumer's samples; after each shard read
+        whole, ``(None, -1, url, "")``."""
         if isinstance(self.source, ShardSet):
             urls = self.source.urls
             by_shard = len(urls) >= consumers
             mine = urls[consumer::consumers] if by_shard else urls
             lengths = dict(zip(urls, self.source.shard_lengths, strict=False)) if by_shard else None
-            samples = remote.shard_samples(mine, skipped, lengths)
-            for index, sample in enumerate(samples):
-                if by_shard or index % consumers == consumer:
-                    name = f"{sample.get('__url__')}:{sample.get('__key__')}"
-                    try:
-                        label = sample_label(sample, self.num_classes) if self.labels else -1
-                        yield sample_image_bytes(sample), label, name
-                    except ValueError as error:
-                        skipped.append(f"{name}: {error}")
+            index = 0
+            for url in mine:
+                for sample in remote.shard_samples([url], skipped, lengths):
+                    if by_shard or index % consumers == consumer:
+                        try:
+                            label = sample_label(sample, self.num_classes) if self.labels else -1
+                            yield sample_image_bytes(sample), label, url, sample.get("__key__", "")
+                        except ValueError as error:
+                            skipped.append(f"{sample.get('__url__')}:{sample.get('__key__')}: {error}")
+                    index += 1
+                if by_shard:
+                    yield None, -1, url, ""
         else:
             for path, label in self.source[consumer::consumers]:
-                yield path.read_bytes(), label, str(path)
+                yield path.read_bytes(), label, str(path), ""
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         skipped: list[str] = []
-        images, labels = [], []
-        for data, label, name in self._records(self.rank * workers + worker, self.world_size * workers, skipped):
+        images, labels, keys, sources, done = [], [], [], [], []
+        for data, label, url, key in self._records(self.rank * workers + worker, self.world_size * workers, skipped):
+            if data is None:  # a shard read whole
+                if self.names:
+                    done.append(url)
+                continue
             try:
                 images.append(self.transform(self.decode(data))["image"])
                 labels.append(label)
+                keys.append(key)
+                sources.append(url)
             except (OSError, ValueError, SyntaxError, RuntimeError, Image.DecompressionBombError) as error:
-                skipped.append(f"{name}: {type(error).__name__}: {error}")
+                skipped.append(f"{url}:{key}: {type(error).__name__}: {error}" if key
+                               else f"{url}: {type(error).__name__}: {error}")
             if len(images) == self.batch_size:
-                yield {"image": torch.stack(images), "label": torch.tensor(labels), "skipped": list(skipped)}
-                images, labels = [], []
+                yield self._batch(images, labels, keys, sources, done, skipped)
+                images, labels, keys, sources, done = [], [], [], [], []
                 skipped.clear()
-        if images or skipped:
-            yield {"image": torch.stack(images) if images else torch.empty(0, dtype=torch.uint8),
-                   "label": torch.tensor(labels, dtype=torch.long), "skipped": list(skipped)}
+        if images or skipped or done:
+            yield self._batch(images, labels, keys, sources, done, skipped)
+
+    def _batch(self, images: list[torch.Tensor], labels: list[int], keys: list[str], sources: list[str],
+               done: list[str], skipped: list[str]) -> dict[str, Any]:
+        batch = {"image": torch.stack(images) if images else torch.empty(0, dtype=torch.uint8),
+                 "label": torch.tensor(labels, dtype=torch.long), "skipped": list(skipped)}
+        if self.names:
+            batch.update(key=keys, source=sources, done=done)
+        return batch
 
 
 class TensorStream(torch.utils.data.IterableDataset):

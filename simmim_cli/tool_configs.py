@@ -1,5 +1,6 @@
 """Configurations of the commands that use a trained model rather than train one: ``evaluate``, ``knn``,
-``visualize-recon``, ``export`` and ``predict`` (the CLI's ``cli/tools.py``). The training commands' configs, the
+``visualize-recon``, ``export`` and ``predict`` (the CLI's ``cli/tools.py``), ``embed`` and ``search``
+(``cli/embeddings.py``). The training commands' configs, the
 recipes and the command-line overrides (``resolve_config``) are ``config.py``.
 """
 
@@ -79,6 +80,112 @@ class KnnConfig(LocalProcesses):
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass
+class EmbedConfig(LocalProcesses):
+    """``simmim embed``: one embedding per image of --data, written as Parquet (``embeddings.py``)."""
+
+    data: str | None = None  # shards or a folder of images, labelled or not
+    output: str = "embeddings.parquet"
+    pretrained: str | None = None  # what knn takes, or an .onnx file from export --what features
+    allow_missing: bool = False
+    model: str | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    img_size: int | None = None
+    layer: int = -1
+    pool: str = "mean"
+    crop_pct: float | None = None  # knn's 0.875, or an ONNX file's own
+    batch_size: int = 64
+    workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
+    device: str = "auto"
+    precision: str = "auto"
+    seed: int = 0  # the random encoder's weights (without --pretrained)
+    force: bool = False
+    epoch_size: int | None = None  # not used; what the shared checks of --data read
+    io_retries: int = DEFAULT_IO_RETRIES
+    shard_cache: str | None = None
+    shard_cache_size: str = DEFAULT_CACHE_SIZE
+
+    command = "embed"
+
+    @property
+    def onnx(self) -> bool:
+        return bool(self.pretrained) and str(self.pretrained).endswith(".onnx")
+
+    def validate(self) -> None:
+        if self.data is None:
+            raise SimmimError("give --data: shards or a folder of images to embed")
+        if self.model is None and self.pretrained is None:
+            raise SimmimError("no encoder: give --pretrained CHECKPOINT, or --model NAME for a random one")
+        if not self.output.endswith(".parquet"):
+            raise SimmimError(f"--output {self.output}: embeddings are written as Parquet; give a .parquet file name")
+        if self.pool not in ("mean", "cls"):
+            raise SimmimError(f"--pool must be mean or cls, got '{self.pool}'")
+        if self.batch_size < 1 or self.workers < 0:
+            raise SimmimError("--batch-size must be > 0 and --workers >= 0")
+        if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
+            raise SimmimError(f"--crop-pct must be in (0, 1], got {self.crop_pct}")
+        for name, choices in (("precision", PRECISIONS), ("device", DEVICES)):
+            if getattr(self, name) not in choices:
+                raise SimmimError(f"--{name} must be one of {', '.join(choices)}, got '{getattr(self, name)}'")
+        if self.onnx and (self.model or self.model_kwargs or self.img_size or self.layer != -1 or self.pool != "mean"):
+            raise SimmimError("an .onnx model computes the features it was exported with; drop --model, "
+                              "--model-kwargs, --img-size, --layer and --pool")
+        if self.onnx and (procs := max(self.gpus, self.nproc)) > 1:
+            raise SimmimError(f"an .onnx model is embedded in one process (onnxruntime uses the cores and GPU "
+                              f"itself); drop --gpus/--nproc {procs}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class SearchConfig:
+    """``simmim search``: neighbours of queries, near-duplicates, outliers or a map of an embeddings file."""
+
+    embeddings: str | None = None
+    queries: list[str] = field(default_factory=list)  # keys of the file, or image files (embedded as the file was)
+    k: int = 10
+    sheet: str | None = None  # a contact sheet PNG of the queries and their neighbours
+    duplicates: float | None = None  # cosine threshold: groups of images at least this similar
+    outliers: int | None = None  # this many images farthest from their neighbours
+    map: str | None = None  # a PNG: the embeddings in 2-D
+    projection: str = "auto"  # auto (UMAP when installed, else PCA) | pca | umap
+    color_by: str = "auto"  # auto (label when there are labels, else source) | label | source
+    thumbnails: int = 40  # images drawn on the map
+    backend: str = "auto"  # auto (FAISS when installed) | exact | faiss
+    device: str = "auto"
+    json: bool = False
+    force: bool = False
+
+    command = "search"
+
+    def validate(self) -> None:
+        if not self.embeddings:
+            raise SimmimError("give an embeddings file: simmim search embeddings.parquet QUERY...")
+        actions = [bool(self.queries), self.duplicates is not None, self.outliers is not None, self.map is not None]
+        if sum(actions) != 1:
+            raise SimmimError("search does one thing at a time: give query images or keys, or --duplicates "
+                              "THRESHOLD, or --outliers N, or --map FILE.png")
+        if self.k < 1:
+            raise SimmimError(f"--k must be at least 1, got {self.k}")
+        if self.duplicates is not None and not 0 < self.duplicates <= 1:
+            raise SimmimError(f"--duplicates takes a cosine similarity in (0, 1], e.g. 0.95; got {self.duplicates}")
+        if self.outliers is not None and self.outliers < 1:
+            raise SimmimError(f"--outliers must be at least 1, got {self.outliers}")
+        if self.sheet and not self.queries:
+            raise SimmimError("--sheet draws the neighbours of queries; give query images or keys too")
+        for name, value in (("sheet", self.sheet), ("map", self.map)):
+            if value and not value.lower().endswith(".png"):
+                raise SimmimError(f"--{name} {value}: give a .png file name")
+        for name, choices in (("projection", ("auto", "pca", "umap")), ("color_by", ("auto", "label", "source")),
+                              ("backend", ("auto", "exact", "faiss")), ("device", DEVICES)):
+            if getattr(self, name) not in choices:
+                raise SimmimError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, "
+                                  f"got '{getattr(self, name)}'")
+        if self.thumbnails < 0:
+            raise SimmimError(f"--thumbnails must be >= 0, got {self.thumbnails}")
 
 
 @dataclass

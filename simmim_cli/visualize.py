@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from . import storage
 from .models import pixel_mask
@@ -95,3 +95,43 @@ def confusion_png(confusion: torch.Tensor, classes: list[str]) -> Image.Image:
     return image.crop((0, 0, size, top + n * cell + 10))
 
 
+
+
+SHEET_TILE = 128
+
+
+def contact_sheet(rows: list[tuple[Image.Image | None, str, list[tuple[Image.Image | None, str, str]]]]) -> Image.Image:
+    """One row per query: the query image and its caption, then each neighbour with two caption lines (name,
+    similarity), most similar first. A missing image (its shard unreadable) is a grey tile."""
+    columns = 1 + max((len(neighbours) for _, _, neighbours in rows), default=0)
+    tile, gap, header, caption = SHEET_TILE, 6, 22, 34
+    font = ImageFont.load_default(size=12)
+    sheet = Image.new("RGB", (columns * (tile + gap) + gap, header + len(rows) * (tile + caption + gap) + gap), "white")
+    draw = ImageDraw.Draw(sheet)
+    for column, title in enumerate(["query", *(f"{n}" for n in range(1, columns))]):
+        draw.text((gap + column * (tile + gap), 4), title if column == 0 else f"neighbour {title}", fill="black",
+                  font=font)
+    for row, (query, name, neighbours) in enumerate(rows):
+        top = header + row * (tile + caption + gap)
+        cells = [(query, name, ""), *neighbours]
+        for column, (image, first, second) in enumerate(cells):
+            left = gap + column * (tile + gap)
+            if image is None:
+                draw.rectangle((left, top, left + tile - 1, top + tile - 1), fill=(200, 200, 200))
+            else:
+                thumb = ImageOps.contain(image, (tile, tile))  # small images enlarged, large ones shrunk
+                sheet.paste(thumb, (left + (tile - thumb.width) // 2, top + (tile - thumb.height) // 2))
+            if column == 0:
+                draw.rectangle((left - 2, top - 2, left + tile + 1, top + tile + 1), outline=(30, 90, 200), width=2)
+            draw.text((left, top + tile + 2), _fit(first, draw, font, tile), fill="black", font=font)
+            draw.text((left, top + tile + 17), second, fill=(90, 90, 90), font=font)
+    return sheet
+
+
+def _fit(text: str, draw: ImageDraw.ImageDraw, font, width: int) -> str:
+    """``text`` cut from the left (the end of a name tells most) to fit ``width`` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength("…" + text, font=font) > width:
+        text = text[1:]
+    return "…" + text

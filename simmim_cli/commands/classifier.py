@@ -27,6 +27,13 @@ def resolve_classifier(config: FinetuneConfig | LinearProbeConfig, keep_pretrain
         if val.classes != shards.classes:
             raise SimmimError(f"--val-data has other classes than --data ({len(val.classes)} vs "
                               f"{len(shards.classes)}); make both from folders with the same class sub-folders")
+    return resolve_architecture(config, len(shards.classes), keep_pretrain_architecture)
+
+
+def resolve_architecture(config, num_classes: int, keep_pretrain_architecture: bool) -> nn.Module:
+    """Fixes model, kwargs and image size from --pretrained (explicit options win) and checks that the weights fit
+    and the image size works, on the meta device; also for embed, whose encoder has no classes. Returns that meta
+    model (a probe's with ``keep_pretrain_architecture``)."""
     weights = read_weights(config.pretrained) if config.pretrained else None
     if weights is not None:
         name, kwargs, img_size = architecture_of(weights)
@@ -39,7 +46,7 @@ def resolve_classifier(config: FinetuneConfig | LinearProbeConfig, keep_pretrain
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "copying into a meta parameter is a no-op": we know
         with torch.device("meta"):
-            model = make_classifier(config, len(shards.classes), keep_pretrain_architecture)
+            model = make_classifier(config, num_classes, keep_pretrain_architecture)
         # outside the meta context: timm's table resizing makes new tensors, which must share the checkpoint's device
         if weights is not None:
             load_encoder(model.backbone if hasattr(model, "backbone") else model, weights, config.allow_missing)

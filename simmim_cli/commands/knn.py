@@ -5,15 +5,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import torch
-
 from .. import distributed
 from ..data_sources import labelled_shards
 from ..evaluation import knn_classify
-from ..features import cached_features, data_features
-from ..models import make_classifier
+from ..features import cached_features, data_features, feature_encoder
 from ..tool_configs import KnnConfig
-from ..weights import load_encoder, read_weights
 from .classifier import resolve_classifier
 
 
@@ -38,14 +34,11 @@ def _knn_process(config: KnnConfig) -> dict[str, Any]:
     context = distributed.setup(config)
     try:
         classes = labelled_shards(config.data).classes
-        torch.manual_seed(config.seed)  # the random encoder is the one linear-probe would draw with this seed
-        model = make_classifier(config, len(classes), probe=True)
-        if config.pretrained:
-            load_encoder(model.backbone, read_weights(config.pretrained), config.allow_missing)
+        encoder = feature_encoder(config).to(context.device)  # the encoder embed and linear-probe use too
         started = time.perf_counter()
         features_of = cached_features if config.cache_features else data_features
-        bank = features_of(model, config, config.data, context, classes)
-        queries = features_of(model, config, config.val_data, context, classes)
+        bank = features_of(encoder, config, config.data, context, classes)
+        queries = features_of(encoder, config, config.val_data, context, classes)
         if not context.is_main:
             return {}
         result = knn_classify(*bank, *queries, len(classes), config.k, config.temperature, context.device)

@@ -38,12 +38,13 @@ def build_linear_probe(config: LinearProbeConfig, context: distributed.Context) 
         if context.is_main:
             print_load_report(config.pretrained, report)
     if config.cache_features:
-        features, labels = cached_features(model, config, config.data, context, classes)
+        features_of = model.to(context.device).eval().features  # the frozen extractor, as knn and embed use it
+        features, labels = cached_features(features_of, config, config.data, context, classes)
         dataset = TensorStream(features, labels, config.batch_size, context.rank, context.world_size, config.seed,
                                accumulation=config.grad_accum)
         val = None
         if config.val_data:
-            val_features, val_labels = cached_features(model, config, config.val_data, context, classes)
+            val_features, val_labels = cached_features(features_of, config, config.val_data, context, classes)
             val = TensorStream(val_features, val_labels, config.batch_size, context.rank, context.world_size,
                                shuffle=False)
     elif config.decode == "gpu":  # the same views as CropTransform(random=True): crop 0.08-1, bicubic, flip
