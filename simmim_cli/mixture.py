@@ -230,7 +230,7 @@ def plan(specs: list[SourceSpec], sizes: list[int], epoch_size: int | None = Non
     for k, index in enumerate(proportional):
         if counts[k] < 1:
             spec = specs[index]
-            raise SimmimError(f"{option} {shown(spec.path)}: {spec.share()} of an epoch of {epoch} samples is less "
-                              "than one sample; give it a larger proportion")
+            raise SimmimError(f"{option} {shown(spec.path)}: {spec.value * 100:.4g}% of an epoch of {epoch} samples is "
+                              "less than one sample; give it a larger proportion")
         fixed[index] = counts[k]
     return [fixed[index] for index in range(len(specs))]
