@@ -101,8 +101,6 @@ def _from_yaml(text: str, option: str) -> list[SourceSpec]:
         entries = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         raise SimmimError(f"{option} {text} is not valid YAML: {str(error).splitlines()[0]}") from error
-    if isinstance(entries, dict) and set(entries) == {"sources"}:
-        entries = entries["sources"]
     if not isinstance(entries, list) or not entries:
         raise SimmimError(f"{option} {text}: a YAML file of sources is a list, one entry per source, e.g. "
                           "'- {path: ours/}' and '- {path: s3://bucket/general/, proportion: 0.3}'")
@@ -121,11 +119,11 @@ def parse(data: str | list | None, option: str = "--data") -> list[SourceSpec]:
             specs.append(_from_text(item, option))
         else:
             specs.append(_from_entry(item, option, None))
-    seen: dict[str, int] = {}
+    seen: set[str] = set()
     for spec in specs:
         if spec.path.rstrip("/") in seen:
             raise SimmimError(f"{option} {shown(spec.path)} is given twice; give each source once, with its share")
-        seen[spec.path.rstrip("/")] = 1
+        seen.add(spec.path.rstrip("/"))
     names: dict[str, int] = {}
     named = []
     for spec in specs:

@@ -314,6 +314,7 @@ def test_bad_shares_are_one_line_each(sources):
     for share in ("0x", "0%", "0", "-2x"):
         assert "gives it no samples; give a share above 0" in one_line([a, f"{b}::{share}"]), share
     assert "less than one sample per epoch" in one_line([a, f"{b}::0.01x"])
+    assert "0.1% of an epoch of 10 samples is less than one sample" in one_line([f"{a}::10", f"{b}::0.1%"])
     assert "is given twice; give each source once" in one_line([a, f"{a}::2x"])
     assert "--epoch-size sets the length of an epoch whose --data sources all give proportions" in one_line(
         [a, f"{b}::30%"], epoch_size=100)
