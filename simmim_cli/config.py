@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from . import mixture
 from .errors import SimmimError
 from .remote import DEFAULT_CACHE_SIZE, DEFAULT_IO_RETRIES
 from .tracking import check_trackers
@@ -29,7 +30,7 @@ class TrainConfig:
     """What every training command shares. Defaults follow the official SimMIM code."""
 
     # data
-    data: str | None = None
+    data: str | list | None = None  # one source, or several with their shares (mixture.py)
     epoch_size: int | None = None  # samples per epoch when the shards do not say
     io_retries: int = DEFAULT_IO_RETRIES  # tries after a failed read of a remote shard (remote.py)
     shard_cache: str | None = None  # local folder keeping remote shards
@@ -267,6 +268,9 @@ class LinearProbeConfig(TrainConfig):
             raise SimmimError(f"--pool must be mean or cls, got '{self.pool}'")
         if self.optimizer not in ("lars", "sgd"):
             raise SimmimError(f"--optimizer must be lars or sgd, got '{self.optimizer}'")
+        if self.cache_features and mixture.is_mixture(self.data):
+            raise SimmimError("--cache-features extracts the features of one --data source, not a mixture of "
+                              "several; drop --cache-features to probe on the mixture")
 
 
 C = TypeVar("C", bound=TrainConfig)
@@ -352,6 +356,7 @@ def resolve_config(config_class: type[C], cli_values: dict[str, Any], explicit: 
         values["model_kwargs"] = parse_model_kwargs(values.get("model_kwargs"))
     config = from_dict(config_class, values)
     if issubclass(config_class, TrainConfig):
+        config.data = mixture.normalize(config.data)  # several sources: their shares checked here, before any work
         default = config_class()
         given |= {k for k in values if getattr(config, k) != getattr(default, k)}  # e.g. the demo's settings
         fitted = ("warmup_epochs",) + (() if recipe else config_class.data_defaults)

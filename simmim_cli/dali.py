@@ -12,6 +12,10 @@ What differs from the CPU stream:
 - Order: each epoch the shard list is shuffled (the same on every rank), DALI deals the samples to ranks
   (``shard_id``/``num_shards``) and shuffles within a buffer. Every rank yields the same number of batches.
   A resumed run starts at the right batch of the epoch with a different order for the rest of it.
+- Several sources (a mixture): each epoch DALI reads the whole shards that hold each source's draws of the
+  epoch (``epoch_order.Mixture.epoch_shards``: a source's share rounded to whole shards, its passes and the part
+  of its pass as the CPU stream takes them), the sources' shards interleaved by share; batches mix the sources
+  as far as the shuffle buffer reaches. The steps per epoch are the mixture's, as with ``--decode cpu``.
 - Bad samples: DALI stops the whole pipeline at an image it cannot decode. So the index built for
   ``--decode gpu`` leaves out samples that do not decode on the CPU (counted as skipped every epoch, by
   rank 0), and if DALI still fails on a batch the batch is dropped (its samples counted as skipped) and
@@ -320,8 +324,12 @@ class DaliStream(_DaliSource):
         self.epochs = epochs
 
     def _pipeline(self, epoch: int, skip_batches: int, attempt: int):
-        urls = list(self.shards.urls)
-        random.Random(f"{self.seed}/{epoch}/{attempt}/{skip_batches}").shuffle(urls)  # alike on all ranks
+        mixture = getattr(self.shards, "mixture", None)
+        if mixture is not None:  # the shards of each source's draws this epoch, interleaved: alike on all ranks
+            urls = [self.shards.urls[i] for i in mixture.epoch_shards(self.shards.shard_lengths, self.seed, epoch)]
+        else:
+            urls = list(self.shards.urls)
+            random.Random(f"{self.seed}/{epoch}/{attempt}/{skip_batches}").shuffle(urls)  # alike on all ranks
         # DALI deals samples (not whole shards) to ranks, so fewer shards than ranks is fine
         return self.build(_seed(self.seed, epoch, self.rank, skip_batches, attempt), urls,
                           shard_id=self.rank, num_shards=self.world_size, shuffle_buffer=self.shuffle_buffer)

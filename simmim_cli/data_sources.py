@@ -1,7 +1,9 @@
 """What a command's ``--data`` (``--val-data``, ``--knn-data``, ...) names, made ready to read before anything reads
 it: a folder of images is written once into shards next to it and reused while it is unchanged, shard folders are
 checked for .tar files their ``_info.json`` leaves out, and the commands that need labels get labelled shards (or,
-for evaluation, a folder with one sub-folder per class) or a clear error. ``shards.py`` is the shard format itself.
+for evaluation, a folder with one sub-folder per class) or a clear error. Several training sources become one shard
+list with the epoch order's bookkeeping of them (``mixture.py`` reads their shares). ``shards.py`` is the shard
+format itself.
 """
 
 from __future__ import annotations
@@ -11,10 +13,13 @@ import json
 import os
 import shutil
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import storage
+from . import mixture, remote, storage
+from .epoch_order import Mixture, Source
 from .errors import SimmimError
+from .mixture import SourceSpec
 from .shards import INFO_FILE, ShardSet, find_images, read_info, resolve_shards, write_info, write_shards
 
 CACHE_SUFFIX = ".simmim-shards"  # FOLDER's shards are kept in FOLDER.simmim-shards/, next to it
@@ -146,3 +151,108 @@ def labelled_shards(data: str, epoch_size: int | None = None, option: str = "--d
         raise SimmimError(f"{option} {data} has no class names in _info.json, so no labels; make the shards from a "
                           "folder with one sub-folder per class (simmim make-shards IMAGES/ OUT/)")
     return shards
+
+
+# ---------------------------------------------------------------------------------------------- several sources
+
+
+@dataclass
+class MixedShards(ShardSet):
+    """The shards of several sources, one source after the other, as one shard list; ``num_samples`` is the
+    samples of an epoch, and ``mixture`` the epoch order's bookkeeping of the sources."""
+
+    mixture: Mixture | None = None
+    specs: list[SourceSpec] = field(default_factory=list)
+
+
+def training_shards(data: str | list | None, epoch_size: int | None = None, labels: bool = False,
+                    option: str = "--data") -> ShardSet:
+    """A training command's ``--data`` as shards: one source as :func:`resolve_shards` (or :func:`labelled_shards`)
+    finds it, several (or one with a share) as :class:`MixedShards`, after the checks that they can be mixed."""
+    specs = mixture.parse(data, option)
+    if len(specs) == 1 and specs[0].kind is None:
+        path = specs[0].path
+        return labelled_shards(path, epoch_size, option) if labels else resolve_shards(path, epoch_size=epoch_size)
+    sets = [_source_shards(spec, option) for spec in specs]
+    _check_sources(specs, sets, labels, option)
+    counts = mixture.plan(specs, [shards.num_samples for shards in sets], epoch_size, option)
+    sources = tuple(Source(spec.name, len(shards.urls), shards.num_samples, count)
+                    for spec, shards, count in zip(specs, sets, counts, strict=True))
+    urls = [url for shards in sets for url in shards.urls]
+    return MixedShards(urls=urls, num_samples=sum(counts), classes=sets[0].classes if labels else None,
+                       shard_lengths=[n for shards in sets for n in shards.shard_lengths],
+                       mixture=Mixture(sources), specs=specs)
+
+
+def _source_shards(spec: SourceSpec, option: str) -> ShardSet:
+    path = spec.path
+    if not remote.is_url(path) and "{" not in path and not Path(path).exists():
+        raise SimmimError(f"{option} source {path} does not exist; give a shard folder, a brace pattern, a list file, "
+                          "a folder of images or a URL (s3://, gs://, https://)")
+    warn_unlisted_shards(Path(path), option)
+    shards = resolve_shards(path, count_required=False)
+    if not shards.shard_lengths:
+        raise SimmimError(f"{option} {path}: the number of samples in its shards is unknown (no _info.json lists "
+                          "them), and a mixture deals out every source by sample; copy make-shards' _info.json next "
+                          "to them")
+    return shards
+
+
+def _check_sources(specs: list[SourceSpec], sets: list[ShardSet], labels: bool, option: str) -> None:
+    """Sources that cannot be mixed: shards named by two sources; for a classifier, labelled beside unlabelled
+    sources or other class lists; images of other kinds (channels, dtype, where _info.json records them)."""
+    owner: dict[str, str] = {}
+    for spec, shards in zip(specs, sets, strict=True):
+        for url in shards.urls:
+            if url in owner:
+                raise SimmimError(f"{option} sources {owner[url]} and {spec.path} both hold {url}; give each shard "
+                                  "in one source only")
+            owner[url] = spec.path
+    if labels:
+        first = next(((spec, shards) for spec, shards in zip(specs, sets, strict=True) if shards.classes), None)
+        for spec, shards in zip(specs, sets, strict=True):
+            if first is None or not shards.classes:
+                labelled = f"{first[0].path} is labelled ({len(first[1].classes)} classes)" if first else \
+                    "no source is labelled"
+                raise SimmimError(f"{option} {spec.path} has no class names in _info.json, so no labels, and "
+                                  f"{labelled}; a classifier trains on labelled sources only: make every source from "
+                                  "folders with one sub-folder per class")
+            if shards.classes != first[1].classes:
+                raise SimmimError(f"{option} sources disagree on classes: {first[0].path} has {len(first[1].classes)} "
+                                  f"({', '.join(first[1].classes[:3])}, ...), {spec.path} has {len(shards.classes)} "
+                                  f"({', '.join(shards.classes[:3])}, ...); make every source from folders with the "
+                                  "same class sub-folders")
+    kinds = [(spec, _image_kind(shards)) for spec, shards in zip(specs, sets, strict=True)]
+    known = [(spec, kind) for spec, kind in kinds if kind is not None]
+    for spec, kind in known[1:]:
+        if kind != known[0][1]:
+            raise SimmimError(f"{option} sources hold images of different kinds: {known[0][0].path} has "
+                              f"{_kind_text(known[0][1])}, {spec.path} has {_kind_text(kind)}; mix sources of one "
+                              "kind (make the shards of the others again from images of that kind)")
+
+
+def _image_kind(shards: ShardSet) -> tuple[int, str] | None:
+    """(channels, dtype) where the shards' _info.json records its images, else None."""
+    images = getattr(shards, "images", None)
+    if not isinstance(images, dict) or "channels" not in images:
+        return None
+    return int(images["channels"]), str(images.get("dtype", "uint8"))
+
+
+def _kind_text(kind: tuple[int, str]) -> str:
+    return f"{kind[0]} channel(s) of {kind[1]}"
+
+
+def mixture_summary(shards: ShardSet) -> str | None:
+    """Lines saying what each source of a mixture gives an epoch (None for one source)."""
+    mix = getattr(shards, "mixture", None)
+    if mix is None:
+        return None
+    width = max(len(source.name) for source in mix.sources)
+    lines = [f"data: {len(mix.sources)} source(s), {mix.epoch_samples:,} samples per epoch"]
+    for spec, source in zip(shards.specs, mix.sources, strict=True):
+        share = source.per_epoch / mix.epoch_samples
+        lines.append(f"  {source.name:<{width}}  {source.per_epoch:>9,} per epoch ({share:.1%}), "
+                     f"{source.per_epoch / source.samples:.3g}× its {source.samples:,} samples ({spec.share()}): "
+                     f"{remote.shown(spec.path)}")
+    return "\n".join(lines)

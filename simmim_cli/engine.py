@@ -368,10 +368,17 @@ class Trainer:
         }
         if self.flops_per_image and self.peak_flops:
             row["mfu"] = round(self.flops_per_image * images_per_second / world / self.peak_flops, 4)
+        # a mixture's samples of each source in this epoch so far (from the epoch order: the same on every rank)
+        by_source = getattr(self.dataset, "source_samples", lambda *_: None)(
+            epoch, (state.step - epoch * self.steps_per_epoch) * self.config.grad_accum)
+        if by_source:
+            row["source_samples"] = by_source
         self.run_log.log(row)
         stats = f"loss {loss:.4f}  lr {lr:.2e}  {images_per_second:.1f} img/s  data wait {data_wait:.0%}" + (
             f"  MFU {row['mfu']:.0%}" if "mfu" in row else "")
-        self.reporter.update(state.step, stats, f"epoch {epoch + 1}/{self.config.epochs}  step {state.step}  {stats}"
+        mix = "  by source " + " · ".join(f"{name} {count:,}" for name, count in by_source.items()) if by_source else ""
+        self.reporter.update(state.step, stats + mix, f"epoch {epoch + 1}/{self.config.epochs}  step {state.step}  "
+                             f"{stats}{mix}"
                              + (f"  skipped samples {row['skipped_samples']}" if row["skipped_samples"] else ""))
         self._warn_if_starved(data_wait)
 

@@ -14,6 +14,15 @@ An epoch has ``steps × global batch`` slots, ``N`` or up to one global batch mo
 own, as torch's DistributedSampler pads). Slots still to train on are dealt in contiguous runs to the consumers
 (rank × loader worker role), each as many as its batches need. The resume position is the set of slots trained
 on, a short list of ``[start, stop)`` ranges: any other cluster shape re-deals the rest, each slot once.
+
+Several sources (:class:`Mixture`) make one virtual layout of the same kind, so that the dealing, the slots and
+the resume position stay as they are. Each source is read in *passes*: pass ``k`` of a source is its own order
+as above (its shards shuffled by (seed, source, k), blocks shuffled), and its draws run through pass after pass
+across epochs: epoch ``e`` takes draws ``[e × c, (e + 1) × c)`` of a source giving ``c`` samples an epoch. So no
+sample of a source repeats before all of it was drawn, an up-sampled source goes through all of its samples
+before any repeats, and a down-sampled one takes the next part of its pass each epoch. An epoch's order is cut
+into blocks as above, each holding every source in its share (:func:`split`), each source's draws spread evenly
+over the block (:func:`block_sources`): any run of slots, and so every batch, holds each source in its share.
 """
 
 from __future__ import annotations
@@ -143,6 +152,25 @@ def slots(share: Ranges) -> Iterator[int]:
         yield from range(a, b)
 
 
+def group_starts(lengths: list[int]) -> list[int]:
+    """Where each group of :data:`GROUP` shards (of these lengths, in layout order) starts in the layout, and
+    where the last ends."""
+    return list(itertools.accumulate((sum(lengths[first:first + GROUP]) for first in range(0, len(lengths), GROUP)),
+                                     initial=0))
+
+
+def groups_holding(starts: list[int], lo: int, hi: int) -> range:
+    """The groups holding positions ``[lo, hi)``, given :func:`group_starts`."""
+    return range(bisect.bisect_right(starts, lo) - 1, bisect.bisect_left(starts, hi)) if hi > lo else range(0)
+
+
+def layout_shards(lengths: list[int], lo: int, hi: int) -> list[int]:
+    """Which of the shards (of these lengths, in layout order) hold positions ``[lo, hi)`` of the layout: every
+    shard of each group the positions touch."""
+    return [shard for group in groups_holding(group_starts(lengths), lo, hi)
+            for shard in range(group * GROUP, min((group + 1) * GROUP, len(lengths))) if lengths[shard]]
+
+
 class _ShardReader:
     """One shard's samples, read forward."""
 
@@ -172,8 +200,7 @@ class LayoutCursor:
     def __init__(self, urls: list[str], lengths: list[int], read: Callable[[list[str]], Iterator[dict]]):
         self.urls, self.lengths, self.read_urls = urls, lengths, read
         self.groups = [range(first, min(first + GROUP, len(urls))) for first in range(0, len(urls), GROUP)]
-        self.group_starts = list(itertools.accumulate((sum(lengths[i] for i in group) for group in self.groups),
-                                                      initial=0))
+        self.group_starts = group_starts(lengths)
         self.readers: dict[int, _ShardReader] = {}
         self._placed: tuple[int, np.ndarray, np.ndarray] | None = None
 
@@ -200,7 +227,7 @@ class LayoutCursor:
     def read(self, lo: int, hi: int) -> list[dict | None]:
         """Positions ``[lo, hi)``: their samples, None where a shard holds fewer than its length."""
         found: list[dict | None] = []
-        groups = range(bisect.bisect_right(self.group_starts, lo) - 1, bisect.bisect_left(self.group_starts, hi))
+        groups = groups_holding(self.group_starts, lo, hi)
         for group in groups:
             start = self.group_starts[group]
             shards, offsets = self._group_layout(group)
@@ -209,3 +236,184 @@ class LayoutCursor:
         for shard in [s for s in self.readers if not any(s in self.groups[g] for g in groups)]:
             self.readers.pop(shard).close()
         return found
+
+
+class EpochBlocks:
+    """One source's epoch order, a block at a time: ``block(b)`` holds the samples of order indices
+    ``[b × size, (b + 1) × size)`` in order (None where a shard falls short), read whole and sequentially."""
+
+    def __init__(self, urls: list[str], lengths: list[int], seed: int, epoch: int,
+                 read: Callable[[list[str]], Iterator[dict]], size: int = BLOCK):
+        order = shard_order(len(urls), seed, epoch)
+        self.cursor = LayoutCursor([urls[i] for i in order], [lengths[i] for i in order], read)
+        self.total, self.seed, self.epoch, self.size = sum(lengths), seed, epoch, size
+
+    def block(self, index: int) -> list[dict | None]:
+        lo = index * self.size
+        found = self.cursor.read(lo, min(lo + self.size, self.total))
+        permutation = block_permutation(self.seed, self.epoch, index, len(found))
+        return [found[i] for i in permutation.tolist()]
+
+
+# ---------------------------------------------------------------------------------------------- several sources
+
+
+@dataclass(frozen=True)
+class Source:
+    """A source of a mixture: its shards (the next ``shards`` of the mixture's shard list), the samples they hold
+    and the samples it gives each epoch."""
+
+    name: str
+    shards: int
+    samples: int
+    per_epoch: int
+
+
+def split(position: int, weights: list[int]) -> list[int]:
+    """How many of an epoch's first ``position`` order indices each source holds, for sources giving ``weights``
+    samples an epoch: the sources split in two halves, the first taking ``floor(position × its weights / all
+    weights)``, and each half split so in turn. Exact at the epoch's end, never less as ``position`` grows (one
+    position more is one more of exactly one source), each source within about log2(sources) of its ideal."""
+    if len(weights) == 1:
+        return [position]
+    middle = len(weights) // 2
+    first = position * sum(weights[:middle]) // sum(weights)
+    return split(first, weights[:middle]) + split(position - first, weights[middle:])
+
+
+def block_sources(counts: list[int]) -> np.ndarray:
+    """The source of each position of a block holding ``counts[s]`` draws of source ``s``: the k-th of its ``m``
+    draws sits at about (k + ½)/m of the block (ties: the lower source first), so that any run of positions holds
+    each source in its share within two samples (measured up to ten sources; one for two sources)."""
+    counts_array = np.asarray(counts, dtype=np.int64)
+    sources = np.repeat(np.arange(len(counts_array)), counts_array)
+    ranks = np.arange(len(sources)) - np.repeat(np.cumsum(counts_array) - counts_array, counts_array)
+    keys = (2 * ranks + 1) / (2 * counts_array[sources])  # equal fractions give equal floats: ties are exact
+    return sources[np.lexsort((sources, keys))]
+
+
+def source_shard_order(num_shards: int, seed: int, source: int, pass_index: int) -> list[int]:
+    order = list(range(num_shards))
+    random.Random(f"{seed}/source {source}/pass {pass_index}").shuffle(order)
+    return order
+
+
+def source_block_permutation(seed: int, source: int, pass_index: int, block: int, length: int) -> np.ndarray:
+    return np.random.default_rng([seed, source, pass_index, block, 1]).permutation(length)
+
+
+@dataclass(frozen=True)
+class Mixture:
+    """Several sources as one epoch order: the per-source bookkeeping of a mixed shard list (the sources' shards one
+    after the other). Order index ``i`` of an epoch is a draw of one source (:meth:`block_draws`)."""
+
+    sources: tuple[Source, ...]
+
+    @property
+    def epoch_samples(self) -> int:
+        return sum(source.per_epoch for source in self.sources)
+
+    @property
+    def weights(self) -> list[int]:
+        return [source.per_epoch for source in self.sources]
+
+    def block_draws(self, block: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """(source, draw of that source within the epoch) of each order index of block ``block``, in order."""
+        lo = block * size
+        start, stop = split(lo, self.weights), split(min(lo + size, self.epoch_samples), self.weights)
+        sources = block_sources([b - a for a, b in zip(start, stop, strict=True)])
+        draws = np.empty(len(sources), dtype=np.int64)
+        for index, first in enumerate(start):
+            where = np.flatnonzero(sources == index)
+            draws[where] = first + np.arange(len(where))
+        return sources, draws
+
+    def taken(self, position: int, size: int) -> list[int]:
+        """Order indices of each source among the epoch's first ``position`` (at most an epoch)."""
+        block, offset = divmod(position, size)
+        before = split(block * size, self.weights)
+        if offset:
+            sources, _ = self.block_draws(block, size)
+            before = [a + int(n) for a, n in zip(before, np.bincount(sources[:offset], minlength=len(before)),
+                                                 strict=True)]
+        return before
+
+    def slot_counts(self, ranges: Ranges, size: int) -> list[int]:
+        """Samples of each source in the slots ``ranges`` (slot ``p`` holds order index ``p mod epoch``)."""
+        total = self.epoch_samples
+
+        def upto(slot: int) -> list[int]:
+            rounds, rest = divmod(slot, total)
+            return [rounds * source.per_epoch + n for source, n in zip(self.sources, self.taken(rest, size),
+                                                                       strict=True)]
+        counts = [0] * len(self.sources)
+        for a, b in ranges:
+            counts = [n + y - x for n, x, y in zip(counts, upto(a), upto(b), strict=True)]
+        return counts
+
+    def shard_starts(self) -> list[int]:
+        return list(itertools.accumulate((source.shards for source in self.sources), initial=0))
+
+    def epoch_shards(self, lengths: list[int], seed: int, epoch: int, size: int = BLOCK) -> list[int]:
+        """The shards (indices into the mixed shard list) holding each source's draws of ``epoch``, whole shards
+        (a block's draws are read from its layout span), the sources' shards interleaved by their share of the
+        epoch: what a reader that reads whole shards (DALI) can follow."""
+        placed: list[tuple[float, int, int]] = []
+        for index, (source, first) in enumerate(zip(self.sources, self.shard_starts(), strict=False)):
+            own = lengths[first:first + source.shards]
+            picked = []
+            draw, end = epoch * source.per_epoch, (epoch + 1) * source.per_epoch
+            while draw < end:
+                pass_index, position = divmod(draw, source.samples)
+                stop = min(source.samples, position + end - draw)
+                lo, hi = position // size * size, min(source.samples, -(-stop // size) * size)
+                order = source_shard_order(source.shards, seed, index, pass_index)
+                picked += [first + order[i] for i in layout_shards([own[i] for i in order], lo, hi)]
+                draw += stop - position
+            placed += [((k + 0.5) / len(picked), index, shard) for k, shard in enumerate(picked)]
+        return [shard for _, _, shard in sorted(placed)]
+
+
+class _Passes:
+    """One source's draws, pass after pass: draw ``d`` is index ``d mod N`` of its pass ``d div N``'s order (its
+    shards shuffled for the pass, blocks shuffled), read a block at a time."""
+
+    def __init__(self, urls: list[str], lengths: list[int], seed: int, source: int,
+                 read: Callable[[list[str]], Iterator[dict]], size: int):
+        self.urls, self.lengths, self.seed, self.source, self.read, self.size = urls, lengths, seed, source, read, size
+        self.total = sum(lengths)
+        self.pass_index, self.cursor = -1, None
+        self.block_key: tuple[int, int] | None = None
+        self.block: list[dict | None] = []
+
+    def draw(self, draw: int) -> dict | None:
+        pass_index, position = divmod(draw, self.total)
+        key = (pass_index, position // self.size)
+        if key != self.block_key:
+            if pass_index != self.pass_index:
+                order = source_shard_order(len(self.urls), self.seed, self.source, pass_index)
+                self.cursor = LayoutCursor([self.urls[i] for i in order], [self.lengths[i] for i in order], self.read)
+                self.pass_index = pass_index
+            lo = key[1] * self.size
+            found = self.cursor.read(lo, min(lo + self.size, self.total))
+            permutation = source_block_permutation(self.seed, self.source, pass_index, key[1], len(found))
+            self.block, self.block_key = [found[i] for i in permutation.tolist()], key
+        return self.block[position % self.size]
+
+
+class MixedBlocks:
+    """A mixture's epoch order, a block at a time, as :class:`EpochBlocks`: each order index's source draw, read
+    through the source's passes (one block of each source in memory)."""
+
+    def __init__(self, mixture: Mixture, urls: list[str], lengths: list[int], seed: int, epoch: int,
+                 read: Callable[[list[str]], Iterator[dict]], size: int = BLOCK):
+        firsts = mixture.shard_starts()
+        self.mixture, self.epoch, self.size = mixture, epoch, size
+        self.passes = [_Passes(urls[a:b], lengths[a:b], seed, index, read, size)
+                       for index, (a, b) in enumerate(itertools.pairwise(firsts))]
+
+    def block(self, index: int) -> list[dict | None]:
+        sources, draws = self.mixture.block_draws(index, self.size)
+        per_epoch = self.mixture.weights
+        return [self.passes[s].draw(self.epoch * per_epoch[s] + d) for s, d in zip(sources.tolist(), draws.tolist(),
+                                                                                  strict=True)]

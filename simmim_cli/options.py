@@ -20,11 +20,15 @@ KN = KnnConfig()
 Recipe = Annotated[Path | None, typer.Option(
     help="YAML file of option values (see recipes/); options given on the command line override it.",
     rich_help_panel=RUN, show_default=False)]
-Data = Annotated[str | None, typer.Option(
+MIXING_HELP = (
+    " Repeat --data to mix several sources; a share after '::' says how much of each epoch a source fills: "
+    "'::30%' (a proportion of the epoch), '::0.5x' or '::3x' (passes over it), '::20000' (samples per epoch); "
+    "without one it is read once per epoch. Or a YAML file listing the sources (see docs/mixing.md).")
+Data = Annotated[list[str] | None, typer.Option(
     help="Training images: a shard folder (with _info.json from make-shards), a brace pattern "
          "'shards/train-{000000..000099}.tar', a text file listing one shard per line, or a plain folder of images "
-         "(written once into shards in FOLDER.simmim-shards/ next to it, reused until the folder changes).",
-    rich_help_panel=DATA, show_default=False)]
+         "(written once into shards in FOLDER.simmim-shards/ next to it, reused until the folder changes)."
+         + MIXING_HELP, rich_help_panel=DATA, show_default=False)]
 EpochSize = Annotated[int | None, typer.Option(
     help="Samples per epoch, when the shards' _info.json does not say (remote shards).",
     rich_help_panel=DATA, show_default=False)]
@@ -144,11 +148,11 @@ ValData = Annotated[str | None, typer.Option(
     help="Labelled validation shards, or a folder with one sub-folder per class (made into shards once, like "
          "--data), evaluated (top-1/top-5) after every epoch.", rich_help_panel=DATA,
     show_default=False)]
-LabelledData = Annotated[str | None, typer.Option(
+LabelledData = Annotated[list[str] | None, typer.Option(
     help="Labelled training shards (from class sub-folders; class names come from _info.json), or a folder with "
          "one sub-folder of images per class: written once into shards in FOLDER.simmim-shards/ next to it, "
-         "reused until the folder changes (for large sets, run make-shards once).",
-    rich_help_panel=DATA, show_default=False)]
+         "reused until the folder changes (for large sets, run make-shards once)." + MIXING_HELP
+         + " Mixed sources must have the same classes.", rich_help_panel=DATA, show_default=False)]
 ClassifierModel = Annotated[str | None, typer.Option(
     "--model", help="timm model name [default: the --pretrained checkpoint's].", rich_help_panel=MODEL,
     show_default=False)]

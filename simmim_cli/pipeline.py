@@ -119,8 +119,10 @@ class ShardStream(IterableDataset):
         self.num_classes = num_classes
         self.num_consumers = world_size * max(workers, 1)
         lengths = shards.shard_lengths
-        # the exact, shape-independent order needs every shard's length
-        self.ordered = len(lengths) == len(shards.urls) and sum(lengths) == shards.num_samples
+        self.mixture: epoch_order.Mixture | None = getattr(shards, "mixture", None)  # several sources, or None
+        # the exact, shape-independent order needs every shard's length (a mixture has them)
+        self.ordered = self.mixture is not None or (
+            len(lengths) == len(shards.urls) and sum(lengths) == shards.num_samples)
         global_batch = batch_size * world_size * accumulation
         self.batches_per_epoch = max(1, math.ceil(shards.num_samples / global_batch)) * accumulation
         self.epoch = 0
@@ -158,6 +160,16 @@ class ShardStream(IterableDataset):
             return None
         consumed = self._dealing(epoch).consumed_after(batches_done) if batches_done else []
         return {"epoch": epoch, "slots": self._dealing_shape()["extent"], "consumed": [list(r) for r in consumed]}
+
+    def source_samples(self, epoch: int, batches_done: int) -> dict[str, int] | None:
+        """Of a mixture: the samples of each source in the slots of ``epoch`` trained on once each rank has made
+        its first ``batches_done`` batches (a bad sample's slot, filled by the next good image, counts for its
+        source); None for one source."""
+        if self.mixture is None:
+            return None
+        consumed = self._dealing(epoch).consumed_after(batches_done) if batches_done else []
+        counts = self.mixture.slot_counts(consumed, self.block_size)
+        return {source.name: count for source, count in zip(self.mixture.sources, counts, strict=True)}
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -235,10 +247,13 @@ class ShardStream(IterableDataset):
         """(seed key, sample or None where its shard falls short) for each slot of ``share``, in order; then the
         share again, as spares for the slots of bad samples near its end. Blocks are read whole, sequentially."""
         total, size = self.shards.num_samples, self.block_size
-        order = epoch_order.shard_order(len(self.shards.urls), self.seed, epoch)
-        cursor = epoch_order.LayoutCursor([self.shards.urls[i] for i in order],
-                                          [self.shards.shard_lengths[i] for i in order],
-                                          functools.partial(self._read, skipped=skipped))
+        reader = functools.partial(self._read, skipped=skipped)
+        if self.mixture is None:
+            blocks = epoch_order.EpochBlocks(self.shards.urls, self.shards.shard_lengths, self.seed, epoch, reader,
+                                             size)
+        else:
+            blocks = epoch_order.MixedBlocks(self.mixture, self.shards.urls, self.shards.shard_lengths, self.seed,
+                                             epoch, reader, size)
         block_index, block = -1, []
         for spare in range(1_000_000):
             read = 0
@@ -246,10 +261,7 @@ class ShardStream(IterableDataset):
                 index = slot % total  # slots past the epoch's samples repeat its first ones
                 if index // size != block_index:
                     block_index = index // size
-                    lo = block_index * size
-                    found = cursor.read(lo, min(lo + size, total))
-                    permutation = epoch_order.block_permutation(self.seed, epoch, block_index, len(found))
-                    block = [found[i] for i in permutation.tolist()]
+                    block = blocks.block(block_index)
                 sample = block[index % size]
                 read += sample is not None
                 yield [self.seed, epoch, slot, spare], sample

@@ -344,8 +344,14 @@ def render(report: dict[str, Any]) -> str:
     section("Data")
     if data.get("shards") is not None:
         classes = f", {data['classes']} classes" if data.get("classes") else ", unlabelled"
-        row("shards", f"{data['shards']} ({data['samples']} samples{classes}) for {data['consumers']} loader "
-            "process(es)")
+        row("shards", f"{data['shards']} ({data['samples']} samples{' per epoch' if data.get('sources') else ''}"
+            f"{classes}) for {data['consumers']} loader process(es)")
+    for source in data.get("sources", []):  # a mixture: each source's part of the epoch and its read speed
+        speed = (f"; {source['img_per_s_per_loader']:.0f} img/s per loader process"
+                 if source.get("img_per_s_per_loader") else "")
+        row("source", f"{source['name']}: {source['samples']} samples in {source['shards']} shard(s), "
+            f"{source['per_epoch']} per epoch = {source['epoch_share']:.1%} ({source['share']}){speed}: "
+            f"{source['path']}")
     if data.get("img_per_s_per_loader"):
         sizes = ", ".join(f"{w}×{h}" for w, h in data["sizes"])
         row("read", f"{data['images_read']} images in {data['read_seconds']:.2f} s: "

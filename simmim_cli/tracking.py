@@ -82,6 +82,8 @@ class RunLog:
                                           self.resume_step)
         step = int(row.get("step", 0))
         scalars = {k: float(v) for k, v in numbers.items() if k != "step" and isinstance(v, (int, float))}
+        scalars.update({f"{k}/{name}": float(v) for k, values in numbers.items() if isinstance(values, dict)
+                        for name, v in values.items() if isinstance(v, (int, float))})  # e.g. source_samples/ours
         for tracker in self.trackers:  # a tracker's files are not essential: one warning, and the run goes on
             with storage.best_effort(f"{tracker.name} log", None):
                 tracker.log_metrics(scalars, step)

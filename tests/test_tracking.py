@@ -151,3 +151,18 @@ def test_images_go_to_trackers_and_numbers_to_metrics_jsonl(tmp_path):
     assert json.loads((tmp_path / "metrics.jsonl").read_text()).keys() == {"step", "loss", "grad_norm", "time"}
     assert seen == [("metrics", 3, {"loss": 0.5}), ("image", 3, "preview", (4, 2))]
     assert not tracking.RunLog(tmp_path / "other", enabled=False).log({"step": 1}) and not (tmp_path / "other").exists()
+
+
+def test_a_mixtures_counts_per_source_reach_trackers_as_one_scalar_each(tmp_path):
+    seen = []
+
+    class Recorder(tracking.Tracker):
+        def log_metrics(self, metrics, step):
+            seen.append(metrics)
+
+    log = tracking.RunLog(tmp_path, enabled=True)
+    log.trackers = [Recorder()]
+    log.log({"step": 8, "loss": 0.5, "source_samples": {"ours": 700, "general": 300}})
+    log.close()
+    assert seen == [{"loss": 0.5, "source_samples/ours": 700.0, "source_samples/general": 300.0}]
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["source_samples"] == {"ours": 700, "general": 300}

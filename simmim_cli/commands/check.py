@@ -10,7 +10,9 @@ and concludes is in ``preflight.py``; this module only runs things and times the
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
+import itertools
 import json
 import math
 import statistics
@@ -22,16 +24,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 
-from .. import checkpoints, distributed, preflight
+from .. import checkpoints, distributed, mixture, preflight
 from ..config import TrainConfig
 from ..data_sources import is_image_folder
 from ..engine import Trainer
 from ..errors import SimmimError
-from ..pipeline import default_workers, make_loader, sample_image_bytes, sample_label, seeded_rng
+from ..pipeline import default_workers, make_loader
 from ..shards import write_shards
+from .check_data import time_data
 from .finetune import build_finetune, prepare_finetune
 from .pretrain import build_pretrain, prepare_pretrain
 from .probe import build_linear_probe, prepare_linear_probe
@@ -44,8 +46,6 @@ COMMANDS = {
 # untimed steps first: DDP's buckets, cuDNN's kernel choice, the allocator's first blocks, and on the CPU the memory
 # that the peak-memory reset handed back to the kernel, faulted in again
 WARMUP_STEPS = 2
-DATA_READ_SECONDS = 3.0  # the timed read of the shards stops after this long (or DATA_READ_IMAGES images)
-DATA_READ_IMAGES = 256
 TIMED_SECONDS = 5.0  # without --steps, timed steps go on for about this long
 MIN_TIMED_STEPS, MAX_TIMED_STEPS = 10, 500  # the median of fewer steps is one slow step away from another figure
 FIND_BATCH_TRIALS = 16  # doublings and bisections together
@@ -126,13 +126,22 @@ def _run_folder_problems(config: TrainConfig) -> list[str]:
 def _prepare(prepare, config: TrainConfig, scratch: str) -> None:
     """The command's own checks and choices, with its summary on stderr; image folders are read through shards
     written into the temporary folder (the real run writes them once next to the folder)."""
+    written = itertools.count()
+
+    def in_scratch(value: str, name: str) -> str:
+        if not is_image_folder(Path(value)):
+            return value
+        target = Path(scratch) / f"{name}-shards-{next(written)}"
+        with contextlib.redirect_stdout(sys.stderr):
+            write_shards(Path(value), target, maxcount=1000, force=True)
+        return str(target)
+
     for name in ("data", "val_data", "knn_data", "knn_val_data"):
         value = getattr(config, name, None)
-        if value and is_image_folder(Path(value)):
-            target = Path(scratch) / f"{name}-shards"
-            with contextlib.redirect_stdout(sys.stderr):
-                write_shards(Path(value), target, maxcount=1000, force=True)
-            setattr(config, name, str(target))
+        if value and name == "data":  # --data may name several sources, each with its share
+            config.data = mixture.map_paths(value, functools.partial(in_scratch, name=name))
+        elif value:
+            setattr(config, name, in_scratch(value, name))
     if getattr(config, "cache_features", False):
         config.cache_dir = str(Path(scratch) / "features")
     with contextlib.redirect_stdout(sys.stderr):
@@ -160,7 +169,7 @@ def _check_process(config: TrainConfig, command: str, options: CheckOptions, pre
             torch.manual_seed(config.seed + context.rank)
             trainer = Trainer(task, config, context)
             trainer.setup(dataset)
-        data = _time_data(dataset) if context.is_main else None
+        data = time_data(dataset) if context.is_main else None
         distributed.barrier()
         with contextlib.redirect_stdout(sys.stderr):  # the engine's notes (e.g. skipped samples) stay visible
             figures = _measure(trainer, dataset, config, options, context)
@@ -176,56 +185,6 @@ def _check_process(config: TrainConfig, command: str, options: CheckOptions, pre
             trainer.reporter.close()
             trainer.run_log.close()
         distributed.teardown()
-
-
-def _time_data(dataset: Any) -> dict[str, Any]:
-    """Decode + augment of samples from a spread of the shards, through the stream's own decode and transform,
-    in this one process: images/s of one loader process, sizes seen, unreadable samples (named)."""
-    shards = getattr(dataset, "shards", None)
-    figures: dict[str, Any] = {"shards": len(shards.urls) if shards else None,
-                               "samples": shards.num_samples if shards else None,
-                               "classes": shards.num_classes if shards else None,
-                               "consumers": getattr(dataset, "num_consumers", None)}
-    if shards is None or not hasattr(dataset, "transform") or not hasattr(dataset, "decode"):
-        figures["note"] = "batches are made on the GPU (DALI) or from cached features: timed in the steps only"
-        return figures
-    import webdataset as wds
-
-    unreadable: list[str] = []
-
-    def on_error(error: Exception) -> bool:
-        unreadable.append(f"{type(error).__name__}: {error}")
-        return True
-
-    step = max(1, len(shards.urls) // 8)
-    urls = shards.urls[::step][:8]
-    sizes: set[tuple[int, int]] = set()
-    images, seconds = 0, 0.0
-    deadline = time.perf_counter() + DATA_READ_SECONDS
-    for sample in wds.tariterators.tarfile_samples(iter([{"url": u} for u in urls]), handler=on_error):
-        if images >= DATA_READ_IMAGES or time.perf_counter() > deadline:
-            break
-        started = time.perf_counter()
-        try:
-            image = dataset.decode(sample_image_bytes(sample))
-            if dataset.labels:
-                sample_label(sample, dataset.num_classes)
-            with seeded_rng(images):
-                dataset.transform(image)
-        except SimmimError as error:
-            unreadable.append(str(error))
-            continue
-        except (OSError, ValueError, KeyError, SyntaxError, RuntimeError, Image.DecompressionBombError) as error:
-            unreadable.append(f"{sample.get('__url__')}:{sample.get('__key__')}: {type(error).__name__}: {error}")
-            continue
-        seconds += time.perf_counter() - started
-        images += 1
-        sizes.add(tuple(image.shape[-1:-3:-1]) if torch.is_tensor(image) else image.size)
-    figures.update(images_read=images, read_seconds=round(seconds, 3),
-                   img_per_s_per_loader=images / seconds if seconds else None,
-                   sizes=sorted(sizes)[:3] + (sorted(sizes)[-1:] if len(sizes) > 3 else []),
-                   distinct_sizes=len(sizes), unreadable=unreadable[:10], unreadable_count=len(unreadable))
-    return figures
 
 
 class _Batches:

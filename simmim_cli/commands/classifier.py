@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..config import FinetuneConfig, LinearProbeConfig
-from ..data_sources import labelled_shards
+from ..data_sources import labelled_shards, training_shards
 from ..errors import SimmimError
 from ..models import check_img_size, make_classifier
 from ..pipeline import EvalStream
@@ -21,7 +21,7 @@ def resolve_classifier(config: FinetuneConfig | LinearProbeConfig, keep_pretrain
     fit and the image size works, on the meta device (no memory, no compute). Image folders become shards first.
     Returns that meta model."""
     prepare_data(config, "data", "val_data", labels=True)
-    shards = labelled_shards(config.data, config.epoch_size)
+    shards = training_shards(config.data, config.epoch_size, labels=True)
     if config.val_data:
         val = labelled_shards(config.val_data, option="--val-data")
         if val.classes != shards.classes:

@@ -6,7 +6,7 @@ from typing import Any
 
 from .. import dali, distributed
 from ..config import FinetuneConfig
-from ..data_sources import labelled_shards
+from ..data_sources import mixture_summary, training_shards
 from ..defaults import choose_finetune, encoder_depth
 from ..models import make_classifier, model_family
 from ..pipeline import ShardStream
@@ -22,19 +22,19 @@ def prepare_finetune(config: FinetuneConfig) -> None:
         dali.require_dali(config.device)
     prepare_run(config)
     model = resolve_classifier(config, keep_pretrain_architecture=False)
-    summary = choose_finetune(config, labelled_shards(config.data, config.epoch_size).num_samples,
-                              encoder_depth(model))
+    shards = training_shards(config.data, config.epoch_size, labels=True)
+    summary = choose_finetune(config, shards.num_samples, encoder_depth(model))
     if config.node_rank == 0:  # every node makes the same choices; node 0 reports them
-        print(summary, flush=True)
+        print("\n".join(filter(None, [mixture_summary(shards), summary])), flush=True)
     if config.decode == "gpu":
         dali.classifier_augment(config.img_size, config.auto_augment)  # a policy DALI has, or a one-line error
-        dali.ensure_indexes(labelled_shards(config.data, config.epoch_size))
+        dali.ensure_indexes(shards)
     if config.layer_decay is None:  # the official values: ViT-B 0.65; Swin-B 0.9 (100-epoch pretraining)
         config.layer_decay = 0.9 if model_family(config.model).startswith("swin") else 0.65
 
 
 def build_finetune(config: FinetuneConfig, context: distributed.Context) -> tuple[Task, Any]:
-    shards = labelled_shards(config.data, config.epoch_size)
+    shards = training_shards(config.data, config.epoch_size, labels=True)
     classes = shards.classes
     model = make_classifier(config, len(classes), probe=False)
     if config.pretrained:

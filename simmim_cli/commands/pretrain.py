@@ -10,7 +10,7 @@ import torch
 
 from .. import dali, distributed
 from ..config import PretrainConfig
-from ..data_sources import labelled_shards
+from ..data_sources import labelled_shards, mixture_summary, training_shards
 from ..defaults import choose_pretrain
 from ..errors import SimmimError
 from ..masking import MaskGenerator
@@ -54,7 +54,7 @@ def prepare_pretrain(config: PretrainConfig) -> None:
         _prepare_demo(config)
     prepare_data(config, "data", "val_data")
     prepare_data(config, "knn_data", "knn_val_data", labels=True)
-    shards = resolve_shards(config.data, epoch_size=config.epoch_size)
+    shards = training_shards(config.data, config.epoch_size)
     if config.val_data:
         resolve_shards(config.val_data)
     if config.knn_data:
@@ -67,13 +67,13 @@ def prepare_pretrain(config: PretrainConfig) -> None:
     summary = choose_pretrain(config, shards.num_samples, patch_size)
     check_masks(config, patch_size)
     if config.node_rank == 0:  # every node makes the same choices; node 0 reports them
-        print(summary, flush=True)  # after the checks, so that a mistake stays a one-line error
+        print("\n".join(filter(None, [mixture_summary(shards), summary])), flush=True)  # after the checks
     if config.decode == "gpu":
         dali.ensure_indexes(shards)
 
 
 def build_pretrain(config: PretrainConfig, context: distributed.Context) -> tuple[Task, ShardStream]:
-    shards = resolve_shards(config.data, epoch_size=config.epoch_size)
+    shards = training_shards(config.data, config.epoch_size)
     model = build_simmim(config.model, config.img_size, config.model_kwargs, config.drop_path)
     masks = MaskGenerator(config.img_size, config.mask_patch_size, model.patch_size, config.mask_ratio)
     if config.decode == "gpu":

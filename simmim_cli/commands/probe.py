@@ -7,7 +7,7 @@ from typing import Any
 
 from .. import dali, distributed
 from ..config import LinearProbeConfig
-from ..data_sources import labelled_shards
+from ..data_sources import mixture_summary, training_shards
 from ..features import cached_features
 from ..models import make_classifier
 from ..pipeline import ShardStream, TensorStream
@@ -23,14 +23,18 @@ def prepare_linear_probe(config: LinearProbeConfig) -> None:
         dali.require_dali(config.device)
     prepare_run(config)
     resolve_classifier(config, keep_pretrain_architecture=True)
+    shards = training_shards(config.data, config.epoch_size, labels=True)
+    summary = mixture_summary(shards)
+    if summary and config.node_rank == 0:
+        print(summary, flush=True)
     if config.decode == "gpu" and not config.cache_features:
-        dali.ensure_indexes(labelled_shards(config.data, config.epoch_size))
+        dali.ensure_indexes(shards)
     if config.cache_features and config.cache_dir is None:
         config.cache_dir = str(Path(config.output) / "features")
 
 
 def build_linear_probe(config: LinearProbeConfig, context: distributed.Context) -> tuple[Task, Any]:
-    shards = labelled_shards(config.data, config.epoch_size)
+    shards = training_shards(config.data, config.epoch_size, labels=True)
     classes = shards.classes
     model = make_classifier(config, len(classes), probe=True)
     if config.pretrained:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoints, distributed, storage
+from .. import checkpoints, distributed, mixture, storage
 from ..config import TrainConfig
 from ..data_sources import data_shards, is_image_folder
 from ..engine import Trainer
@@ -128,9 +128,15 @@ def prepare_data(config: TrainConfig, *fields: str, labels: bool = False) -> Non
         option = "--" + name.replace("_", "-")
         if value is None:
             continue
-        if getattr(config, "node_rank", 0) != 0:  # single-process commands have no nodes
-            if is_image_folder(Path(value)):
-                raise SimmimError(f"{option} {value}: a multi-node job reads shards, not a folder of images; make "
-                                  f"them once with simmim make-shards {value} OUT and pass {option} OUT on every node")
-            continue
-        setattr(config, name, data_shards(value, option, labels))
+
+        def ready(path: str, option: str = option) -> str:
+            if getattr(config, "node_rank", 0) != 0:  # single-process commands have no nodes
+                if is_image_folder(Path(path)):
+                    raise SimmimError(f"{option} {path}: a multi-node job reads shards, not a folder of images; make "
+                                      f"them once with simmim make-shards {path} OUT and pass {option} OUT on every "
+                                      "node")
+                return path
+            return data_shards(path, option, labels)
+
+        # --data may name several sources (mixture.py): each is made ready, its share kept
+        setattr(config, name, mixture.map_paths(value, ready) if name == "data" else ready(value))
