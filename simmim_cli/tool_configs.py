@@ -11,9 +11,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import DECODES, DEVICES, PRECISIONS
+from . import limits
+from .config import DECODES, DEVICES, PRECISIONS, check_img_size_option, check_mask_patch_size
 from .errors import SimmimError
 from .remote import DEFAULT_CACHE_SIZE, DEFAULT_IO_RETRIES
+
+
+@dataclass
+class SampleLimits:
+    """``--max-sample-mb`` and ``--max-image-pixels`` of the commands that read images (``limits.py``)."""
+
+    max_sample_mb: float = limits.DEFAULT_MAX_MEMBER_BYTES / 2**20
+    max_image_pixels: float = limits.DEFAULT_MAX_IMAGE_PIXELS
 
 
 @dataclass
@@ -31,7 +40,7 @@ class LocalProcesses:
 
 
 @dataclass
-class KnnConfig(LocalProcesses):
+class KnnConfig(SampleLimits, LocalProcesses):
     """``simmim knn``: weighted k-NN classification on frozen features (DINO's protocol: cosine, k 20, T 0.07)."""
 
     data: str | None = None  # labelled shards: the memory bank
@@ -73,6 +82,10 @@ class KnnConfig(LocalProcesses):
             raise SimmimError(f"--pool must be mean or cls, got '{self.pool}'")
         if self.batch_size < 1 or self.workers < 0:
             raise SimmimError("--batch-size must be > 0 and --workers >= 0")
+        limits.check_processes("--workers", self.workers)
+        limits.check_processes("--nproc", self.nproc)
+        limits.check_settings(self.max_sample_mb, self.max_image_pixels)
+        check_img_size_option(self.img_size)
         for name, choices in (("precision", PRECISIONS), ("device", DEVICES)):
             if getattr(self, name) not in choices:
                 raise SimmimError(f"--{name} must be one of {', '.join(choices)}, got '{getattr(self, name)}'")
@@ -82,7 +95,7 @@ class KnnConfig(LocalProcesses):
 
 
 @dataclass
-class EvaluateConfig(LocalProcesses):
+class EvaluateConfig(SampleLimits, LocalProcesses):
     """``simmim evaluate``: accuracy, per-class accuracy and a confusion matrix of a classifier checkpoint."""
 
     checkpoint: str | None = None
@@ -106,6 +119,9 @@ class EvaluateConfig(LocalProcesses):
             raise SimmimError("give --data: labelled shards or a folder with one sub-folder per class")
         if self.batch_size < 1 or self.workers < 0:
             raise SimmimError("--batch-size must be > 0 and --workers >= 0")
+        limits.check_processes("--workers", self.workers)
+        limits.check_processes("--nproc", self.nproc)
+        limits.check_settings(self.max_sample_mb, self.max_image_pixels)
         if self.precision not in PRECISIONS:
             raise SimmimError(f"--precision must be one of {', '.join(PRECISIONS)}")
         if self.decode not in DECODES:
@@ -116,7 +132,7 @@ class EvaluateConfig(LocalProcesses):
 
 
 @dataclass
-class VisualizeConfig:
+class VisualizeConfig(SampleLimits):
     """``simmim visualize-recon``: reconstruction panels for images."""
 
     images: list[str] = field(default_factory=list)
@@ -145,6 +161,9 @@ class VisualizeConfig:
             raise SimmimError(f"--mask-ratio {self.mask_ratio} is outside (0, 1)")
         if self.save_arrays and not self.save_arrays.endswith(".npz"):
             raise SimmimError("--save-arrays takes a .npz file name")
+        check_mask_patch_size(self.mask_patch_size)
+        check_img_size_option(self.img_size)
+        limits.check_settings(self.max_sample_mb, self.max_image_pixels)
 
 
 @dataclass
@@ -193,7 +212,7 @@ class ExportConfig:
 
 
 @dataclass
-class PredictConfig:
+class PredictConfig(SampleLimits):
     """``simmim predict``: top-k classes of images from an ONNX model or a checkpoint."""
 
     model: str | None = None
@@ -227,3 +246,6 @@ class PredictConfig:
                                   "or --provider cuda")
         if self.workers < 0:
             raise SimmimError(f"--workers must be >= 0, got {self.workers}")
+        limits.check_processes("--workers", self.workers)
+        limits.check_settings(self.max_sample_mb, self.max_image_pixels)
+        check_img_size_option(self.img_size)

@@ -35,6 +35,7 @@ from ..shards import write_shards
 from .finetune import build_finetune, prepare_finetune
 from .pretrain import build_pretrain, prepare_pretrain
 from .probe import build_linear_probe, prepare_linear_probe
+from .training import foreign_files
 
 COMMANDS = {
     "pretrain": (prepare_pretrain, build_pretrain),
@@ -73,7 +74,8 @@ def check(command: str, config: TrainConfig, options: CheckOptions) -> int:
     run_problems = _run_folder_problems(config)
     prepare, _ = COMMANDS[command]
     with tempfile.TemporaryDirectory(prefix="simmim-check-") as scratch:
-        config.output, config.resume, config.force, config.log_to = scratch, None, False, []
+        # the scratch folder is the check's own (its data shards may sit there): the run is written into it
+        config.output, config.resume, config.force, config.log_to = scratch, None, True, []
         if distributed.launched_env(config) is not None:  # one process of torchrun/SLURM
             report = _check_process(config, command, options, prepare_here=True)
         else:
@@ -120,6 +122,9 @@ def _run_folder_problems(config: TrainConfig) -> list[str]:
     if previous:
         return [f"{output} already holds a run ({previous[-1].name}): the command would refuse to start; add "
                 "--resume auto to continue it or --force to start over, or choose another --output"]
+    if output.is_dir() and foreign_files(output):
+        return [f"{output} holds files but no simmim run: the command would refuse to start; give a new or empty "
+                "--output, or --force to write the run into it"]
     return []
 
 
