@@ -78,7 +78,7 @@ def parse_info(data: bytes, where: str) -> dict:
         raise wrong(f"it holds a JSON {type(info).__name__}, not an object")
     splits = info.get("splits", {})
     if not isinstance(splits, dict):
-        raise wrong(f"'splits' is {json.dumps(splits)}, not an object of splits")
+        raise wrong(f"'splits' is {json.dumps(splits)[:40]}, not an object of splits")
     for name, entry in splits.items():
         if not isinstance(entry, dict):
             raise wrong(f"split '{name}' is {json.dumps(entry)[:40]}, not an object")

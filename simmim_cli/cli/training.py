@@ -78,6 +78,7 @@ from ..options import (
     WeightDecay,
     Workers,
 )
+from ..redact import terminal
 from .app import app, config_from_context, handle_errors
 
 
@@ -126,7 +127,7 @@ def make_shards(
             source, maxcount=maxcount, max_size_mb=max_size, shuffle=shuffle, seed=seed, split=split,
             force=force, workers=workers or limits.usable_cores(),
             on_progress=lambda done, total: progress.update(task, completed=done, total=total),
-            on_skip=lambda path, reason: console.print(f"warning: skipped unreadable {path}: {reason}",
+            on_skip=lambda path, reason: console.print(terminal(f"warning: skipped unreadable {path}: {reason}"),
                                                        markup=False, highlight=False),
         )
     entry = info["splits"][split]

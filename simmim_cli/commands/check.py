@@ -31,6 +31,7 @@ from ..data_sources import is_image_folder
 from ..engine import Trainer
 from ..errors import SimmimError
 from ..pipeline import default_workers, make_loader, sample_image_bytes, sample_label, seeded_rng
+from ..redact import terminal
 from ..shards import write_shards
 from .finetune import build_finetune, prepare_finetune
 from .pretrain import build_pretrain, prepare_pretrain
@@ -88,7 +89,7 @@ def check(command: str, config: TrainConfig, options: CheckOptions) -> int:
     report["seconds"] = round(time.perf_counter() - started, 1)
     report["verdict"]["ok"] = report["verdict"]["ok"] and not run_problems
     text = preflight.render(report)
-    print(json.dumps(report, indent=2) if options.json else text, flush=True)
+    print(json.dumps(report, indent=2) if options.json else terminal(text), flush=True)  # sample names escaped
     if report_folder is not None:
         report_folder.mkdir(parents=True, exist_ok=True)
         (report_folder / "check.json").write_text(json.dumps(report, indent=2) + "\n")
