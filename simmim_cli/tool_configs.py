@@ -6,7 +6,6 @@ recipes and the command-line overrides (``resolve_config``) are ``config.py``.
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +57,7 @@ class KnnConfig(SampleLimits, LocalProcesses):
     cache_features: bool = False
     cache_dir: str | None = None  # default runs/features
     batch_size: int = 64
-    workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
+    workers: int = field(default_factory=lambda: min(4, limits.usable_cores()))
     device: str = "auto"
     precision: str = "auto"
     seed: int = 0  # the random encoder's weights
@@ -102,7 +101,7 @@ class EvaluateConfig(SampleLimits, LocalProcesses):
     data: str | None = None
     output: str | None = None
     batch_size: int = 64
-    workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
+    workers: int = field(default_factory=lambda: min(4, limits.usable_cores()))
     decode: str = "cpu"  # cpu | gpu (NVIDIA DALI)
     crop_pct: float | None = None  # the checkpoint's own unless given
     device: str = "auto"
@@ -219,7 +218,7 @@ class PredictConfig(SampleLimits):
     images: list[str] = field(default_factory=list)
     top_k: int = 5
     batch_size: int = 32
-    workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))  # loader processes: decode, crop
+    workers: int = field(default_factory=lambda: min(4, limits.usable_cores()))  # loader processes: decode, crop
     provider: str = "auto"  # auto | cuda | tensorrt | cpu (ONNX); the torch device for checkpoints
     json: bool = False
     img_size: int | None = None
