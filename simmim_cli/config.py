@@ -14,8 +14,9 @@ from typing import Any, TypeVar
 
 import yaml
 
-from . import mixture
+from . import limits, mixture
 from .errors import SimmimError
+from .redact import redact_values
 from .remote import DEFAULT_CACHE_SIZE, DEFAULT_IO_RETRIES
 from .tracking import check_trackers
 
@@ -23,6 +24,22 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SCHEDULES = ("cosine", "multistep")
 DEVICES = ("auto", "cuda", "cpu")
 DECODES = ("cpu", "gpu")  # --decode: loader processes (pipeline.py) or NVIDIA DALI on the GPU (dali.py)
+MAX_IMG_SIZE = 4096  # pixels: a ViT/16 at 4096 px already attends over 65,536 tokens
+
+
+def check_img_size_option(value: int | None, option: str = "--img-size") -> None:
+    """An input size a model can be built for: positive, and not so large that its position tables and attention
+    fill the memory (``--img-size 100000``)."""
+    if value is not None and value > MAX_IMG_SIZE:
+        raise SimmimError(f"{option} {value} is larger than any model input ({MAX_IMG_SIZE} px at most): position "
+                          "tables and attention grow with its square; give the size the model works at, e.g. 224, "
+                          "the shards' images are resized to it")
+
+
+def check_mask_patch_size(value: int | None) -> None:
+    if value is not None and value < 1:
+        raise SimmimError(f"--mask-patch-size must be a positive number of pixels, a multiple of the model's patch "
+                          f"size (the paper's 32), got {value}")
 
 
 @dataclass
@@ -37,6 +54,8 @@ class TrainConfig:
     shard_cache_size: str = DEFAULT_CACHE_SIZE
     workers: int | None = None  # loader processes per training process; None: sized to the node
     decode: str = "cpu"  # cpu | gpu (NVIDIA DALI)
+    max_sample_mb: float = limits.DEFAULT_MAX_MEMBER_BYTES / 2**20  # a larger shard member is skipped, unread
+    max_image_pixels: float = limits.DEFAULT_MAX_IMAGE_PIXELS  # a larger image is skipped before decoding
     # model
     model: str = "vit_base_patch16_224"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -92,6 +111,10 @@ class TrainConfig:
             if value is not None and value < (0 if name == "workers" else 1):
                 raise SimmimError(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'workers' else '> 0'}, "
                                   f"got {value}")
+        limits.check_processes("--workers", self.workers)
+        limits.check_processes("--nproc", self.nproc)
+        limits.check_settings(self.max_sample_mb, self.max_image_pixels)
+        check_img_size_option(self.img_size)
         for name, choices in (("precision", PRECISIONS), ("schedule", SCHEDULES), ("device", DEVICES),
                               ("decode", DECODES)):
             if getattr(self, name) not in choices:
@@ -138,10 +161,11 @@ class TrainConfig:
         self.grad_accum = share // self.batch_size
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config as stored (``config.yaml``, checkpoints, trackers): credentials in locations redacted."""
+        return redact_values(dataclasses.asdict(self))
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)  # "…" where a credential was
 
 
 def check_param_groups(value: str) -> None:
@@ -174,6 +198,7 @@ class PretrainConfig(TrainConfig):
         if self.demo and self.nnodes > 1:
             raise SimmimError("--demo runs on one machine; drop --nnodes")
         check_param_groups(self.param_groups)
+        check_mask_patch_size(self.mask_patch_size)
         if (self.knn_data is None) != (self.knn_val_data is None):
             raise SimmimError("the k-NN score needs both --knn-data (labelled memory bank) and --knn-val-data "
                               "(labelled queries)")

@@ -29,9 +29,20 @@ class RemoteError(SimmimError):
 
     exit_code = 74  # EX_IOERR, like storage faults: the newest checkpoint is the resume point
 
-    def __init__(self, message: str, missing: bool = False):
+    def __init__(self, message: str, missing: bool = False, final: bool = False):
         super().__init__(message)
         self.missing = missing  # the file is not there (no retry can help)
+        self.final = final or missing  # the store's answer does not change with retries
+
+
+class AccessRefused(RemoteError):
+    """The store refused the credentials (a login, a signature, a token): no retry or resume helps until they are
+    fixed, hence an exit code of its own."""
+
+    exit_code = 77  # EX_NOPERM
+
+    def __init__(self, message: str):
+        super().__init__(message, final=True)
 
 
 class Interrupted(SimmimError):

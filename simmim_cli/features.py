@@ -18,6 +18,7 @@ from .config import LinearProbeConfig
 from .models import FeatureExtractor, create_backbone
 from .pipeline import EvalStream, make_loader
 from .precision import autocast, resolve_precision
+from .redact import without_credentials
 from .shards import resolve_shards
 from .tool_configs import EmbedConfig, KnnConfig
 from .transforms import CropTransform, normalize
@@ -28,7 +29,7 @@ def _cache_key(config: LinearProbeConfig | KnnConfig, data: str) -> str:
     stamp = weights_stamp(config.pretrained) if config.pretrained else ["random", config.seed]
     description = {"weights": stamp, "model": config.model, "kwargs": config.model_kwargs, "size": config.img_size,
                    "crop": config.crop_pct, "layer": config.layer, "pool": config.pool,
-                   "data": resolve_shards(data).urls}
+                   "data": [without_credentials(url) for url in resolve_shards(data).urls]}  # the same data re-signed
     return hashlib.sha1(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

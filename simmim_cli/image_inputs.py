@@ -18,6 +18,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from . import remote
 from .errors import SimmimError
 from .pipeline import sample_image_bytes
+from .redact import terminal
 from .shards import IMAGE_SUFFIXES, ShardSet, resolve_shards
 from .transforms import CropTransform, decode_image
 
@@ -49,10 +50,10 @@ def _warn_lost(samples: Iterator[dict], lost: list[str]) -> Iterator[dict]:
     for sample in samples:
         yield sample
         if lost:
-            print(f"warning: {lost[0]}", file=sys.stderr)
+            print(terminal(f"warning: {lost[0]}"), file=sys.stderr)
             lost.clear()
     if lost:
-        print(f"warning: {lost[0]}", file=sys.stderr)
+        print(terminal(f"warning: {lost[0]}"), file=sys.stderr)
 
 
 def _image_readers(sources: list[Path | ShardSet], limit: int | None) -> Iterator[tuple[str, Callable[[], bytes]]]:
@@ -89,6 +90,9 @@ def image_views(readers: Iterator[tuple[str, Callable[[], bytes]]], img_size: in
             data = read()
         except OSError as error:
             skipped.append(f"{name}: {type(error).__name__}: {error.strerror or error}")
+            continue
+        except ValueError as error:  # a shard member over --max-sample-mb, never read
+            skipped.append(f"{name}: {type(error).__name__}: {error}")
             continue
         try:
             image = decode_image(data)

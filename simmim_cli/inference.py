@@ -79,9 +79,15 @@ def newest_classifier(runs_root: Path = Path("runs")) -> Path | None:
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
+    """The metadata of an ONNX file (simmim export's class names, size, crop), checked to be a model at all."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as error:  # noqa: BLE001 - protobuf's DecodeError and onnx's own: the bytes are no model
+        raise not_a_model(path, error) from error
+    if not model.graph.input or not model.graph.output:  # an empty file parses as an empty model
+        raise not_a_model(path, None)
     result = {}
     for entry in model.metadata_props:
         try:
@@ -89,6 +95,14 @@ def read_metadata(path: Path) -> dict[str, Any]:
         except json.JSONDecodeError:
             result[entry.key] = entry.value
     return result
+
+
+def not_a_model(path: Path | str, error: BaseException | None) -> SimmimError:
+    """The one line for a file that is no ONNX model (garbage, empty, truncated)."""
+    why = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:120]}" if error and str(error).strip() else (
+        type(error).__name__ if error else "it holds no graph")
+    return SimmimError(f"{path} is not a readable ONNX model ({why}); give an .onnx file written by simmim export, "
+                       "or export it again")
 
 
 TENSORRT_BATCHES = (1, 32, 256)  # the dynamic batch's optimisation profile: smallest, most common, largest
@@ -140,7 +154,12 @@ def session(path: Path, provider: str = "cpu", optimize: bool = True):
     if "TensorrtExecutionProvider" in providers:
         Path(f"{path}.trt-cache").mkdir(exist_ok=True)
         providers = [(p, tensorrt_options(path)) if p == "TensorrtExecutionProvider" else p for p in providers]
-    created = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    try:
+        created = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as error:
+        if type(error).__name__ in ("InvalidProtobuf", "InvalidGraph", "InvalidArgument", "NoSuchFile"):
+            raise not_a_model(path, error) from error  # a file onnx parsed that onnxruntime cannot run
+        raise
     active = created.get_providers()[0]
     if provider in ("cuda", "tensorrt") and active != PROVIDERS[provider]:
         raise SimmimError(f"--provider {provider}: {PROVIDERS[provider]} did not load (no usable GPU or CUDA "

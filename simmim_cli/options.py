@@ -48,6 +48,13 @@ Workers = Annotated[int | None, typer.Option(
          "processes on the node, minus one, at most 12]. One process decodes and crops about 500 images/s; an "
          "H100 trains ViT-B/16 SimMIM on about 4,000/s. With --decode gpu: DALI threads.", rich_help_panel=DATA,
     show_default=False)]
+MaxSampleMb = Annotated[float, typer.Option(
+    help="Largest shard member (one image file) read, in MB: a larger one is skipped without being read and named "
+         "once, so a decompression bomb in a shard costs no memory. Raise it for huge single images.",
+    rich_help_panel=DATA)]
+MaxImagePixels = Annotated[float, typer.Option(
+    help="Largest image decoded, in pixels (× bands beyond three), e.g. 100e6 = 100 megapixels: a larger one is "
+         "skipped from its header, before it is decoded.", rich_help_panel=DATA)]
 Decode = Annotated[str, typer.Option(
     help="cpu: decode and augment in loader processes. gpu: NVIDIA DALI decodes JPEGs on the GPU and augments "
          "there, for few CPU cores per GPU (pip install \"simmim-cli\\[dali]\"; writes DALI index files next to the "

@@ -26,7 +26,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from . import epoch_order, remote
+from . import epoch_order, limits, remote
 from .errors import SimmimError
 from .shards import ShardSet
 from .transforms import decode_image
@@ -69,7 +69,10 @@ def sample_label(sample: dict, num_classes: int | None) -> int:
 
 
 def sample_image_bytes(sample: dict) -> bytes:
-    """The encoded image of a shard sample, whichever of the image extensions it was stored under."""
+    """The encoded image of a shard sample, whichever of the image extensions it was stored under; a sample whose
+    member was over ``--max-sample-mb`` (not read, see ``remote._tar_samples``) raises why."""
+    if "__skipped__" in sample:
+        raise limits.SampleTooLarge(sample["__skipped__"])
     for key in SAMPLE_IMAGE_KEYS:
         if key in sample:
             return sample[key]

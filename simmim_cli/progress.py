@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .redact import terminal
+
 
 class Reporter:
     """Rank-0 output: a rich progress bar on a terminal, plain lines otherwise (SLURM logs, pipes)."""
@@ -25,6 +27,7 @@ class Reporter:
     def print(self, message: str) -> None:
         if not self.enabled:
             return
+        message = terminal(message)  # sample names and URLs: redacted, control characters escaped
         if self.progress is not None:
             self.progress.console.print(message, markup=False, highlight=False)
         else:

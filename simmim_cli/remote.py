@@ -5,10 +5,14 @@ A read that fails (a connection cut mid-body, a 5xx, a timeout, a stream that en
 exponential backoff and continues at the byte offset already delivered (an HTTP/S3 range request through fsspec;
 ``pipe:`` commands are re-run and the bytes already read skipped), so the tar reader above never sees the fault
 and no sample is lost or repeated. After ``--io-retries`` failed tries in a row, :class:`RemoteError` names the
-URL and the last error.
+URL and the last error. Only transient faults are retried (timeouts, resets, 5xx, 429 after its ``Retry-After``):
+a missing file, a refused login or signature (401/403, S3's ``AccessDenied``, ``SignatureDoesNotMatch``,
+``ExpiredToken``, ``InvalidAccessKeyId``) and other 4xx answers stop at once.
 
 Credentials and endpoints come from each store's own environment and config files (``AWS_ENDPOINT_URL``,
 ``AWS_PROFILE``, ``~/.aws``, ``GOOGLE_APPLICATION_CREDENTIALS``, ...): nothing here reads, prints or stores them.
+Credentials in a URL (``user:password@``, a signed URL's query string) are used to read it and otherwise cut out
+by ``redact.py`` wherever the URL is shown or stored.
 """
 
 from __future__ import annotations
@@ -31,7 +35,10 @@ from typing import IO
 
 from webdataset import tariterators
 
+from . import tars
 from .errors import RemoteError, SimmimError
+from .redact import redact, without_credentials
+from .remote_faults import describe, raise_if_final, retry_after
 
 DEFAULT_IO_RETRIES = 10  # backoff 0, 0.5, 1, 2, ... 60 s: about 3 minutes of a store not answering
 MAX_BACKOFF_S = 60.0
@@ -71,6 +78,12 @@ def is_url(name: str) -> bool:
     return name.startswith("pipe:") or ("://" in name and not name.startswith("file://"))
 
 
+def url_path(name: str) -> str:
+    """A URL without its query string (``https://host/a.tar?X-Amz-...`` → ``https://host/a.tar``): what its file
+    name and folder are read from. Local paths and ``pipe:`` commands come back as they are."""
+    return name.split("?", 1)[0] if is_url(name) and not name.startswith("pipe:") else name
+
+
 def backoff(attempt: int) -> float:
     """Seconds before retry ``attempt`` (1, 2, ...): a cut connection is retried at once, a store that keeps
     failing is given exponentially more time (with jitter, so that many workers do not retry in step)."""
@@ -79,26 +92,12 @@ def backoff(attempt: int) -> float:
     return min(MAX_BACKOFF_S, 0.5 * 2 ** (attempt - 2)) * random.uniform(0.8, 1.2)
 
 
-def shown(text: str) -> str:
-    """``text`` with URL query strings cut off: a signed URL's signature is a credential, never printed."""
-    return re.sub(r"(://[^\s'\"?]*)\?[^\s'\"]*", r"\1?…", text)
-
-
-def describe(error: BaseException) -> str:
-    """One readable line for an error: its type and first line (never a repr of pipes or argument lists), without
-    URL query strings."""
-    if isinstance(error, FileNotFoundError) and error.__cause__ is not None:
-        error = error.__cause__  # fsspec's HTTP layer wraps what went wrong while it asked for the size
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return shown(f"{type(error).__name__}: {text}" if text else type(error).__name__)
-
-
 def filesystem(url: str):
     """(fsspec filesystem, path) for a URL, with timeouts that turn a stalled connection into a retried fault."""
     try:
         import fsspec
     except ImportError as error:
-        raise SimmimError(f"reading {shown(url)} needs fsspec: {REMOTE_EXTRA}") from error
+        raise SimmimError(f"reading {redact(url)} needs fsspec: {REMOTE_EXTRA}") from error
     protocol = url.split("://", 1)[0]
     options: dict = {}
     if protocol in ("http", "https"):
@@ -112,23 +111,8 @@ def filesystem(url: str):
         fs = fsspec.filesystem(protocol, **options)
     except (ImportError, ValueError) as error:
         package = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs"}.get(protocol, f"an fsspec backend for {protocol}://")
-        raise SimmimError(f"reading {shown(url)} needs {package}: {REMOTE_EXTRA}") from error
+        raise SimmimError(f"reading {redact(url)} needs {package}: {REMOTE_EXTRA}") from error
     return fs, fs._strip_protocol(url) if protocol not in ("http", "https") else url
-
-
-def _fatal(error: BaseException) -> bool:
-    """Errors that no retry mends: a bug, a missing file, a refused login."""
-    return isinstance(error, (PermissionError, TypeError, AttributeError, NameError,
-                              AssertionError, ImportError, SimmimError))
-
-
-def _missing(error: BaseException) -> bool:
-    """A file that is not there (fsspec's HTTP layer also reports a 503 or a refused connection while it looks
-    for the size as FileNotFoundError, with the real error as its cause: those are faults to retry)."""
-    if not isinstance(error, FileNotFoundError):
-        return False
-    cause = error.__cause__
-    return cause is None or getattr(cause, "status", None) in (404, 410)
 
 
 class _EarlyEnd(OSError):
@@ -227,25 +211,18 @@ class ResumingReader(io.RawIOBase):
             try:
                 return step()
             except Exception as error:  # noqa: BLE001 - which exceptions are network faults differs per backend
-                if _missing(error):
-                    raise RemoteError(f"{shown(self.url)} does not exist ({describe(error)}); check the URL",
-                                      missing=True) from error
-                if isinstance(error, PermissionError):
-                    raise RemoteError(f"access to {shown(self.url)} was refused ({describe(error)}); check the "
-                                      "credentials of the store (its environment variables or config files)"
-                                      ) from error
-                if _fatal(error):
-                    raise
+                raise_if_final(self.url, error)
                 attempt += 1
                 if attempt > self.retries:
                     raise RemoteError(
-                        f"cannot read {shown(self.url)} at byte {self.offset}: {describe(error)} (gave up after "
+                        f"cannot read {redact(self.url)} at byte {self.offset}: {describe(error)} (gave up after "
                         f"{self.retries} retries in {time.monotonic() - started:.0f} s); check the store, then run "
                         "the same command again (--resume auto continues from the newest checkpoint) or raise "
                         "--io-retries") from error
-                delay = backoff(attempt)
-                if attempt > 1:  # one blip is routine for a busy store; a fault that persists is worth a line
-                    print(f"warning: {shown(self.url)}: {describe(error)} at byte {self.offset}; retry {attempt} of "
+                asked = retry_after(error)
+                delay = backoff(attempt) if asked is None else asked
+                if attempt > 1 or asked:  # one blip is routine for a busy store; a fault that persists is worth a line
+                    print(f"warning: {redact(self.url)}: {describe(error)} at byte {self.offset}; retry {attempt} of "
                           f"{self.retries} in {delay:.1f} s", file=sys.stderr)
                 self._close_source()
                 time.sleep(delay)
@@ -273,7 +250,7 @@ def upload(url: str, local: Path | None = None, data: bytes | None = None, retri
     """Writes a local file (or ``data``) to ``url`` (``s3://``, ``gs://``) as one object: the store shows it
     complete or not at all. Faults are retried as reads are."""
     if not is_url(url) or url.startswith(("pipe:", "http://", "https://")):
-        raise SimmimError(f"cannot write to {url}: make-shards writes to a local folder, s3:// or gs://")
+        raise SimmimError(f"cannot write to {redact(url)}: make-shards writes to a local folder, s3:// or gs://")
     fs, path = filesystem(url)
     retries = io_retries() if retries is None else retries
     attempt, started = 0, time.monotonic()
@@ -282,17 +259,14 @@ def upload(url: str, local: Path | None = None, data: bytes | None = None, retri
             fs.put_file(str(local), path) if local is not None else fs.pipe_file(path, data)
             return
         except Exception as error:  # noqa: BLE001 - which exceptions are network faults differs per backend
-            if isinstance(error, PermissionError):
-                raise RemoteError(f"access to {url} was refused ({describe(error)}); check the credentials of the "
-                                  "store (its environment variables or config files)") from error
-            if _fatal(error):
-                raise
+            raise_if_final(url, error)
             attempt += 1
             if attempt > retries:
-                raise RemoteError(f"cannot write {url}: {describe(error)} (gave up after {retries} retries in "
+                raise RemoteError(f"cannot write {redact(url)}: {describe(error)} (gave up after {retries} retries in "
                                   f"{time.monotonic() - started:.0f} s); check the store, then run the same command "
                                   "again, or raise --io-retries") from error
-            time.sleep(backoff(attempt))
+            asked = retry_after(error)
+            time.sleep(backoff(attempt) if asked is None else asked)
 
 
 # ---------------------------------------------------------------------------------------------- the shard cache
@@ -322,8 +296,11 @@ def local_copy(url: str) -> str:
 
     cache = shard_cache()
     assert cache is not None
-    name = re.sub(r"[^A-Za-z0-9._-]", "_", url.rstrip("/").rsplit("/", 1)[-1])[-80:]
-    path = cache / f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{name}"
+    # named after the location without its credentials: no secret in a file name, and a shard signed again (a new
+    # signature) is the same shard
+    location = without_credentials(url)
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", location.rstrip("/").rsplit("/", 1)[-1])[-80:]
+    path = cache / f"{hashlib.sha256(location.encode()).hexdigest()[:16]}-{name}"
     if path.suffix != ".tar":
         path = path.with_name(path.name + ".tar")  # DALI's index files sit beside shards as .idx
     try:
@@ -339,8 +316,8 @@ def local_copy(url: str) -> str:
                     fcntl.flock(evicting, fcntl.LOCK_EX)  # one process of the node evicts at a time
                     _evict(cache, parse_size(os.environ.get(_CACHE_SIZE_ENV, DEFAULT_CACHE_SIZE)), keep=path)
     except OSError as error:
-        raise SimmimError(f"cannot keep {shown(url)} in the shard cache {cache} ({describe(error)}); free space there, "
-                          "point --shard-cache at another folder, or leave it out to stream") from error
+        raise SimmimError(f"cannot keep {redact(url)} in the shard cache {cache} ({describe(error)}); free space "
+                          "there, point --shard-cache at another folder, or leave it out to stream") from error
     return str(path)
 
 
@@ -352,10 +329,10 @@ def _download(url: str, path: Path) -> None:
             while chunk := source.read(READ_SIZE):
                 target.write(chunk)
         try:
-            with tarfile.open(tmp) as tar:  # every member's header: a truncated or foreign file fails here
+            with tars.open_tar(str(tmp)) as tar:  # every member's header: a truncated or foreign file fails here
                 tar.getmembers()
         except tarfile.TarError as error:  # what the store holds: kept, and the reader reports what it lost
-            print(f"warning: {shown(url)} is not a complete tar file ({describe(error)}), as the store holds it; "
+            print(f"warning: {redact(url)} is not a complete tar file ({describe(error)}), as the store holds it; "
                   "re-create it with simmim make-shards", file=sys.stderr)
         os.replace(tmp, path)
     finally:
@@ -382,18 +359,24 @@ def _evict(cache: Path, limit: int, keep: Path) -> None:
 
 
 def _tar_samples(url: str, stream) -> Iterator[dict]:
-    """The samples of one tar stream: consecutive members sharing a key (up to the first dot) make a sample."""
+    """The samples of one tar stream: consecutive members sharing a key (up to the first dot) make a sample. Its
+    ``__url__`` is the redacted URL (what messages and predict rows show); a member over ``--max-sample-mb`` is
+    not read, and its sample carries why in ``__skipped__`` (``pipeline.sample_image_bytes`` raises it)."""
+    shown_url = redact(url)
     sample: dict | None = None
-    for member in tariterators.tar_file_iterator(stream):
-        key, extension = tariterators.base_plus_ext(member["fname"])
+    for name, data, too_large in tars.members(stream):
+        key, extension = tariterators.base_plus_ext(name)
         if key is None:
             continue
         if sample is not None and sample["__key__"] != key:
             yield sample
             sample = None
         if sample is None:
-            sample = {"__key__": key, "__url__": url}
-        sample[extension.lower()] = member["data"]
+            sample = {"__key__": key, "__url__": shown_url}
+        if data is None:
+            sample["__skipped__"] = too_large
+        else:
+            sample[extension.lower()] = data
     if sample is not None:
         yield sample  # only after the whole tar was read: a sample cut short by a corrupt end is never yielded
 
@@ -415,22 +398,36 @@ def shard_samples(urls: list[str], skipped: list[str], lengths: dict[str, int] |
             expected = (lengths or {}).get(url)
             lost = max(expected - count, 1) if expected is not None else 1
             what = f"{lost} sample(s) lost" if expected is not None else "the rest of it lost (its length is unknown)"
-            name = shown(url)
+            name = redact(url)
             skipped.append(f"{name}: corrupt shard after {count} sample(s), {what} ({describe(error)}); "
                            "re-create it with simmim make-shards")
             skipped += [f"{name}: lost with the corrupt shard"] * (lost - 1)
             continue
         expected = (lengths or {}).get(url)
         if expected is not None and count < expected:  # a whole tar with fewer samples than _info.json lists
-            skipped.append(f"{shown(url)}: {count} sample(s), _info.json says {expected}: {expected - count} "
+            skipped.append(f"{redact(url)}: {count} sample(s), _info.json says {expected}: {expected - count} "
                            "sample(s) lost; re-create the shards with simmim make-shards")
-            skipped += [f"{shown(url)}: missing from the shard"] * (expected - count - 1)
+            skipped += [f"{redact(url)}: missing from the shard"] * (expected - count - 1)
 
 
 def read_bytes(url: str, retries: int | None = None) -> bytes:
     """The whole content of a (small) file, e.g. a remote ``_info.json`` (never from the shard cache: read fresh)."""
     with open_shard(url, retries, cache=False) as stream:
         return stream.read()
+
+
+def listing(folder_url: str) -> set[str] | None:
+    """The URLs of the files under a bucket folder (``s3://``, ``gs://``), or None where the store is not listed
+    (``http(s)://``, ``pipe:``) or refuses to list it (credentials that may read but not list)."""
+    if not folder_url.startswith(("s3://", "gs://", "gcs://")):
+        return None
+    protocol = folder_url.split("://", 1)[0]
+    try:
+        fs, path = filesystem(folder_url)
+        fs.invalidate_cache(path)
+        return {f"{protocol}://{name}" for name in fs.find(path)}
+    except Exception:  # noqa: BLE001 - listing is a check made where it can be; the reads say the rest
+        return None
 
 
 def exists(url: str) -> bool:

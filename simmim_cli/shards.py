@@ -12,6 +12,7 @@ import multiprocessing as mp
 import os
 import random
 import signal
+import sys
 import tarfile
 import tempfile
 from collections.abc import Callable, Iterator
@@ -22,8 +23,10 @@ import braceexpand
 import webdataset as wds
 from PIL import Image
 
-from . import remote, storage
+from . import limits, remote, storage, tars
 from .errors import SimmimError
+from .redact import redact
+from .remote_faults import describe
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm"}
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # stored as their original bytes
@@ -48,14 +51,84 @@ class ShardSet:
 
 
 def read_info(directory: Path) -> dict | None:
-    """A shard folder's ``_info.json`` (None when it has none)."""
+    """A shard folder's ``_info.json``, checked (None when it has none)."""
     path = directory / INFO_FILE
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
+        data = path.read_bytes()
+    except OSError as error:
         raise SimmimError(f"cannot read {path}: {error}; re-create the shards with simmim make-shards") from error
+    return parse_info(data, str(path))
+
+
+def parse_info(data: bytes, where: str) -> dict:
+    """``_info.json``'s bytes → its dict, checked: JSON text, an object whose splits, shard names, sample counts
+    and class names have the types make-shards writes. Anything else is one line naming what is wrong."""
+    try:
+        info = json.loads(data)
+    except ValueError as error:  # not JSON, or not UTF-8 text
+        raise SimmimError(f"cannot read {where}: {str(error).splitlines()[0]}; re-create the shards with simmim "
+                          "make-shards") from None
+
+    def wrong(what: str) -> SimmimError:
+        return SimmimError(f"{where} is not a valid {INFO_FILE}: {what}; re-create the shards with simmim make-shards")
+
+    if not isinstance(info, dict):
+        raise wrong(f"it holds a JSON {type(info).__name__}, not an object")
+    splits = info.get("splits", {})
+    if not isinstance(splits, dict):
+        raise wrong(f"'splits' is {json.dumps(splits)[:40]}, not an object of splits")
+    for name, entry in splits.items():
+        if not isinstance(entry, dict):
+            raise wrong(f"split '{name}' is {json.dumps(entry)[:40]}, not an object")
+        filenames, lengths = entry.get("filenames", []), entry.get("shard_lengths", [])
+        if not isinstance(filenames, list) or not all(isinstance(f, str) and f for f in filenames):
+            raise wrong(f"the filenames of split '{name}' are not a list of shard names")
+        if not isinstance(lengths, list) or not all(_count(n) for n in lengths):
+            raise wrong(f"the shard_lengths of split '{name}' are not a list of sample counts")
+        if "num_samples" in entry and not _count(entry["num_samples"]):
+            raise wrong(f"the num_samples of split '{name}' is not a sample count")
+    classes = info.get("classes")
+    if classes is not None and (not isinstance(classes, list) or not all(isinstance(c, str) for c in classes)):
+        raise wrong("'classes' is not a list of class names")
+    return info
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _listed_location(folder: str, name: str, where: str) -> str:
+    """Where a shard that ``_info.json`` lists is: a relative path inside the shard folder, or (in a remote folder)
+    a URL of the same store. Anything else (an absolute path, ``..``, a ``pipe:`` command, another host) is
+    refused: a shard folder names its own files, nothing else on the machine or the network."""
+    remote_folder = remote.is_url(folder)
+    if "://" in name or name.startswith("pipe:"):
+        if remote_folder and name.split("/", 3)[:3] == folder.rstrip("/").split("/", 3)[:3]:
+            return name  # the same scheme and host (or bucket)
+    else:
+        parts = name.replace("\\", "/").split("/")
+        if not name.startswith(("/", "~")) and ".." not in parts and ":" not in parts[0]:
+            return f"{folder.rstrip('/')}/{name}" if remote_folder else str(Path(folder) / name)
+    raise SimmimError(f"{where} lists '{redact(name)}', which is not a file inside its folder; a shard folder's "
+                      f"{INFO_FILE} names its own shards by relative path: re-create the shards with simmim "
+                      "make-shards")
+
+
+def _check_listed(urls: list[str], folder: str, where: str) -> None:
+    """Stops at the start when shards ``_info.json`` lists do not exist (local folders, and buckets that can be
+    listed), naming the first ones, rather than counting each as corrupt in the middle of the run."""
+    if remote.is_url(folder):
+        present = remote.listing(folder)
+        missing = [] if present is None else [u for u in urls if remote.url_path(u) not in present]
+    else:
+        missing = [u for u in urls if not Path(u).is_file()]
+    if missing:
+        names = ", ".join(redact(remote.url_path(u)).rsplit("/", 1)[-1] for u in missing[:3])
+        raise SimmimError(f"{where} lists {len(missing)} shard(s) that do not exist ({names}"
+                          f"{', ...' if len(missing) > 3 else ''}); copy the whole make-shards output, or re-create "
+                          "the shards with simmim make-shards")
 
 
 def _info_split(info: dict, split: str | None) -> dict:
@@ -70,37 +143,49 @@ def _info_split(info: dict, split: str | None) -> dict:
 def count_tar_samples(path: str) -> int:
     """Number of distinct sample keys in a local tar (reads headers only)."""
     keys = set()
-    with tarfile.open(path) as tar:
-        for member in tar:
-            if member.isreg() and not member.name.startswith("__"):
-                base = os.path.basename(member.name)
-                keys.add(os.path.join(os.path.dirname(member.name), base.split(".", 1)[0]))
+    try:
+        with tars.open_tar(path) as tar:
+            for member in tar:
+                if member.isreg() and not member.name.startswith("__"):
+                    base = os.path.basename(member.name)
+                    keys.add(os.path.join(os.path.dirname(member.name), base.split(".", 1)[0]))
+    except (tarfile.TarError, OSError, EOFError) as error:
+        lines = str(error).strip().splitlines()  # tarfile lists each compression it tried, one per line
+        why = "it is empty" if os.path.getsize(path) == 0 else lines[0].rstrip(":") if lines else type(error).__name__
+        raise SimmimError(f"{path} is not a readable tar file ({why}) and no "
+                          f"{INFO_FILE} beside it says what it holds; re-create the shards with simmim make-shards"
+                          ) from None
     return len(keys)
 
 
+_NOTED: set[str] = set()  # optional _info.json files the store refused, already said
+
+
 def _read_remote_info(folder_url: str, required: bool) -> dict | None:
-    """``_info.json`` of a remote folder (None when it has none and it is not ``required``)."""
+    """``_info.json`` of a remote folder (None when it has none and it is not ``required``; one beside shards given
+    explicitly that the store refuses, e.g. unsigned beside signed URLs, is left out with a note)."""
     url = f"{folder_url.rstrip('/')}/{INFO_FILE}"
     try:
         text = remote.read_bytes(url)
     except remote.RemoteError as error:
-        if error.missing and not required:
+        if error.final and not required:
+            if not error.missing and url not in _NOTED:
+                _NOTED.add(url)  # once per process, not at each look at the shards
+                print(f"note: cannot read {redact(url)} ({describe(error.__cause__ or error)}); reading the shards "
+                      "given without it (--epoch-size N gives the sample count where it is needed)", file=sys.stderr)
             return None
         if error.missing:
-            raise SimmimError(f"no {INFO_FILE} at {url}: a remote folder is read through the {INFO_FILE} that "
-                              "make-shards writes; copy the whole make-shards output there, or give the shards as a "
-                              "brace pattern such as s3://bucket/train-{000000..000099}.tar with --epoch-size N"
+            raise SimmimError(f"no {INFO_FILE} at {redact(url)}: a remote folder is read through the {INFO_FILE} "
+                              "that make-shards writes; copy the whole make-shards output there, or give the shards "
+                              "as a brace pattern such as s3://bucket/train-{000000..000099}.tar with --epoch-size N"
                               ) from None
         raise
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise SimmimError(f"cannot read {url}: {error}; re-create the shards with simmim make-shards") from error
+    return parse_info(text, redact(url))
 
 
 def _remote_folder(urls: list[str]) -> str | None:
     """The remote folder holding all ``urls`` (where an ``_info.json`` may describe them), or None."""
-    folders = {u.rsplit("/", 1)[0] for u in urls if remote.is_url(u) and not u.startswith("pipe:")}
+    folders = {remote.url_path(u).rsplit("/", 1)[0] for u in urls if remote.is_url(u) and not u.startswith("pipe:")}
     return folders.pop() if len(folders) == 1 and all(remote.is_url(u) for u in urls) else None
 
 
@@ -116,15 +201,20 @@ def resolve_shards(data: str, split: str | None = None, epoch_size: int | None =
     """
     path = Path(data)
     info = None
-    if remote.is_url(data) and not data.startswith("pipe:") and "{" not in data and not data.endswith(".tar"):
+    shard_url = remote.url_path(data).endswith(".tar")  # also a signed one (.tar?X-Amz-...): a shard, not a folder
+    if remote.is_url(data) and not data.startswith("pipe:") and "{" not in data and not shard_url:
         info = _read_remote_info(data, required=True)
         entry = _info_split(info, split)
-        urls = [f"{data.rstrip('/')}/{name}" for name in entry["filenames"]]
+        where = redact(f"{data.rstrip('/')}/{INFO_FILE}")
+        urls = [_listed_location(data, name, where) for name in entry.get("filenames", [])]
+        _check_listed(urls, data, where)
     elif path.is_dir():
         info = read_info(path)
         if info is not None:
             entry = _info_split(info, split)
-            urls = [str(path / name) for name in entry["filenames"]]
+            where = str(path / INFO_FILE)
+            urls = [_listed_location(str(path), name, where) for name in entry.get("filenames", [])]
+            _check_listed(urls, str(path), where)
         else:
             urls = sorted(str(p) for p in path.glob("*.tar"))
         if not urls:
@@ -155,7 +245,7 @@ def resolve_shards(data: str, split: str | None = None, epoch_size: int | None =
     if info is not None:
         for entry in info.get("splits", {}).values():
             lengths_by_name.update(zip(entry.get("filenames", []), entry.get("shard_lengths", []), strict=False))
-    lengths = [lengths_by_name.get(u.rsplit("/", 1)[-1]) for u in urls]
+    lengths = [lengths_by_name.get(remote.url_path(u).rsplit("/", 1)[-1]) for u in urls]
     if any(n is None for n in lengths):
         if epoch_size is None and not any(remote.is_url(u) for u in urls) and all(Path(u).is_file() for u in urls):
             lengths = [count_tar_samples(u) for u in urls]
@@ -167,7 +257,7 @@ def resolve_shards(data: str, split: str | None = None, epoch_size: int | None =
             lengths = []
     num_samples = epoch_size or sum(lengths)
     if num_samples <= 0 and (count_required or lengths):
-        raise SimmimError(f"the shards in {data} hold no samples; re-create them with simmim make-shards")
+        raise SimmimError(f"the shards in {redact(data)} hold no samples; re-create them with simmim make-shards")
     return ShardSet(urls=urls, num_samples=num_samples, classes=classes, shard_lengths=lengths)
 
 
@@ -204,10 +294,14 @@ def _sample_key(path: Path, source: Path, used: set[str]) -> str:
 def image_record(path: Path) -> tuple[str, bytes]:
     """(extension, bytes) to store for an image: JPEG/PNG/WebP bytes unchanged, others as lossless PNG.
 
-    Raises OSError/ValueError (from PIL) when the file does not decode completely.
+    Raises OSError/ValueError (from PIL) when the file does not decode completely, and
+    :class:`limits.SampleTooLarge` for a file over ``--max-sample-mb`` (not read) or an image over
+    ``--max-image-pixels`` (not decoded).
     """
+    limits.check_member_size(path.stat().st_size, path.name)
     data = path.read_bytes()
     with Image.open(io.BytesIO(data)) as image:
+        limits.check_image_size(*image.size, name=path.name)
         image_format = image.format
         if image_format == "JPEG":
             image.draft(image.mode, (64, 64))  # still parses the whole file, so truncation is caught
@@ -428,7 +522,7 @@ def write_dali_index(shard: str | Path, check: Callable[[str, bytes], None] | No
     """
     samples: list[tuple[str, list[str]]] = []  # (key, ["ext offset size name", ...])
     left_out: dict[str, str] = {}  # key → why
-    with tarfile.open(shard) as tar:
+    with tars.open_tar(str(shard)) as tar:
         for member in tar:
             if not member.isreg() or os.path.basename(member.name).startswith("__"):
                 continue
@@ -439,6 +533,7 @@ def write_dali_index(shard: str | Path, check: Callable[[str, bytes], None] | No
                 samples.append((key, []))
             if check is not None and key not in left_out:
                 try:
+                    limits.check_member_size(member.size, member.name)  # before it is read
                     check(extension, tar.extractfile(member).read())
                 except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
                     left_out[key] = f"{type(error).__name__}: {error}"

@@ -7,14 +7,22 @@ recipes and the command-line overrides (``resolve_config``) are ``config.py``.
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import DECODES, DEVICES, PRECISIONS
+from . import limits
+from .config import DECODES, DEVICES, PRECISIONS, check_img_size_option, check_mask_patch_size
 from .errors import SimmimError
 from .remote import DEFAULT_CACHE_SIZE, DEFAULT_IO_RETRIES
+
+
+@dataclass
+class SampleLimits:
+    """``--max-sample-mb`` and ``--max-image-pixels`` of the commands that read images (``limits.py``)."""
+
+    max_sample_mb: float = limits.DEFAULT_MAX_MEMBER_BYTES / 2**20
+    max_image_pixels: float = limits.DEFAULT_MAX_IMAGE_PIXELS
 
 
 @dataclass
@@ -32,7 +40,7 @@ class LocalProcesses:
 
 
 @dataclass
-class KnnConfig(LocalProcesses):
+class KnnConfig(SampleLimits, LocalProcesses):
     """``simmim knn``: weighted k-NN classification on frozen features (DINO's protocol: cosine, k 20, T 0.07)."""
 
     data: str | None = None  # labelled shards: the memory bank
@@ -50,7 +58,7 @@ class KnnConfig(LocalProcesses):
     cache_features: bool = False
     cache_dir: str | None = None  # default runs/features
     batch_size: int = 64
-    workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
+    workers: int = field(default_factory=lambda: min(4, limits.usable_cores()))
     device: str = "auto"
     precision: str = "auto"
     seed: int = 0  # the random encoder's weights
@@ -74,6 +82,10 @@ class KnnConfig(LocalProcesses):
             raise SimmimError(f"--pool must be mean or cls, got '{self.pool}'")
         if self.batch_size < 1 or self.workers < 0:
             raise SimmimError("--batch-size must be > 0 and --workers >= 0")
+        limits.check_processes("--workers", self.workers)
+        limits.check_processes("--nproc", self.nproc)
+        limits.check_settings(self.max_sample_mb, self.max_image_pixels)
+        check_img_size_option(self.img_size)
         for name, choices in (("precision", PRECISIONS), ("device", DEVICES)):
             if getattr(self, name) not in choices:
                 raise SimmimError(f"--{name} must be one of {', '.join(choices)}, got '{getattr(self, name)}'")
@@ -83,7 +95,7 @@ class KnnConfig(LocalProcesses):
 
 
 @dataclass
-class EmbedConfig(LocalProcesses):
+class EmbedConfig(SampleLimits, LocalProcesses):
     """``simmim embed``: one embedding per image of --data, written as Parquet (``embeddings.py``)."""
 
     data: str | None = None  # shards or a folder of images, labelled or not
@@ -97,7 +109,7 @@ class EmbedConfig(LocalProcesses):
     pool: str = "mean"
     crop_pct: float | None = None  # knn's 0.875, or an ONNX file's own
     batch_size: int = 64
-    workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
+    workers: int = field(default_factory=lambda: min(4, limits.usable_cores()))
     device: str = "auto"
     precision: str = "auto"
     seed: int = 0  # the random encoder's weights (without --pretrained)
@@ -124,6 +136,10 @@ class EmbedConfig(LocalProcesses):
             raise SimmimError(f"--pool must be mean or cls, got '{self.pool}'")
         if self.batch_size < 1 or self.workers < 0:
             raise SimmimError("--batch-size must be > 0 and --workers >= 0")
+        limits.check_processes("--workers", self.workers)
+        limits.check_processes("--nproc", self.nproc)
+        limits.check_settings(self.max_sample_mb, self.max_image_pixels)
+        check_img_size_option(self.img_size)
         if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
             raise SimmimError(f"--crop-pct must be in (0, 1], got {self.crop_pct}")
         for name, choices in (("precision", PRECISIONS), ("device", DEVICES)):
@@ -189,14 +205,14 @@ class SearchConfig:
 
 
 @dataclass
-class EvaluateConfig(LocalProcesses):
+class EvaluateConfig(SampleLimits, LocalProcesses):
     """``simmim evaluate``: accuracy, per-class accuracy and a confusion matrix of a classifier checkpoint."""
 
     checkpoint: str | None = None
     data: str | None = None
     output: str | None = None
     batch_size: int = 64
-    workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
+    workers: int = field(default_factory=lambda: min(4, limits.usable_cores()))
     decode: str = "cpu"  # cpu | gpu (NVIDIA DALI)
     crop_pct: float | None = None  # the checkpoint's own unless given
     device: str = "auto"
@@ -213,6 +229,9 @@ class EvaluateConfig(LocalProcesses):
             raise SimmimError("give --data: labelled shards or a folder with one sub-folder per class")
         if self.batch_size < 1 or self.workers < 0:
             raise SimmimError("--batch-size must be > 0 and --workers >= 0")
+        limits.check_processes("--workers", self.workers)
+        limits.check_processes("--nproc", self.nproc)
+        limits.check_settings(self.max_sample_mb, self.max_image_pixels)
         if self.precision not in PRECISIONS:
             raise SimmimError(f"--precision must be one of {', '.join(PRECISIONS)}")
         if self.decode not in DECODES:
@@ -223,7 +242,7 @@ class EvaluateConfig(LocalProcesses):
 
 
 @dataclass
-class VisualizeConfig:
+class VisualizeConfig(SampleLimits):
     """``simmim visualize-recon``: reconstruction panels for images."""
 
     images: list[str] = field(default_factory=list)
@@ -252,6 +271,9 @@ class VisualizeConfig:
             raise SimmimError(f"--mask-ratio {self.mask_ratio} is outside (0, 1)")
         if self.save_arrays and not self.save_arrays.endswith(".npz"):
             raise SimmimError("--save-arrays takes a .npz file name")
+        check_mask_patch_size(self.mask_patch_size)
+        check_img_size_option(self.img_size)
+        limits.check_settings(self.max_sample_mb, self.max_image_pixels)
 
 
 @dataclass
@@ -300,14 +322,14 @@ class ExportConfig:
 
 
 @dataclass
-class PredictConfig:
+class PredictConfig(SampleLimits):
     """``simmim predict``: top-k classes of images from an ONNX model or a checkpoint."""
 
     model: str | None = None
     images: list[str] = field(default_factory=list)
     top_k: int = 5
     batch_size: int = 32
-    workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))  # loader processes: decode, crop
+    workers: int = field(default_factory=lambda: min(4, limits.usable_cores()))  # loader processes: decode, crop
     provider: str = "auto"  # auto | cuda | tensorrt | cpu (ONNX); the torch device for checkpoints
     json: bool = False
     img_size: int | None = None
@@ -334,3 +356,6 @@ class PredictConfig:
                                   "or --provider cuda")
         if self.workers < 0:
             raise SimmimError(f"--workers must be >= 0, got {self.workers}")
+        limits.check_processes("--workers", self.workers)
+        limits.check_settings(self.max_sample_mb, self.max_image_pixels)
+        check_img_size_option(self.img_size)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 
 from . import storage
 from .errors import SimmimError
+from .redact import redact
 from .storage import StorageError
 
 # --log-to name → (module that must be importable, the pip line that brings it)
@@ -189,6 +191,8 @@ class WandbTracker(Tracker):
         import wandb
 
         self.wandb = wandb
+        argv = sys.argv
+        sys.argv = [redact(argument) for argument in argv]  # W&B records the command line: never its credentials
         try:
             self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "simmim"), name=output.name,
                                   dir=str(output), config=config, id=run_id, resume="allow" if run_id else None)
@@ -196,6 +200,8 @@ class WandbTracker(Tracker):
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise SimmimError(f"--log-to wandb could not start a run ({first}); log in with `wandb login`, or "
                               "set WANDB_MODE=offline and `wandb sync` the run folder later") from error
+        finally:
+            sys.argv = argv
         self.run_id = self.run.id
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:

@@ -8,6 +8,7 @@ import contextlib
 import functools
 import io
 import math
+import re
 import warnings
 from typing import Any
 
@@ -18,6 +19,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms import v2 as T
 
+from . import limits
 from .masking import MaskGenerator
 
 # torchvision's libjpeg-turbo decoder (deprecated in 0.29 in favour of TorchCodec, still the fastest way from
@@ -28,6 +30,10 @@ with warnings.catch_warnings():
         from torchvision.io import ImageReadMode, decode_jpeg
     except ImportError:  # pragma: no cover - a future torchvision
         decode_jpeg = None
+
+# PIL warns of images over its pixel limit; ours (set to the same, --max-image-pixels) refuses them instead, in
+# open_image, so the warning would only repeat the skip line
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 # ImageNet statistics, the normalisation of the paper (one place for the whole toolkit)
 MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
@@ -72,13 +78,30 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
-def decode_image(data: bytes, min_size: int | None = None) -> Image.Image:
-    """Bytes of any image format PIL reads → RGB. ``min_size`` lets a JPEG decode at a reduced scale
-    (1/2, 1/4, 1/8) as long as both sides stay at least that large: much less work for small crops."""
+def open_image(data: bytes) -> Image.Image:
+    """PIL's lazy open of encoded bytes (the header only), refused over ``--max-image-pixels`` before anything is
+    decoded (:class:`limits.SampleTooLarge`, a bad sample that readers skip)."""
+    if Image.MAX_IMAGE_PIXELS != limits.max_image_pixels:
+        # PIL's own bomb check follows ours (it refuses at twice its limit, before our message could say why)
+        Image.MAX_IMAGE_PIXELS = limits.max_image_pixels
     try:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:  # PIL's own message names a memory address, which tells a user nothing
         raise UnidentifiedImageError("not an image format PIL reads") from None
+    except Image.DecompressionBombError as error:  # PIL's own check, at twice the limit: said as ours says it
+        pixels = re.search(r"\((\d+) pixels\)", str(error))
+        size = f"{int(pixels.group(1)) / 1e6:g} megapixels" if pixels else "too large"
+        raise limits.SampleTooLarge(f"image is {size}, over the limit of {limits.max_image_pixels / 1e6:g} "
+                                    "megapixels (--max-image-pixels)") from None
+    limits.check_image_size(*image.size)
+    return image
+
+
+def decode_image(data: bytes, min_size: int | None = None) -> Image.Image:
+    """Bytes of any image format PIL reads → RGB. ``min_size`` lets a JPEG decode at a reduced scale
+    (1/2, 1/4, 1/8) as long as both sides stay at least that large: much less work for small crops. An image over
+    ``--max-image-pixels`` is refused from its header, before it is decoded."""
+    image = open_image(data)
     if min_size and image.format == "JPEG":
         image.draft("RGB", (min_size, min_size))  # keeps the result >= min_size on both sides
     image.load()
@@ -92,7 +115,7 @@ def decode_tensor(data: bytes, min_size: int | None = None) -> torch.Tensor:
     least twice ``min_size``; everything else (PNG, 16-bit, alpha, CMYK) goes through :func:`decode_image`.
     """
     if data[:3] == b"\xff\xd8\xff":
-        with Image.open(io.BytesIO(data)) as header:  # reads the header only
+        with open_image(data) as header:  # reads the header only (and refuses a pixel bomb from it)
             small_enough = not min_size or min(header.size) < 2 * min_size
             plain = header.mode in ("RGB", "L")
         if small_enough and plain and decode_jpeg is not None:

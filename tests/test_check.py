@@ -19,7 +19,7 @@ from conftest import ROOT, TINY_MODELS, digit_images, free_port
 from PIL import Image
 from typer.testing import CliRunner
 
-from simmim_cli import preflight
+from simmim_cli import limits, preflight
 from simmim_cli.cli import app
 from simmim_cli.commands import check as check_command
 from simmim_cli.commands import finetune as finetune_command
@@ -222,6 +222,7 @@ def test_bad_options_fail_as_the_command_fails_them(digit_shards, tmp_path):
 def test_check_takes_the_commands_own_options_and_config(monkeypatch, digit_shards, tmp_path):
     """The same command line gives `check` the config the real command would get (recipe and all)."""
     seen: dict[str, list] = {"real": [], "check": []}
+    monkeypatch.setattr(limits, "usable_cores", lambda: 8)  # --workers 3, as a machine with the cores for it has
     monkeypatch.setattr(pretrain_command, "pretrain", seen["real"].append)
     monkeypatch.setattr(finetune_command, "finetune", seen["real"].append)
     monkeypatch.setattr(check_command, "check", lambda name, config, options: seen["check"].append(

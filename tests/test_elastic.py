@@ -13,7 +13,7 @@ from conftest import TINY_MODELS, free_port
 from test_data import identity, numbered_shards, numbers
 from typer.testing import CliRunner
 
-from simmim_cli import checkpoints, distributed, epoch_order, pipeline
+from simmim_cli import checkpoints, distributed, epoch_order, limits, pipeline
 from simmim_cli.cli import app
 from simmim_cli.commands.pretrain import build_pretrain
 from simmim_cli.config import PretrainConfig
@@ -199,6 +199,7 @@ def test_the_command_line_refuses_an_indivisible_global_batch(shards, tmp_path):
 def test_every_training_command_takes_a_global_batch(monkeypatch, command, module, function):
     import importlib
 
+    monkeypatch.setattr(limits, "usable_cores", lambda: 8)  # --nproc 4, as a machine with the cores for it has
     seen = []
     monkeypatch.setattr(importlib.import_module(f"simmim_cli.commands.{module}"), function, seen.append)
     result = CliRunner().invoke(app, [command, "--data", "x/", "--global-batch", "96", "--nproc", "4", "--model",
@@ -211,6 +212,7 @@ def test_every_training_command_takes_a_global_batch(monkeypatch, command, modul
 
 
 def test_a_recipes_accumulation_gives_way_to_the_global_batch_and_its_batch_stays(monkeypatch):
+    monkeypatch.setattr(limits, "usable_cores", lambda: 8)  # --nproc 4, as a machine with the cores for it has
     from simmim_cli.commands import finetune
 
     seen = []
@@ -272,7 +274,9 @@ def lrs(output: Path) -> list[tuple[int, float]]:
     return [(row["step"], row["lr"]) for row in rows if "lr" in row]
 
 
-def test_a_two_process_run_resumed_on_three_one_and_other_workers_trains_each_sample_once(shards, tmp_path):
+def test_a_two_process_run_resumed_on_three_one_and_other_workers_trains_each_sample_once(shards, tmp_path,
+                                                                                          monkeypatch):
+    monkeypatch.setattr(limits, "usable_cores", lambda: 4)  # cluster shapes with more processes than cores here
     """31 samples, 6 per step: 6 steps an epoch. A 2-process run stops 2 steps into epoch 1 (step 8); resumed with
     3 processes, with 1 (accumulating 2 batches a step) and with 3 loader workers, each trains on exactly the
     samples of epoch 1 that an uninterrupted run does, with its learning rate at every step, to the same end."""

@@ -22,7 +22,9 @@ from simmim_cli import checkpoints, remote
 from simmim_cli.cli import app
 from simmim_cli.errors import SimmimError
 from simmim_cli.pipeline import ShardStream, make_loader
+from simmim_cli.redact import redact
 from simmim_cli.remote import shard_samples
+from simmim_cli.remote_faults import describe
 from simmim_cli.shards import resolve_shards, write_shards
 
 runner = CliRunner()
@@ -36,10 +38,18 @@ VIT_NAME, VIT_KWARGS, SIZE = TINY_MODELS["vit"]
 class ShardServer:
     """A folder served on 127.0.0.1 with byte ranges, as object stores serve. ``cut_every`` k: the first download of
     a .tar and every k-th after it sends half its body and drops the connection; ``refuse_every`` m: every m-th
-    request gets a 503; ``always_fail``: every request does. ``requests`` logs (method, path, range) of each."""
+    request gets a 503; ``always_fail``: every request does. ``requests`` logs (method, path, range) of each.
 
-    def __init__(self, root: Path, cut_every: int = 0, refuse_every: int = 0, always_fail: bool = False):
+    ``login`` (user, password): requests without that basic-auth login get a 401; ``signature``: requests whose
+    query has no ``sig=<signature>`` get a 403, as a store answers an unsigned or expired signed URL;
+    ``throttle_first`` n: the first n requests get a 429 with ``Retry-After: 1``; ``status``: every request gets
+    that status."""
+
+    def __init__(self, root: Path, cut_every: int = 0, refuse_every: int = 0, always_fail: bool = False,
+                 login: tuple[str, str] | None = None, signature: str | None = None, throttle_first: int = 0,
+                 status: int | None = None):
         self.root, self.cut_every, self.refuse_every, self.always_fail = root, cut_every, refuse_every, always_fail
+        self.login, self.signature, self.throttle_first, self.status = login, signature, throttle_first, status
         self.requests: list[tuple[str, str, str | None]] = []
         self.cuts = self.refusals = 0
         self._lock = threading.Lock()
@@ -62,6 +72,14 @@ class ShardServer:
                     server.requests.append((self.command, self.path, self.headers.get("Range")))
                     number = len(server.requests)
                     downloads = sum(1 for m, p, _ in server.requests if m == "GET" and p.endswith(".tar"))
+                answer = server._answer(self, number)
+                if answer is not None:
+                    self.send_response(answer)
+                    self.send_header("Content-Length", "0")
+                    if answer == 429:
+                        self.send_header("Retry-After", "1")
+                    self.end_headers()
+                    return
                 refuse = server.always_fail or (server.refuse_every and number % server.refuse_every == 0)
                 if refuse:
                     server.refusals += 1
@@ -105,6 +123,23 @@ class ShardServer:
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def _answer(self, request: BaseHTTPRequestHandler, number: int) -> int | None:
+        """The status a request gets instead of its file (a refused login or signature, a throttle), or None."""
+        import base64
+        from urllib.parse import parse_qs, urlsplit
+
+        if self.status is not None:
+            return self.status
+        if number <= self.throttle_first:
+            return 429
+        if self.login:
+            expected = "Basic " + base64.b64encode(":".join(self.login).encode()).decode()
+            if request.headers.get("Authorization") != expected:
+                return 401
+        if self.signature and parse_qs(urlsplit(request.path).query).get("sig") != [self.signature]:
+            return 403
+        return None
 
     def tar_downloads(self) -> int:
         return sum(1 for method, path, _ in self.requests if method == "GET" and path.endswith(".tar"))
@@ -213,8 +248,8 @@ def test_a_failed_pipe_command_is_run_again_and_what_it_delivered_before_skipped
 
 def test_signed_url_signatures_are_never_printed():
     error = RuntimeError("503, message='Service Unavailable', url='https://h/a.tar?X-Amz-Signature=secret'")
-    assert "secret" not in remote.describe(error) and "https://h/a.tar?…" in remote.describe(error)
-    assert remote.shown("https://h/a.tar?sig=secret") == "https://h/a.tar?…"
+    assert "secret" not in describe(error) and "https://h/a.tar?…" in describe(error)
+    assert redact("https://h/a.tar?sig=secret") == "https://h/a.tar?…"
 
 
 def test_exhausted_retries_stop_with_one_line_naming_the_url(keyed_shards, monkeypatch):

@@ -7,9 +7,10 @@ from typing import Annotated, Any
 
 import typer
 
-from .. import __version__, remote
+from .. import __version__, limits, remote
 from ..config import resolve_config
 from ..errors import SimmimError, debug_enabled, set_debug
+from ..redact import terminal
 from ..storage import unexpected
 
 app = typer.Typer(
@@ -35,13 +36,13 @@ def handle_errors(command):
         except SimmimError as error:
             if debug_enabled():
                 raise
-            typer.echo(f"error: {one_line(error)}", err=True)
+            typer.echo(f"error: {terminal(one_line(error))}", err=True)  # redacted, control characters escaped
             raise typer.Exit(error.exit_code) from None
         except (OSError, RuntimeError) as error:  # a full disk or a forbidden folder that no writer caught
             fault = unexpected(error)
             if fault is None or debug_enabled():
                 raise
-            typer.echo(f"error: {fault}", err=True)
+            typer.echo(f"error: {terminal(str(fault))}", err=True)
             raise typer.Exit(fault.exit_code) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
@@ -87,10 +88,18 @@ def config_from_context(config_class: type, ctx: typer.Context) -> Any:
 
         values.update({k: v for k, v in DEMO_SETTINGS.items() if k not in explicit})
     config = resolve_config(config_class, values, explicit)
-    if hasattr(config, "io_retries"):  # read by every process this one starts, loader workers included
+    apply_process_settings(config)
+    return config
+
+
+def apply_process_settings(config: Any) -> None:
+    """What every process the command starts reads (loader workers, launched processes) from the config: the
+    remote retries and shard cache, and the per-sample limits."""
+    if hasattr(config, "io_retries"):
         remote.configure(config.io_retries, getattr(config, "shard_cache", None),
                          getattr(config, "shard_cache_size", remote.DEFAULT_CACHE_SIZE))
-    return config
+    if hasattr(config, "max_sample_mb"):
+        limits.configure_from(config)
 
 
 def run() -> None:

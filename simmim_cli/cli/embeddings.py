@@ -18,6 +18,8 @@ from ..options import (
     Device,
     IoRetries,
     MasterPort,
+    MaxImagePixels,
+    MaxSampleMb,
     ModelKwargs,
     Nproc,
     Precision,
@@ -82,6 +84,8 @@ def embed(
                                       rich_help_panel=DIST)] = EM.gpus,
     nproc: Nproc = EM.nproc,
     master_port: MasterPort = EM.master_port,
+    max_sample_mb: MaxSampleMb = EM.max_sample_mb,
+    max_image_pixels: MaxImagePixels = EM.max_image_pixels,
 ) -> None:
     """One embedding per image (the encoder's pooled features, as knn uses them), written as Parquet: for
     neighbours, near-duplicates, outliers and a map (simmim search), or your own tools (pandas, FAISS)."""

@@ -6,7 +6,6 @@ from typing import Annotated
 
 import typer
 
-from .. import remote
 from ..config import resolve_config
 from ..options import (
     DATA,
@@ -21,6 +20,8 @@ from ..options import (
     Device,
     IoRetries,
     MasterPort,
+    MaxImagePixels,
+    MaxSampleMb,
     ModelKwargs,
     Nproc,
     Precision,
@@ -28,8 +29,9 @@ from ..options import (
     ShardCacheSize,
     Workers,
 )
+from ..redact import terminal
 from ..tool_configs import EvaluateConfig, ExportConfig, KnnConfig, PredictConfig, VisualizeConfig
-from .app import app, config_from_context, handle_errors
+from .app import app, apply_process_settings, config_from_context, handle_errors
 
 
 @app.command(epilog=(
@@ -50,6 +52,8 @@ def evaluate(
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = EV.batch_size,
     workers: Annotated[int, typer.Option(help="Data loader processes.")] = EV.workers,
     decode: Decode = EV.decode,
+    max_sample_mb: MaxSampleMb = EV.max_sample_mb,
+    max_image_pixels: MaxImagePixels = EV.max_image_pixels,
     io_retries: IoRetries = EV.io_retries,
     shard_cache: ShardCache = None,
     shard_cache_size: ShardCacheSize = EV.shard_cache_size,
@@ -120,15 +124,17 @@ def visualize_recon(
                                                  show_default=False)] = None,
     limit: Annotated[int, typer.Option(help="At most this many images in the panel.")] = 16,
     device: Device = "auto",
+    max_sample_mb: MaxSampleMb = EV.max_sample_mb,
+    max_image_pixels: MaxImagePixels = EV.max_image_pixels,
 ) -> None:
     """Reconstruction panels: original | masked input | reconstruction | reconstruction with visible patches."""
     from ..commands.visualize import visualize_recon as run
 
     result = run(config_from_context(VisualizeConfig, ctx))
     for line in result["notes"]:
-        typer.echo(line, err=True)
+        typer.echo(terminal(line), err=True)
     for line in result["skipped"]:
-        typer.echo(f"warning: skipped unreadable {line}", err=True)
+        typer.echo(terminal(f"warning: skipped unreadable {line}"), err=True)
     losses = result["losses"]
     typer.echo(f"wrote {result['output']} ({len(losses)} image(s), mean masked L1 {sum(losses) / len(losses):.4f})"
                + (f" and {result['arrays']}" if result["arrays"] else ""))
@@ -161,6 +167,8 @@ def knn(
         help="Folder of cached features \\[default: runs/features].", rich_help_panel=DATA, show_default=False)] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.", rich_help_panel=DATA)] = KN.batch_size,
     workers: Workers = KN.workers,
+    max_sample_mb: MaxSampleMb = KN.max_sample_mb,
+    max_image_pixels: MaxImagePixels = KN.max_image_pixels,
     io_retries: IoRetries = KN.io_retries,
     shard_cache: ShardCache = None,
     shard_cache_size: ShardCacheSize = KN.shard_cache_size,
@@ -198,7 +206,9 @@ def knn(
 
     values = dict(ctx.params)
     values["json"] = values.pop("json_output")
-    result = run(resolve_config(KnnConfig, values, set()))
+    config = resolve_config(KnnConfig, values, set())
+    apply_process_settings(config)
+    result = run(config)
     if values["json"]:
         typer.echo(json.dumps(result))
     else:
@@ -339,6 +349,8 @@ def predict(
                                                  show_default=False)] = None,
     limit: Annotated[int | None, typer.Option(help="At most this many images.", show_default=False)] = None,
     io_retries: IoRetries = PredictConfig().io_retries,
+    max_sample_mb: MaxSampleMb = EV.max_sample_mb,
+    max_image_pixels: MaxImagePixels = EV.max_image_pixels,
 ) -> None:
     """Top-k classes of images, with names, from an ONNX model (onnxruntime, GPU when available) or a checkpoint."""
     import json
@@ -352,20 +364,23 @@ def predict(
     values["json"] = values.pop("json_output")
     config = PredictConfig(**values)
     config.validate()
-    remote.configure(config.io_retries)
+    apply_process_settings(config)
     result = run(config)
     errors = Console(stderr=True)
     for line in result["notes"]:
-        errors.print(line, markup=False, highlight=False)
+        errors.print(terminal(line), markup=False, highlight=False)
     for line in result["skipped"]:
-        errors.print(f"warning: skipped unreadable {line}", markup=False, highlight=False)
+        errors.print(terminal(f"warning: skipped unreadable {line}"), markup=False, highlight=False)
     if config.json:
         typer.echo(json.dumps(result["results"], indent=2))
     else:
         table = Table("image", "top-1", "probability", f"top-{config.top_k}")
         for entry in result["results"]:
-            table.add_row(entry["image"], entry["top1"], f"{entry['topk'][0]['prob']:.3f}",
-                          ", ".join(f"{e['label']} {e['prob']:.2f}" for e in entry["topk"][1:]))
+            # file and class names may hold control characters (ANSI escapes): shown escaped, never interpreted
+            table.add_row(terminal(entry["image"], newlines=False), terminal(entry["top1"], newlines=False),
+                          f"{entry['topk'][0]['prob']:.3f}",
+                          terminal(", ".join(f"{e['label']} {e['prob']:.2f}" for e in entry["topk"][1:]),
+                                   newlines=False))
         Console().print(table)
     errors.print(f"{len(result['results'])} image(s) with {result['runtime']}: "
                  f"{result['images_per_second']:.1f} images/s", markup=False, highlight=False)

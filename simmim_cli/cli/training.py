@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -53,6 +52,8 @@ from ..options import (
     LrMilestones,
     MasterAddr,
     MasterPort,
+    MaxImagePixels,
+    MaxSampleMb,
     MaxSteps,
     MinLr,
     Model,
@@ -77,6 +78,7 @@ from ..options import (
     WeightDecay,
     Workers,
 )
+from ..redact import terminal
 from .app import app, config_from_context, handle_errors
 
 
@@ -100,19 +102,22 @@ def make_shards(
         help="Processes reading and checking the images [default: the cores]; the output is the same for any "
              "number.", show_default=False)] = None,
     io_retries: IoRetries = D.io_retries,
+    max_sample_mb: MaxSampleMb = D.max_sample_mb,
+    max_image_pixels: MaxImagePixels = D.max_image_pixels,
 ) -> None:
     """Write WebDataset tar shards from a folder of images (JPEG bytes kept as they are, others stored losslessly)."""
     from rich.console import Console
     from rich.progress import Progress
 
-    from .. import remote
+    from .. import limits, remote
     from ..shards import write_remote_shards, write_shards
 
     if maxcount < 1 or max_size <= 0:
         raise SimmimError("--maxcount must be at least 1 and --max-size above 0")
-    if workers is not None and workers < 1:
-        raise SimmimError(f"--workers must be at least 1, got {workers}")
+    limits.check_processes("--workers", workers, minimum=1)
     remote.configure(io_retries)
+    limits.check_settings(max_sample_mb, max_image_pixels)
+    limits.configure(int(max_sample_mb * 2**20), int(max_image_pixels))
     write = (functools.partial(write_remote_shards, url=output) if remote.is_url(output)
              else functools.partial(write_shards, output=Path(output)))
     console = Console(stderr=True)
@@ -120,9 +125,9 @@ def make_shards(
         task = progress.add_task("writing shards", total=None)
         info = write(
             source, maxcount=maxcount, max_size_mb=max_size, shuffle=shuffle, seed=seed, split=split,
-            force=force, workers=workers or os.cpu_count() or 1,
+            force=force, workers=workers or limits.usable_cores(),
             on_progress=lambda done, total: progress.update(task, completed=done, total=total),
-            on_skip=lambda path, reason: console.print(f"warning: skipped unreadable {path}: {reason}",
+            on_skip=lambda path, reason: console.print(terminal(f"warning: skipped unreadable {path}: {reason}"),
                                                        markup=False, highlight=False),
         )
     entry = info["splits"][split]
@@ -167,6 +172,8 @@ def pretrain(
         show_default=False)] = None,
     workers: Workers = D.workers,
     decode: Decode = D.decode,
+    max_sample_mb: MaxSampleMb = D.max_sample_mb,
+    max_image_pixels: MaxImagePixels = D.max_image_pixels,
     model: Model = D.model,
     model_kwargs: ModelKwargs = None,
     img_size: ImgSize = D.img_size,
@@ -238,6 +245,8 @@ def finetune(
     shard_cache_size: ShardCacheSize = D.shard_cache_size,
     workers: Workers = FT.workers,
     decode: Decode = FT.decode,
+    max_sample_mb: MaxSampleMb = FT.max_sample_mb,
+    max_image_pixels: MaxImagePixels = FT.max_image_pixels,
     auto_augment: Annotated[str | None, typer.Option(
         help="timm RandAugment policy; 'none' turns it off.", rich_help_panel=DATA)] = FT.auto_augment,
     color_jitter: Annotated[float, typer.Option(help="Colour jitter (used when RandAugment is off).",
@@ -343,6 +352,8 @@ def linear_probe(
     shard_cache_size: ShardCacheSize = D.shard_cache_size,
     workers: Workers = LP.workers,
     decode: Decode = LP.decode,
+    max_sample_mb: MaxSampleMb = LP.max_sample_mb,
+    max_image_pixels: MaxImagePixels = LP.max_image_pixels,
     crop_pct: CropPct = LP.crop_pct,
     cache_features: Annotated[bool, typer.Option(
         help="Extract features once (centre crops, no augmentation) and train on them: fast repeated probes.",

@@ -32,11 +32,13 @@ from ..data_sources import is_image_folder
 from ..engine import Trainer
 from ..errors import SimmimError
 from ..pipeline import default_workers, make_loader
+from ..redact import terminal
 from ..shards import write_shards
 from .check_data import time_data
 from .finetune import build_finetune, prepare_finetune
 from .pretrain import build_pretrain, prepare_pretrain
 from .probe import build_linear_probe, prepare_linear_probe
+from .training import foreign_files
 
 COMMANDS = {
     "pretrain": (prepare_pretrain, build_pretrain),
@@ -73,7 +75,8 @@ def check(command: str, config: TrainConfig, options: CheckOptions) -> int:
     run_problems = _run_folder_problems(config)
     prepare, _ = COMMANDS[command]
     with tempfile.TemporaryDirectory(prefix="simmim-check-") as scratch:
-        config.output, config.resume, config.force, config.log_to = scratch, None, False, []
+        # the scratch folder is the check's own (its data shards may sit there): the run is written into it
+        config.output, config.resume, config.force, config.log_to = scratch, None, True, []
         if distributed.launched_env(config) is not None:  # one process of torchrun/SLURM
             report = _check_process(config, command, options, prepare_here=True)
         else:
@@ -86,7 +89,7 @@ def check(command: str, config: TrainConfig, options: CheckOptions) -> int:
     report["seconds"] = round(time.perf_counter() - started, 1)
     report["verdict"]["ok"] = report["verdict"]["ok"] and not run_problems
     text = preflight.render(report)
-    print(json.dumps(report, indent=2) if options.json else text, flush=True)
+    print(json.dumps(report, indent=2) if options.json else terminal(text), flush=True)  # sample names escaped
     if report_folder is not None:
         report_folder.mkdir(parents=True, exist_ok=True)
         (report_folder / "check.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -120,6 +123,9 @@ def _run_folder_problems(config: TrainConfig) -> list[str]:
     if previous:
         return [f"{output} already holds a run ({previous[-1].name}): the command would refuse to start; add "
                 "--resume auto to continue it or --force to start over, or choose another --output"]
+    if output.is_dir() and foreign_files(output):
+        return [f"{output} holds files but no simmim run: the command would refuse to start; give a new or empty "
+                "--output, or --force to write the run into it"]
     return []
 
 

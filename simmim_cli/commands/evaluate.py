@@ -35,8 +35,10 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     if launch and (Path(config.checkpoint).suffix == ".onnx" or config.decode == "gpu"):
         raise SimmimError("an .onnx model or --decode gpu is evaluated in one process; drop --gpus/--nproc")
     output = Path(config.output or Path("runs") / f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}")
-    if (output / "metrics.json").exists() and not config.force:
-        raise SimmimError(f"{output} already holds an evaluation; pass --force to replace it or choose --output")
+    written = [name for name in ("metrics.json", "confusion.json", "confusion.png") if (output / name).exists()]
+    if written and not config.force:  # an evaluation's, or someone's files of the same names: replaced only on demand
+        raise SimmimError(f"{output} already holds an evaluation ({', '.join(written)}); pass --force to replace it "
+                          "or choose --output")
     config.output = str(output)
     if not launch:
         return _evaluate_process(config)

@@ -54,9 +54,33 @@ def resolve_run_paths(config: TrainConfig, runs_root: Path = Path("runs")) -> No
         if previous and not config.force:
             raise SimmimError(f"{output} already holds a run ({previous[-1].name}); continue it with --resume auto, "
                               "or pass --force to start over in it, or choose another --output")
+        foreign = [] if previous or config.force else foreign_files(output)
+        if foreign:
+            raise SimmimError(f"--output {output} holds files but no simmim run ({', '.join(foreign[:3])}"
+                              f"{', ...' if len(foreign) > 3 else ''}); give a new or empty folder, or pass --force to "
+                              "write the run into it (its config.yaml and metrics.jsonl would be replaced)")
         with storage.writing(output):
             for path in previous + list(output.glob("preview-*.png")):
                 path.unlink()
+
+
+def foreign_files(folder: Path) -> list[str]:
+    """The names in ``folder`` when it holds files but no run of ours (a config.yaml that is not a simmim run's,
+    someone's notes, another tool's output), else []: a run never writes into such a folder without --force.
+    Hidden names (temporary files, the write probe) do not count."""
+    names = sorted(path.name for path in folder.iterdir() if not path.name.startswith("."))
+    return [] if not names or _holds_our_config(folder / "config.yaml") else names
+
+
+def _holds_our_config(path: Path) -> bool:
+    """Whether ``path`` is the config.yaml of a simmim run (e.g. one stopped before its first log line)."""
+    import yaml
+
+    try:
+        values = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError, yaml.YAMLError):  # unreadable, not UTF-8, not YAML: not ours
+        return False
+    return isinstance(values, dict) and {"model", "img_size", "epochs", "base_lr", "warmup_epochs"} <= set(values)
 
 
 def check_resumed_param_groups(config: TrainConfig) -> None:
