@@ -20,7 +20,7 @@ import webdataset as wds
 from conftest import ROOT, TINY_MODELS, digit_images, digit_labels, free_port
 from PIL import Image
 from test_export import classifier_checkpoint
-from test_remote import ShardServer
+from test_remote import MOTO_MISSING, ShardServer
 from typer.testing import CliRunner
 
 from simmim_cli import checkpoints, limits, remote
@@ -258,6 +258,7 @@ def test_the_stores_refusals_are_final(code):
 def locked_store(served):
     """moto's S3 server on 127.0.0.1 with the shards uploaded, then authorisation on; yields (endpoint, the access
     key of a user without any permission)."""
+    pytest.importorskip("moto.server", reason=MOTO_MISSING)
     import boto3
     from moto import settings
     from moto.server import ThreadedMotoServer
@@ -285,6 +286,7 @@ def locked_store(served):
 
 
 @pytest.mark.parametrize("credentials", ["no permission", "unknown key", "wrong secret"])
+@pytest.mark.s3
 def test_s3_refusals_stop_at_once(locked_store, tmp_path, monkeypatch, credentials):
     import s3fs
 
@@ -481,7 +483,9 @@ def test_a_bad_info_json_is_one_line_on_the_command_line(tmp_path):
     assert last_line(result).startswith("error: ") and "'splits' is null" in last_line(result)
 
 
+@pytest.mark.s3
 def test_a_bucket_whose_info_json_lists_missing_shards_stops_at_the_start(served, tmp_path, monkeypatch):
+    pytest.importorskip("moto.server", reason=MOTO_MISSING)
     import boto3
     import s3fs
     from moto import settings
