@@ -29,10 +29,11 @@ from torchvision import transforms as T1
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from simmim_cli.demo import photo_paths  # noqa: E402
+from simmim_cli.image_spec import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: E402
 from simmim_cli.masking import MaskGenerator  # noqa: E402
 from simmim_cli.pipeline import ShardStream, make_loader  # noqa: E402
 from simmim_cli.shards import resolve_shards, write_shards  # noqa: E402
-from simmim_cli.transforms import MEAN, STD, PretrainTransform, decode_tensor, pretrain_decode_size  # noqa: E402
+from simmim_cli.transforms import PretrainTransform, decode_tensor, pretrain_decode_size  # noqa: E402
 
 
 def make_jpegs(folder: Path, count: int, size: tuple[int, int]) -> list[bytes]:
@@ -59,7 +60,7 @@ def torchvision_baseline(blobs: list[bytes], img_size: int, rounds: int) -> floa
     """decode + RandomResizedCrop + flip + ToTensor + Normalize, per image (float32 tensors)."""
     transform = T1.Compose([
         T1.RandomResizedCrop(img_size, scale=(0.67, 1.0), ratio=(3 / 4, 4 / 3)), T1.RandomHorizontalFlip(),
-        T1.ToTensor(), T1.Normalize(MEAN.flatten().tolist(), STD.flatten().tolist()),
+        T1.ToTensor(), T1.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
     ])
     start = cpu_seconds()
     for _ in range(rounds):

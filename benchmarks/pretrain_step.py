@@ -102,7 +102,12 @@ def train_flops_per_image(key: str, batch_size: int) -> float:
     from simmim_cli import flops
     from simmim_cli.masking import MaskGenerator
     from simmim_cli.models import build_simmim
-    from simmim_cli.transforms import normalize
+
+    try:
+        from simmim_cli.image_spec import IMAGENET_RGB
+        normalize = IMAGENET_RGB.normalize
+    except ImportError:  # a reference tree from before image_spec.py
+        from simmim_cli.transforms import normalize
 
     name, kwargs, size = MODELS[key]
     model = build_simmim(name, size, kwargs, 0.0)

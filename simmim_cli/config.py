@@ -36,6 +36,10 @@ class TrainConfig:
     shard_cache_size: str = DEFAULT_CACHE_SIZE
     workers: int | None = None  # loader processes per training process; None: sized to the node
     decode: str = "cpu"  # cpu | gpu (NVIDIA DALI)
+    bands: list[str] | None = None  # --bands: band indices (0-based) or names picked from multi-band images
+    mean: list[float] | None = None  # per-channel normalisation in the data's units; None: the data's (image_spec.py)
+    std: list[float] | None = None
+    image_spec: dict[str, Any] | None = None  # what the model takes, resolved from the data (not an option)
     # model
     model: str = "vit_base_patch16_224"
     model_kwargs: dict[str, Any] = field(default_factory=dict)

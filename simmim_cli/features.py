@@ -12,12 +12,13 @@ import torch
 
 from . import checkpoints, distributed, hf, storage
 from .config import LinearProbeConfig
+from .image_spec import IMAGENET_RGB, ImageSpec
 from .models import ProbeModel
 from .pipeline import EvalStream, make_loader
 from .precision import autocast, resolve_precision
 from .shards import resolve_shards
 from .tool_configs import KnnConfig
-from .transforms import CropTransform, normalize
+from .transforms import CropTransform
 
 
 def _cache_key(config: LinearProbeConfig | KnnConfig, data: str) -> str:
@@ -25,6 +26,8 @@ def _cache_key(config: LinearProbeConfig | KnnConfig, data: str) -> str:
     description = {"weights": stamp, "model": config.model, "kwargs": config.model_kwargs, "size": config.img_size,
                    "crop": config.crop_pct, "layer": config.layer, "pool": config.pool,
                    "data": resolve_shards(data).urls}
+    if ImageSpec.from_dict(config.image_spec) != IMAGENET_RGB:  # RGB photos keep the keys of their caches
+        description["image"] = config.image_spec
     return hashlib.sha1(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -41,13 +44,14 @@ def weights_stamp(source: str) -> list:
 
 @torch.no_grad()
 def extract_features(features_of: Callable[[torch.Tensor], torch.Tensor], stream: EvalStream, device: torch.device,
-                     precision: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``features_of(normalised images)`` and the labels of every sample ``stream`` deals this process."""
+                     precision: str, spec: ImageSpec = IMAGENET_RGB) -> tuple[torch.Tensor, torch.Tensor]:
+    """``features_of(images normalised as spec says)`` and the labels of every sample ``stream`` deals this
+    process."""
     features, labels = [], []
     for batch in make_loader(stream):
         if batch["label"].numel():
             with autocast(precision, device):
-                features.append(features_of(normalize(batch["image"].to(device))).float().cpu())
+                features.append(features_of(spec.normalize(batch["image"].to(device))).float().cpu())
             labels.append(batch["label"])
     return (torch.cat(features) if features else torch.empty(0),
             torch.cat(labels) if labels else torch.empty(0, dtype=torch.long))
@@ -57,12 +61,14 @@ def data_features(model: ProbeModel, config: LinearProbeConfig | KnnConfig, data
                   context: distributed.Context, classes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Features and labels of every sample of ``data`` (centre crops), computed now: each process extracts its
     share, and the shares are gathered so that every process holds them all, in the same order."""
-    stream = EvalStream(resolve_shards(data), CropTransform(config.img_size, config.crop_pct), config.batch_size,
+    shards = resolve_shards(data)
+    spec = ImageSpec.from_dict(config.image_spec).for_data(shards.images)
+    stream = EvalStream(shards, CropTransform(config.img_size, config.crop_pct), config.batch_size,
                         workers=config.workers, rank=context.rank, world_size=context.world_size,
-                        num_classes=len(classes))
+                        num_classes=len(classes), decode=spec.image_decoder())
     model.to(context.device).eval()
     features, labels = extract_features(model.features, stream, context.device,
-                                        resolve_precision(config.precision, context.device))
+                                        resolve_precision(config.precision, context.device), spec)
     return distributed.gather_rows(features, context), distributed.gather_rows(labels, context)
 
 

@@ -54,6 +54,10 @@ class KnnConfig(LocalProcesses):
     precision: str = "auto"
     seed: int = 0  # the random encoder's weights
     json: bool = False
+    bands: list[str] | None = None  # as the training commands' (config.py)
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    image_spec: dict[str, Any] | None = None
     epoch_size: int | None = None  # not used; what the shared checks of --data read
     io_retries: int = DEFAULT_IO_RETRIES
     shard_cache: str | None = None
@@ -132,6 +136,8 @@ class VisualizeConfig:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     img_size: int | None = None
     limit: int = 16
+    show_bands: str | None = None  # channels shown as RGB (or one in grey): indices or band names
+    per_band: bool = False  # also one panel per channel
     device: str = "auto"
 
     command = "visualize-recon"

@@ -23,6 +23,7 @@ from ..options import (
     MODEL,
     OPTIM,
     AllowMissing,
+    Bands,
     BaseLr,
     BatchSize,
     Bf16GradReduce,
@@ -54,6 +55,7 @@ from ..options import (
     MasterAddr,
     MasterPort,
     MaxSteps,
+    Mean,
     MinLr,
     Model,
     ModelKwargs,
@@ -71,6 +73,7 @@ from ..options import (
     Seed,
     ShardCache,
     ShardCacheSize,
+    Std,
     ValData,
     WarmupEpochs,
     WarmupLr,
@@ -99,9 +102,15 @@ def make_shards(
     workers: Annotated[int | None, typer.Option(
         help="Processes reading and checking the images [default: the cores]; the output is the same for any "
              "number.", show_default=False)] = None,
+    stats_images: Annotated[int | None, typer.Option(
+        help="Measure the per-channel mean and std of images that are not 8-bit photos (TIFF, DICOM, .npy, 16-bit "
+             "PNG) over this many of them, drawn with --seed, instead of over all [default: all].",
+        show_default=False)] = None,
     io_retries: IoRetries = D.io_retries,
 ) -> None:
-    """Write WebDataset tar shards from a folder of images (JPEG bytes kept as they are, others stored losslessly)."""
+    """Write WebDataset tar shards from a folder of images: the original bytes of JPEG, PNG, WebP, TIFF/GeoTIFF,
+    DICOM and .npy files, other 8-bit pictures as lossless PNG; _info.json records the images' channels, type and,
+    beyond 8-bit photos, their per-channel statistics."""
     from rich.console import Console
     from rich.progress import Progress
 
@@ -112,6 +121,8 @@ def make_shards(
         raise SimmimError("--maxcount must be at least 1 and --max-size above 0")
     if workers is not None and workers < 1:
         raise SimmimError(f"--workers must be at least 1, got {workers}")
+    if stats_images is not None and stats_images < 1:
+        raise SimmimError(f"--stats-images must be at least 1, got {stats_images}")
     remote.configure(io_retries)
     write = (functools.partial(write_remote_shards, url=output) if remote.is_url(output)
              else functools.partial(write_shards, output=Path(output)))
@@ -120,7 +131,7 @@ def make_shards(
         task = progress.add_task("writing shards", total=None)
         info = write(
             source, maxcount=maxcount, max_size_mb=max_size, shuffle=shuffle, seed=seed, split=split,
-            force=force, workers=workers or os.cpu_count() or 1,
+            force=force, workers=workers or os.cpu_count() or 1, stats_images=stats_images,
             on_progress=lambda done, total: progress.update(task, completed=done, total=total),
             on_skip=lambda path, reason: console.print(f"warning: skipped unreadable {path}: {reason}",
                                                        markup=False, highlight=False),
@@ -130,6 +141,12 @@ def make_shards(
     skipped = f"; skipped {len(info['skipped'])} unreadable file(s)" if info["skipped"] else ""
     typer.echo(f"wrote {entry['num_samples']} samples in {len(entry['filenames'])} shard(s) to {output}"
                f"{classes}{skipped}")
+    images = info.get("images") or {}
+    if images.get("mean"):  # what the training commands normalise with (image_spec.py)
+        names = f" ({', '.join(images['band_names'])})" if images.get("band_names") else ""
+        mean, std = (", ".join(f"{v:.6g}" for v in images[key]) for key in ("mean", "std"))
+        typer.echo(f"images: {images['channels']} channel(s) of {images['dtype']}{names}; per-channel mean {mean}, "
+                   f"std {std} over {images['statistics']['images']} image(s)")
 
 
 PRETRAIN_EPILOG = (
@@ -167,6 +184,9 @@ def pretrain(
         show_default=False)] = None,
     workers: Workers = D.workers,
     decode: Decode = D.decode,
+    bands: Bands = None,
+    mean: Mean = None,
+    std: Std = None,
     model: Model = D.model,
     model_kwargs: ModelKwargs = None,
     img_size: ImgSize = D.img_size,
@@ -238,6 +258,9 @@ def finetune(
     shard_cache_size: ShardCacheSize = D.shard_cache_size,
     workers: Workers = FT.workers,
     decode: Decode = FT.decode,
+    bands: Bands = None,
+    mean: Mean = None,
+    std: Std = None,
     auto_augment: Annotated[str | None, typer.Option(
         help="timm RandAugment policy; 'none' turns it off.", rich_help_panel=DATA)] = FT.auto_augment,
     color_jitter: Annotated[float, typer.Option(help="Colour jitter (used when RandAugment is off).",
@@ -343,6 +366,9 @@ def linear_probe(
     shard_cache_size: ShardCacheSize = D.shard_cache_size,
     workers: Workers = LP.workers,
     decode: Decode = LP.decode,
+    bands: Bands = None,
+    mean: Mean = None,
+    std: Std = None,
     crop_pct: CropPct = LP.crop_pct,
     cache_features: Annotated[bool, typer.Option(
         help="Extract features once (centre crops, no augmentation) and train on them: fast repeated probes.",

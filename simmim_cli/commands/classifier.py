@@ -10,6 +10,7 @@ from torch import nn
 from ..config import FinetuneConfig, LinearProbeConfig
 from ..data_sources import labelled_shards
 from ..errors import SimmimError
+from ..image_spec import ImageSpec, fix_image_spec
 from ..models import check_img_size, make_classifier
 from ..pipeline import EvalStream
 from ..weights import architecture_of, classifier_kwargs, load_encoder, read_weights
@@ -17,9 +18,9 @@ from .training import prepare_data
 
 
 def resolve_classifier(config: FinetuneConfig | LinearProbeConfig, keep_pretrain_architecture: bool) -> nn.Module:
-    """Fixes model, kwargs and image size from --pretrained (explicit options win), and checks that the weights
-    fit and the image size works, on the meta device (no memory, no compute). Image folders become shards first.
-    Returns that meta model."""
+    """Fixes model, kwargs and image size from --pretrained (explicit options win), the channels and normalisation
+    from the data (``image_spec.py``), and checks that the weights fit and the image size works, on the meta
+    device (no memory, no compute). Image folders become shards first. Returns that meta model."""
     prepare_data(config, "data", "val_data", labels=True)
     shards = labelled_shards(config.data, config.epoch_size)
     if config.val_data:
@@ -36,6 +37,9 @@ def resolve_classifier(config: FinetuneConfig | LinearProbeConfig, keep_pretrain
         config.model_kwargs = {**kwargs, **config.model_kwargs}
         config.img_size = config.img_size or img_size
     config.img_size = config.img_size or 224
+    spec = fix_image_spec(config, shards.images)  # after the checkpoint's kwargs: the data sets in_chans
+    if config.val_data:
+        spec.for_data(val.images, "--val-data")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "copying into a meta parameter is a no-op": we know
         with torch.device("meta"):
@@ -50,9 +54,10 @@ def resolve_classifier(config: FinetuneConfig | LinearProbeConfig, keep_pretrain
 def val_stream(config, context, classes: list[str], transform) -> EvalStream | None:
     if not config.val_data:
         return None
-    return EvalStream(labelled_shards(config.val_data, option="--val-data"), transform, config.batch_size,
-                      workers=config.workers, rank=context.rank, world_size=context.world_size,
-                      num_classes=len(classes))
+    shards = labelled_shards(config.val_data, option="--val-data")
+    return EvalStream(shards, transform, config.batch_size, workers=config.workers, rank=context.rank,
+                      world_size=context.world_size, num_classes=len(classes),
+                      decode=ImageSpec.from_dict(config.image_spec).for_data(shards.images).image_decoder())
 
 
 def print_load_report(path: str, report) -> None:
