@@ -34,23 +34,24 @@ class MissingExtra(SimmimError):
     """A format's library is not installed: the one-line error names the extra to install."""
 
 
-def require(module: str) -> Any:
-    """Imports ``module``, or stops with the extra that installs it."""
+def require(module: str, what: str | None = None) -> Any:
+    """Imports ``module``, or stops with the extra that installs it (``what`` needs it: TIFF images by default for
+    tifffile and imagecodecs, DICOM images for pydicom)."""
     try:
         return importlib.import_module(module)
     except ImportError:
         extra = EXTRAS[module]
-        what = {"tiff": "TIFF images", "dicom": "DICOM images"}[extra]
+        what = what or {"tiff": "TIFF images", "dicom": "DICOM images"}[extra]
         raise MissingExtra(f'{what} need {module}: pip install "simmim-cli[{extra}]"') from None
 
 
 def sniff(data: bytes) -> str:
     """The format of an image's bytes: ``tiff``, ``dicom``, ``npy``, ``png16`` (a PNG of 16 bits per sample), or
     ``photo`` (anything PIL reads as an 8-bit picture)."""
+    if data[128:132] == b"DICM":  # first: a DICOM file's preamble may hold a TIFF header (dual-personality files)
+        return "dicom"
     if data[:4] in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):
         return "tiff"
-    if data[128:132] == b"DICM":
-        return "dicom"
     if data[:6] == b"\x93NUMPY":
         return "npy"
     if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) > 24 and data[24] == 16:
@@ -78,14 +79,14 @@ def read_array(data: bytes, name: str = "image") -> Decoded:
     decode, :class:`~simmim_cli.limits.SampleTooLarge` (a ValueError) for one over the size limit, and
     :class:`MissingExtra` where the format's library is missing."""
     kind = sniff(data)
-    if kind == "tiff":
-        return _read_tiff(data, name)
-    if kind == "dicom":
-        return _read_dicom(data, name)
-    if kind == "npy":
-        return _read_npy(data, name)
-    if kind == "png16":
-        return _read_png16(data, name)
+    readers = {"tiff": _read_tiff, "dicom": _read_dicom, "npy": _read_npy, "png16": _read_png16}
+    if kind in readers:
+        try:
+            return readers[kind](data, name)
+        except (SimmimError, ValueError, OSError, MemoryError):
+            raise
+        except Exception as error:  # a broken or hostile file trips the readers in many ways: a bad sample
+            raise ValueError(f"cannot decode this {kind} file ({type(error).__name__}: {error})") from error
     from .transforms import decode_image
 
     photo = np.asarray(decode_image(data))  # (H, W, 3) uint8; PIL checks its own size limit from the header
@@ -269,7 +270,7 @@ def _read_png16(data: bytes, name: str) -> Decoded:
         with Image.open(io.BytesIO(data)) as image:
             array = np.asarray(image)
         return Decoded(array.astype(np.uint16)[None], "png16")
-    codecs = require("imagecodecs")  # PIL reads colour PNGs of 16 bits as 8 bits
+    codecs = require("imagecodecs", "16-bit colour PNG images")  # PIL reads them as 8 bits
     array = codecs.png_decode(data)
     return Decoded(np.ascontiguousarray(np.moveaxis(array, -1, 0)), "png16")
 

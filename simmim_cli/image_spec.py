@@ -138,6 +138,8 @@ def parse_bands(bands: list[Any] | str | None, count: int, names: list[str] | tu
         return None
     words = [word.strip() for item in ([bands] if isinstance(bands, str) else bands)
              for word in str(item).split(",") if word.strip()]
+    if not words:
+        return None
     chosen = []
     for word in words:
         if word.isdigit():

@@ -30,7 +30,7 @@ def prepare_finetune(config: FinetuneConfig) -> None:
         spec = ImageSpec.from_dict(config.image_spec)
         if not spec.rgb8 and (config.auto_augment or config.color_jitter):
             print(f"note: RandAugment and colour jitter are for 8-bit RGB images; turned off for these "
-                  f"{spec.describe()} (crop, flip, mixup, cutmix and erasing stay)", flush=True)
+                  f"{spec.describe()} (the crops and flips stay)", flush=True)
     if config.decode == "gpu":
         dali.classifier_augment(config.img_size, config.auto_augment)  # a policy DALI has, or a one-line error
         dali.ensure_indexes(labelled_shards(config.data, config.epoch_size))
