@@ -212,6 +212,7 @@ class HfCheckpoint:
     decoder: dict[str, torch.Tensor] | None = None  # "0.weight", "0.bias"
     classes: list[str] | None = None
     notes: list[str] = field(default_factory=list)
+    image_spec: dict[str, Any] | None = None  # written by export --hf for images other than 8-bit RGB
 
 
 def read_folder(source: str | Path) -> HfCheckpoint:
@@ -253,7 +254,7 @@ def read_folder(source: str | Path) -> HfCheckpoint:
     architectures = config.get("architectures") or [f"{kind} model"]
     return HfCheckpoint(encoder=encoder, architecture=architectures[0], model=model, model_kwargs=kwargs,
                         img_size=img_size, mask_token=mask_token, decoder=parts["decoder"] or None,
-                        classes=classes, notes=notes)
+                        classes=classes, notes=notes, image_spec=config.get("simmim_image"))
 
 
 def _read_config(folder: Path, source: str | Path) -> dict[str, Any]:
@@ -471,6 +472,8 @@ def write_files(found: HfModel, folder: Path, crop_pct: float | None, source: st
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
+    if spec != IMAGENET_RGB:  # the bands, value type and scale, read back by simmim (read_folder)
+        found.config.simmim_image = spec.to_dict()
     found.config.save_pretrained(folder)
     save_file(found.state, folder / "model.safetensors", metadata={"format": "pt"})
     image_processor(found.config.image_size, crop_pct, spec).save_pretrained(folder)

@@ -48,7 +48,8 @@ def read_weights(path: str | Path) -> Weights:
         found = hf.read_folder(path)
         return Weights(encoder=found.encoder, source=f"Hugging Face {found.architecture}", path=Path(str(path)),
                        decoder=found.decoder, mask_token=found.mask_token, classes=found.classes, notes=found.notes,
-                       config={"model": found.model, "model_kwargs": found.model_kwargs, "img_size": found.img_size})
+                       config={"model": found.model, "model_kwargs": found.model_kwargs, "img_size": found.img_size,
+                               "image_spec": found.image_spec})
     path = Path(path)
     if path.is_dir():
         raise SimmimError(f"{path} is a folder without config.json; give a checkpoint file, or a folder written by "
@@ -210,8 +211,8 @@ def _adapt_input_channels(state: dict[str, torch.Tensor], model: nn.Module, note
         return
     if weight.shape[1] != 3:
         raise SimmimError(f"these weights take {weight.shape[1]} input channels and the data has {wanted}; "
-                          f"pick {weight.shape[1]} bands with --bands, or start from weights of {wanted} or 3 "
-                          "channels")
+                          f"pick {weight.shape[1]} bands with --bands, or start from weights of {wanted} channels (or "
+                          "RGB weights, which are adapted)")
     state[key] = adapt_input_conv(wanted, weight)
     notes.append(f"adapted the 3-channel patch embedding to {wanted} channels (timm's adapt_input_conv)")
 
