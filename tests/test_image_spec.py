@@ -134,3 +134,33 @@ def test_a_16_bit_tiff_decodes_through_the_spec_at_full_precision():
     assert torch.equal(tensor, torch.from_numpy(bands[[3, 0]].astype(np.float32)))
     with pytest.raises(ValueError, match="the image has 4 band"):  # a file of other bands: a bad sample
         ImageSpec.from_dict({**spec.to_dict(), "source_channels": 5}).tensor_decoder()(buffer.getvalue())
+
+
+# ---------------------------------------------------------------------------------------------- previews
+
+
+def test_previews_show_photos_as_they_are_and_other_bands_stretched():
+    from simmim_cli.visualize import display_values, recon_panel
+
+    photos = torch.rand(2, 3, 8, 8)
+    shown, _ = display_values(photos, photos, IMAGENET_RGB)
+    assert torch.equal(shown, photos)  # ImageNet-normalised 8-bit RGB: values in [0, 1], as always
+    spec = spec_for_data(RECORD)
+    counts = torch.linspace(0, 60000, 4 * 16 * 16).view(1, 4, 16, 16)
+    shown, predicted = display_values(counts, counts + 100000, spec, bands=[3, 2, 1])
+    assert shown.shape == (1, 3, 16, 16) and shown.min() == 0 and shown.max() == 1
+    assert torch.equal(predicted, torch.ones_like(predicted))  # the original's stretch, clamped
+    grey, _ = display_values(counts, counts, spec, bands=[2])
+    assert grey.shape == (1, 3, 16, 16) and torch.equal(grey[:, 0], grey[:, 2])
+    mask = torch.zeros(1, 4, 4, dtype=torch.bool)
+    panel = recon_panel(spec.normalize(counts), mask, spec.normalize(counts), 4, spec=spec)
+    assert panel.size[0] > 4 * 16
+
+
+@pytest.mark.gpu
+def test_the_normalisation_on_the_gpu_matches_the_cpus():
+    spec = spec_for_data(RECORD, bands="nir,red,green")
+    images = torch.randint(0, 65536, (4, 3, 32, 32)).float()
+    assert torch.allclose(spec.normalize(images.cuda()).cpu(), spec.normalize(images), rtol=1e-6, atol=1e-6)
+    photos = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    assert torch.allclose(IMAGENET_RGB.normalize(photos.cuda()).cpu(), IMAGENET_RGB.normalize(photos), atol=1e-6)
