@@ -130,7 +130,7 @@ def to_pil(array: np.ndarray):
     """A (3, H, W) uint8 array → an RGB PIL image (for the colour augmentations of 8-bit RGB data)."""
     from PIL import Image
 
-    return Image.fromarray(np.ascontiguousarray(array.transpose(1, 2, 0)), mode="RGB")
+    return Image.fromarray(np.ascontiguousarray(array.transpose(1, 2, 0)))  # (H, W, 3) uint8: RGB
 
 
 # ---------------------------------------------------------------------------------------------- the formats

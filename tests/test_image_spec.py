@@ -164,3 +164,21 @@ def test_the_normalisation_on_the_gpu_matches_the_cpus():
     assert torch.allclose(spec.normalize(images.cuda()).cpu(), spec.normalize(images), rtol=1e-6, atol=1e-6)
     photos = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     assert torch.allclose(IMAGENET_RGB.normalize(photos.cuda()).cpu(), IMAGENET_RGB.normalize(photos), atol=1e-6)
+
+
+def test_an_8_bit_rgb_tiff_is_rgb_imagenet_normalised_with_the_colour_augmentations():
+    tifffile = pytest.importorskip("tifffile")
+    from PIL import Image
+
+    from simmim_cli.transforms import ClassifierTrainTransform
+
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, pixels, photometric="rgb")
+    spec = spec_for_data({"channels": 3, "dtype": "uint8", "formats": {"tiff": 1}})
+    assert spec.rgb8 and not spec.photo and (spec.mean, spec.std, spec.scale) == (
+        IMAGENET_RGB.mean, IMAGENET_RGB.std, 255.0)
+    image = spec.image_decoder()(buffer.getvalue())
+    assert isinstance(image, Image.Image) and np.array_equal(np.asarray(image), pixels)  # PIL: timm's RandAugment
+    assert ClassifierTrainTransform(32, "rand-m9-mstd0.5-inc1", 0.4)(image)["image"].dtype == torch.uint8
+    assert torch.equal(spec.tensor_decoder()(buffer.getvalue()), torch.from_numpy(pixels).permute(2, 0, 1))
