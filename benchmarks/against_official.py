@@ -37,12 +37,12 @@ from simmim_cli import distributed  # noqa: E402
 from simmim_cli.config import PretrainConfig  # noqa: E402
 from simmim_cli.engine import Trainer  # noqa: E402
 from simmim_cli.errors import SimmimError  # noqa: E402
+from simmim_cli.image_spec import IMAGENET_RGB  # noqa: E402
 from simmim_cli.masking import MaskGenerator  # noqa: E402
 from simmim_cli.models import build_simmim  # noqa: E402
 from simmim_cli.precision import autocast, resolve_precision  # noqa: E402
 from simmim_cli.preflight import synchronize  # noqa: E402
 from simmim_cli.tasks import PretrainTask  # noqa: E402
-from simmim_cli.transforms import normalize  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pretrain_step import MODELS, SyntheticBatches  # noqa: E402
@@ -79,7 +79,7 @@ def time_official(folder: Path, key: str, batch: dict, precision: str, steps: in
     model = official_model(folder, key).train().to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    images, mask = normalize(batch["image"].to(device)), batch["mask"].int().to(device)
+    images, mask = IMAGENET_RGB.normalize(batch["image"].to(device)), batch["mask"].int().to(device)
     best = 0.0
     for window in range(windows + 1):  # the first is warmup
         synchronize(device)

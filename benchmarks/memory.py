@@ -37,11 +37,11 @@ def measure(key: str, batch: int, checkpointing: bool) -> dict:
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from simmim_cli.image_spec import IMAGENET_RGB
     from simmim_cli.masking import MaskGenerator
     from simmim_cli.models import build_simmim, set_fused_attention
     from simmim_cli.optim import build_optimizer
     from simmim_cli.precision import autocast
-    from simmim_cli.transforms import normalize
 
     name, kwargs, size = MODELS[key]
     model = build_simmim(name, size, kwargs, 0.0)
@@ -53,7 +53,7 @@ def measure(key: str, batch: int, checkpointing: bool) -> dict:
 
     def step() -> None:
         with autocast("bf16", torch.device("cpu")):
-            loss, _ = model(normalize(images), mask)
+            loss, _ = model(IMAGENET_RGB.normalize(images), mask)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=False)

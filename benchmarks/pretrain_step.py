@@ -100,14 +100,15 @@ def measure_step(key: str, batch_size: int, steps: int, windows: int, precision:
 
 def train_flops_per_image(key: str, batch_size: int) -> float:
     from simmim_cli import flops
+    from simmim_cli.image_spec import IMAGENET_RGB
     from simmim_cli.masking import MaskGenerator
     from simmim_cli.models import build_simmim
-    from simmim_cli.transforms import normalize
 
     name, kwargs, size = MODELS[key]
     model = build_simmim(name, size, kwargs, 0.0)
     masks = MaskGenerator(size, 32, model.patch_size, 0.6)
     batch = SyntheticBatches(batch_size, size, masks, 1).batch
+    normalize = IMAGENET_RGB.normalize
     counted, _ = flops.count_training_flops(model, batch, lambda m, b: m(normalize(b["image"]), b["mask"])[0])
     return counted
 

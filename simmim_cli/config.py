@@ -56,6 +56,10 @@ class TrainConfig:
     decode: str = "cpu"  # cpu | gpu (NVIDIA DALI)
     max_sample_mb: float = limits.DEFAULT_MAX_MEMBER_BYTES / 2**20  # a larger shard member is skipped, unread
     max_image_pixels: float = limits.DEFAULT_MAX_IMAGE_PIXELS  # a larger image is skipped before decoding
+    bands: list[str] | None = None  # --bands: band indices (0-based) or names picked from multi-band images
+    mean: list[float] | None = None  # per-channel normalisation in the data's units; None: the data's (image_spec.py)
+    std: list[float] | None = None
+    image_spec: dict[str, Any] | None = None  # what the model takes, resolved from the data (not an option)
     # model
     model: str = "vit_base_patch16_224"
     model_kwargs: dict[str, Any] = field(default_factory=dict)

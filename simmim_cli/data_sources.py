@@ -16,9 +16,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from . import mixture, remote, storage
 from .epoch_order import Mixture, Source
 from .errors import SimmimError
+from .image_spec import PHOTO_RECORD
 from .mixture import SourceSpec
 from .shards import INFO_FILE, ShardSet, find_images, read_info, resolve_shards, write_info, write_shards
 
@@ -181,6 +184,7 @@ def training_shards(data: str | list | None, epoch_size: int | None = None, labe
     urls = [url for shards in sets for url in shards.urls]
     return MixedShards(urls=urls, num_samples=sum(counts), classes=sets[0].classes if labels else None,
                        shard_lengths=[n for shards in sets for n in shards.shard_lengths],
+                       images=mixed_images([shards.images for shards in sets], counts),
                        mixture=Mixture(sources), specs=specs)
 
 
@@ -223,20 +227,38 @@ def _check_sources(specs: list[SourceSpec], sets: list[ShardSet], labels: bool, 
                                   f"({', '.join(shards.classes[:3])}, ...); make every source from folders with the "
                                   "same class sub-folders")
     kinds = [(spec, _image_kind(shards)) for spec, shards in zip(specs, sets, strict=True)]
-    known = [(spec, kind) for spec, kind in kinds if kind is not None]
-    for spec, kind in known[1:]:
-        if kind != known[0][1]:
-            raise SimmimError(f"{option} sources hold images of different kinds: {known[0][0].path} has "
-                              f"{_kind_text(known[0][1])}, {spec.path} has {_kind_text(kind)}; mix sources of one "
+    for spec, kind in kinds[1:]:
+        if kind != kinds[0][1]:
+            raise SimmimError(f"{option} sources hold images of different kinds: {kinds[0][0].path} has "
+                              f"{_kind_text(kinds[0][1])}, {spec.path} has {_kind_text(kind)}; mix sources of one "
                               "kind (make the shards of the others again from images of that kind)")
 
 
-def _image_kind(shards: ShardSet) -> tuple[int, str] | None:
-    """(channels, dtype) where the shards' _info.json records its images, else None."""
-    images = getattr(shards, "images", None)
-    if not isinstance(images, dict) or "channels" not in images:
-        return None
+def _image_kind(shards: ShardSet) -> tuple[int, str]:
+    """(channels, dtype) of the shards' images: _info.json's record, or 8-bit RGB photos where it has none."""
+    images = shards.images or PHOTO_RECORD
     return int(images["channels"]), str(images.get("dtype", "uint8"))
+
+
+def mixed_images(records: list[dict | None], weights: list[int]) -> dict | None:
+    """The image record of a mixture (sources of one kind): per-channel mean and std of the epoch's samples, each
+    source's statistics weighted by the samples it gives an epoch (pixel moments combine as the law of total
+    variance says), the value ranges joined; None (8-bit photos) where no source has statistics."""
+    measured = [(record, weight) for record, weight in zip(records, weights, strict=True)
+                if record and record.get("mean") and record.get("std")]
+    if not measured:
+        return next((record for record in records if record), None)
+    total = sum(weight for _, weight in measured)
+    mean = sum(np.asarray(r["mean"], dtype=np.float64) * w for r, w in measured) / total
+    second = sum((np.asarray(r["std"], dtype=np.float64) ** 2 + np.asarray(r["mean"], dtype=np.float64) ** 2) * w
+                 for r, w in measured) / total
+    combined = {**measured[0][0], "mean": mean.tolist(), "std": np.sqrt(np.maximum(second - mean**2, 0)).tolist(),
+                "statistics": {"mixture": [w / total for _, w in measured]}}
+    ranges = [r["value_range"] for r, _ in measured if r.get("value_range")]
+    if ranges:
+        combined["value_range"] = [[min(r[c][0] for r in ranges), max(r[c][1] for r in ranges)]
+                                   for c in range(len(ranges[0]))]
+    return combined
 
 
 def _kind_text(kind: tuple[int, str]) -> str:

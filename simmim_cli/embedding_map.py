@@ -90,7 +90,7 @@ def draw_map(embeddings: Embeddings, output: Path, projection: str = "auto", col
     from matplotlib.offsetbox import AnnotationBbox, OffsetImage
     from PIL import Image, ImageOps
 
-    from .transforms import decode_image
+    from .visualize import picture_of
 
     count = len(embeddings)
     rows = np.arange(count)
@@ -134,7 +134,7 @@ def draw_map(embeddings: Embeddings, output: Path, projection: str = "auto", col
         if data is None:
             continue
         try:
-            image = decode_image(data)
+            image = picture_of(data)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             continue
         image = ImageOps.contain(image, (THUMBNAIL, THUMBNAIL))

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from . import distributed, storage
 from .errors import SimmimError
-from .transforms import normalize
+from .image_spec import IMAGENET_RGB, ImageSpec
 
 
 @torch.no_grad()
@@ -61,12 +61,12 @@ def evaluate_classifier(
     return result
 
 
-def image_logits(model: torch.nn.Module, precision_context: Callable[[], Any]):
-    """``predict`` for :func:`evaluate_classifier` from a model taking normalised images."""
+def image_logits(model: torch.nn.Module, precision_context: Callable[[], Any], spec: ImageSpec = IMAGENET_RGB):
+    """``predict`` for :func:`evaluate_classifier` from a model taking images normalised as ``spec`` says."""
 
     def predict(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with precision_context():
-            return model(normalize(batch["image"]))
+            return model(spec.normalize(batch["image"]))
 
     return predict
 

@@ -1,7 +1,8 @@
 """ONNX files from checkpoints: what to export, the conversion (fp32, fp16, int8) and its verification.
 
-Exported models take normalised float32 images ``(batch, 3, H, W)`` with a dynamic batch and a fixed image
-size, and carry their preprocessing in the file's metadata (image size, mean, std, crop, class names).
+Exported models take normalised float32 images ``(batch, channels, H, W)`` with a dynamic batch and a fixed image
+size, and carry their preprocessing in the file's metadata (image size, channels, bands, mean, std, scale, crop,
+class names: ``image`` is the run's ``image_spec.ImageSpec``).
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from torch import nn
 
 from . import __version__, storage
 from .errors import SimmimError
+from .image_spec import IMAGENET_RGB, ImageSpec
 from .inference import session
 from .models import set_fused_attention
-from .transforms import MEAN, STD, CropTransform, normalize
+from .transforms import CropTransform
 
 # ---------------------------------------------------------------------------------------------- what to export
 
@@ -55,15 +57,16 @@ def exportable(checkpoint: str, what: str | None, img_size: int | None = None,
     from .models import FeatureExtractor
     from .weights import load_simmim, read_weights
 
-    kind = read_weights(checkpoint).kind
+    found = read_weights(checkpoint)
+    kind, spec = found.kind, ImageSpec.from_dict((found.config or {}).get("image_spec"))
     classifier = kind in ("finetune", "linear-probe")
     what = what or ("classifier" if classifier else "features")
     if what == "classifier" and not classifier:
         raise SimmimError(f"{checkpoint} is not a classifier (finetune or linear-probe) checkpoint; export "
                           "--what features or --what reconstruction from it, or fine-tune it first")
     metadata: dict[str, Any] = {"what": what, "source_checkpoint": str(Path(checkpoint).resolve()),
-                                "mean": MEAN.flatten().tolist(), "std": STD.flatten().tolist(),
-                                "simmim_cli_version": __version__}
+                                "mean": list(spec.mean), "std": list(spec.std), "channels": spec.channels,
+                                "image": spec.to_dict(), "simmim_cli_version": __version__}
     if classifier and what != "reconstruction":
         model, config, classes = load_classifier(checkpoint, img_size, model_kwargs)
         metadata.update(img_size=config.img_size, crop_pct=config.crop_pct, model=config.model,
@@ -89,10 +92,10 @@ def exportable(checkpoint: str, what: str | None, img_size: int | None = None,
 
 
 def example_inputs(module: nn.Module, what: str, img_size: int, images: torch.Tensor | None = None,
-                   batch: int = 2) -> tuple[torch.Tensor, ...]:
+                   batch: int = 2, channels: int = 3) -> tuple[torch.Tensor, ...]:
     """Inputs for tracing and checking: real images when given, else random ones."""
     if images is None:
-        images = torch.randn(batch, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
+        images = torch.randn(batch, channels, img_size, img_size, generator=torch.Generator().manual_seed(0))
     if what != "reconstruction":
         return (images,)
     patch = module.simmim.patch_size
@@ -209,8 +212,10 @@ def verify(path: Path, module: nn.Module, inputs: tuple[torch.Tensor, ...], what
     return result
 
 
-def verification_images(img_size: int, count: int = 4) -> torch.Tensor:
-    """Real photographs for checking an export: crops of the sample photos scikit-learn ships, normalised."""
+def verification_images(img_size: int, count: int = 4, spec: ImageSpec = IMAGENET_RGB) -> torch.Tensor:
+    """Real photographs for checking an export: crops of the sample photos scikit-learn ships, normalised. A model
+    of other channels gets their bands in turn (a photo's structure in every channel: no noise), normalised as it
+    sees its data: standard scores."""
     from PIL import Image
 
     from .demo import photo_paths
@@ -221,6 +226,10 @@ def verification_images(img_size: int, count: int = 4) -> torch.Tensor:
         photo = Image.open(photo_paths()[index % 2]).convert("RGB")
         side = min(photo.size) // (1 + index // 2)
         images.append(view(photo.crop((0, 0, side, side)))["image"])
-    return normalize(torch.stack(images))
+    images = torch.stack(images)
+    if spec.channels == 3 and spec.scale == 255.0:
+        return spec.normalize(images)
+    bands = images[:, [channel % 3 for channel in range(spec.channels)]].float()
+    return (bands - bands.mean(dim=(2, 3), keepdim=True)) / bands.std(dim=(2, 3), keepdim=True)
 
 

@@ -15,13 +15,14 @@ import torch
 
 from . import checkpoints, distributed, hf, storage
 from .config import LinearProbeConfig
+from .image_spec import IMAGENET_RGB, ImageSpec
 from .models import FeatureExtractor, create_backbone
 from .pipeline import EvalStream, make_loader
 from .precision import autocast, resolve_precision
 from .redact import without_credentials
 from .shards import resolve_shards
 from .tool_configs import EmbedConfig, KnnConfig
-from .transforms import CropTransform, normalize
+from .transforms import CropTransform
 from .weights import load_encoder, read_weights
 
 
@@ -30,6 +31,8 @@ def _cache_key(config: LinearProbeConfig | KnnConfig, data: str) -> str:
     description = {"weights": stamp, "model": config.model, "kwargs": config.model_kwargs, "size": config.img_size,
                    "crop": config.crop_pct, "layer": config.layer, "pool": config.pool,
                    "data": [without_credentials(url) for url in resolve_shards(data).urls]}  # the same data re-signed
+    if ImageSpec.from_dict(config.image_spec) != IMAGENET_RGB:  # RGB photos keep the keys of their caches
+        description["image"] = config.image_spec
     return hashlib.sha1(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -60,16 +63,16 @@ def feature_encoder(config: KnnConfig | EmbedConfig) -> FeatureExtractor:
 
 @torch.no_grad()
 def feature_batches(features_of: Callable[[torch.Tensor], torch.Tensor], stream: EvalStream, device: torch.device,
-                    precision: str) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
+                    precision: str, spec: ImageSpec = IMAGENET_RGB) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
     """(float32 features on the CPU, the batch) for each batch ``stream`` deals this process: ``features_of``
-    takes the normalised images on ``device``. On a GPU each batch's features are copied out while the next
-    batch computes (the result comes one batch late), so that the GPU never waits on the host."""
+    takes the images on ``device``, normalised as ``spec`` says. On a GPU each batch's features are copied out
+    while the next batch computes (the result comes one batch late), so that the GPU never waits on the host."""
     pending = None
     for batch in make_loader(stream):
         features = torch.empty(0)
         if len(batch["image"]):
             with autocast(precision, device):
-                features = features_of(normalize(batch["image"].to(device, non_blocking=True))).float()
+                features = features_of(spec.normalize(batch["image"].to(device, non_blocking=True))).float()
         copied = _to_host(features)
         if pending is not None:
             yield _arrived(*pending[0]), pending[1]
@@ -96,10 +99,11 @@ def _arrived(features: torch.Tensor, event: Any) -> torch.Tensor:
 
 
 def extract_features(features_of: Callable[[torch.Tensor], torch.Tensor], stream: EvalStream, device: torch.device,
-                     precision: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``features_of(normalised images)`` and the labels of every sample ``stream`` deals this process."""
+                     precision: str, spec: ImageSpec = IMAGENET_RGB) -> tuple[torch.Tensor, torch.Tensor]:
+    """``features_of(images normalised as spec says)`` and the labels of every sample ``stream`` deals this
+    process."""
     features, labels = [], []
-    for batch_features, batch in feature_batches(features_of, stream, device, precision):
+    for batch_features, batch in feature_batches(features_of, stream, device, precision, spec):
         if len(batch_features):
             features.append(batch_features)
             labels.append(batch["label"])
@@ -111,11 +115,13 @@ def data_features(features_of: Callable[[torch.Tensor], torch.Tensor], config: L
                   data: str, context: distributed.Context, classes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Features and labels of every sample of ``data`` (centre crops), computed now: each process extracts its
     share, and the shares are gathered so that every process holds them all, in the same order."""
-    stream = EvalStream(resolve_shards(data), CropTransform(config.img_size, config.crop_pct), config.batch_size,
+    shards = resolve_shards(data)
+    spec = ImageSpec.from_dict(config.image_spec).for_data(shards.images)
+    stream = EvalStream(shards, CropTransform(config.img_size, config.crop_pct), config.batch_size,
                         workers=config.workers, rank=context.rank, world_size=context.world_size,
-                        num_classes=len(classes))
+                        num_classes=len(classes), decode=spec.image_decoder())
     features, labels = extract_features(features_of, stream, context.device,
-                                        resolve_precision(config.precision, context.device))
+                                        resolve_precision(config.precision, context.device), spec)
     return distributed.gather_rows(features, context), distributed.gather_rows(labels, context)
 
 

@@ -26,6 +26,7 @@ import torch
 
 from . import checkpoints
 from .errors import SimmimError
+from .image_spec import IMAGENET_RGB, ImageSpec
 
 HUB_PREFIX = "hf-hub:"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
@@ -211,6 +212,7 @@ class HfCheckpoint:
     decoder: dict[str, torch.Tensor] | None = None  # "0.weight", "0.bias"
     classes: list[str] | None = None
     notes: list[str] = field(default_factory=list)
+    image_spec: dict[str, Any] | None = None  # written by export --hf for images other than 8-bit RGB
 
 
 def read_folder(source: str | Path) -> HfCheckpoint:
@@ -252,7 +254,7 @@ def read_folder(source: str | Path) -> HfCheckpoint:
     architectures = config.get("architectures") or [f"{kind} model"]
     return HfCheckpoint(encoder=encoder, architecture=architectures[0], model=model, model_kwargs=kwargs,
                         img_size=img_size, mask_token=mask_token, decoder=parts["decoder"] or None,
-                        classes=classes, notes=notes)
+                        classes=classes, notes=notes, image_spec=config.get("simmim_image"))
 
 
 def _read_config(folder: Path, source: str | Path) -> dict[str, Any]:
@@ -300,8 +302,6 @@ def architecture(config: dict[str, Any], source: str | Path) -> tuple[str, dict[
     problems = []
     if config.get("hidden_act", "gelu") != "gelu":
         problems.append(f"hidden_act {config['hidden_act']} (timm's {kind} uses GELU)")
-    if config.get("num_channels", 3) != 3:
-        problems.append(f"{config['num_channels']} input channels (simmim trains RGB images)")
     if kind == "swin" and config.get("use_absolute_embeddings"):
         problems.append("absolute position embeddings (timm's Swin has none)")
     if problems:
@@ -318,6 +318,8 @@ def architecture(config: dict[str, Any], source: str | Path) -> tuple[str, dict[
                   "num_heads": list(config.get("num_heads", [3, 6, 12, 24])), "patch_size": patch,
                   "window_size": window[0] if isinstance(window, (list, tuple)) else window,
                   "mlp_ratio": config.get("mlp_ratio", 4.0), "qkv_bias": config.get("qkv_bias", True)}
+    if config.get("num_channels", 3) != 3:
+        kwargs["in_chans"] = int(config["num_channels"])
     eps = config.get("layer_norm_eps", 1e-12 if kind == "vit" else 1e-5)
     if eps != TIMM_NORM_EPS[kind]:  # models.create_backbone sets it on every LayerNorm
         kwargs["layer_norm_eps"] = eps
@@ -391,12 +393,14 @@ def hf_config(backbone: torch.nn.Module, kind: str, what: str, classes: list[str
 
     size, patch = backbone.patch_embed.img_size[0], backbone.patch_embed.patch_size[0]
     dim = backbone.patch_embed.proj.out_channels
+    channels = backbone.patch_embed.proj.in_channels
     if kind == "vit":
         block = backbone.blocks[0]
         config = ViTConfig(hidden_size=dim, num_hidden_layers=len(backbone.blocks),
                            num_attention_heads=block.attn.num_heads, intermediate_size=block.mlp.fc1.out_features,
                            image_size=size, patch_size=patch, qkv_bias=block.attn.qkv.bias is not None,
-                           layer_norm_eps=backbone.norm.eps, encoder_stride=patch, hidden_act="gelu")
+                           layer_norm_eps=backbone.norm.eps, encoder_stride=patch, hidden_act="gelu",
+                           num_channels=channels)
     else:
         blocks = [stage.blocks[0] for stage in backbone.layers]
         table = blocks[0].attn.relative_position_bias_table.shape[0]
@@ -407,7 +411,7 @@ def hf_config(backbone: torch.nn.Module, kind: str, what: str, classes: list[str
                             mlp_ratio=blocks[0].mlp.fc1.out_features / dim,
                             qkv_bias=blocks[0].attn.qkv.bias is not None,
                             layer_norm_eps=backbone.norm.eps, encoder_stride=patch * 2 ** (len(blocks) - 1),
-                            hidden_act="gelu")
+                            hidden_act="gelu", num_channels=channels)
     config.architectures = [{"vit": "ViT", "swin": "Swin"}[kind] + CLASSES[what]]
     if classes:
         config.id2label = dict(enumerate(classes))
@@ -446,29 +450,33 @@ def _mapped(state: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor
     return mapped
 
 
-def image_processor(size: int, crop_pct: float | None):
+def image_processor(size: int, crop_pct: float | None, spec: ImageSpec = IMAGENET_RGB):
     """What simmim's evaluation does to an image, as a transformers image processor: a classifier resizes the
     shorter side to size / crop_pct and centre-crops (BitImageProcessor); a SimMIM model takes the image resized
-    to size (ViTImageProcessor, as run_mim.py's Hub checkpoints). Bicubic, ImageNet mean and std."""
+    to size (ViTImageProcessor, as run_mim.py's Hub checkpoints). Bicubic, with the model's normalisation:
+    ImageNet's mean and std after a rescale by 1/255 for 8-bit RGB photos, the data's own mean and std in its units
+    (no rescale) for other images."""
     from transformers import BitImageProcessor, ViTImageProcessor
 
-    from .transforms import MEAN, STD
-
-    common = {"image_mean": MEAN.flatten().tolist(), "image_std": STD.flatten().tolist(), "resample": 3}  # bicubic
+    common = {"image_mean": list(spec.mean), "image_std": list(spec.std), "resample": 3,  # bicubic
+              "do_rescale": spec.scale != 1.0, "rescale_factor": 1 / spec.scale}
     if crop_pct is None:
         return ViTImageProcessor(size={"height": size, "width": size}, **common)
     return BitImageProcessor(size={"shortest_edge": int(size / crop_pct)}, crop_size={"height": size, "width": size},
-                             do_center_crop=True, do_convert_rgb=True, **common)
+                             do_center_crop=True, do_convert_rgb=spec.rgb8, **common)
 
 
-def write_files(found: HfModel, folder: Path, crop_pct: float | None, source: str) -> None:
+def write_files(found: HfModel, folder: Path, crop_pct: float | None, source: str,
+                spec: ImageSpec = IMAGENET_RGB) -> None:
     """config.json, model.safetensors, preprocessor_config.json and a README.md model card into ``folder``."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
+    if spec != IMAGENET_RGB:  # the bands, value type and scale, read back by simmim (read_folder)
+        found.config.simmim_image = spec.to_dict()
     found.config.save_pretrained(folder)
     save_file(found.state, folder / "model.safetensors", metadata={"format": "pt"})
-    image_processor(found.config.image_size, crop_pct).save_pretrained(folder)
+    image_processor(found.config.image_size, crop_pct, spec).save_pretrained(folder)
     (folder / "README.md").write_text(_card(found, source), encoding="utf-8")
 
 

@@ -17,10 +17,11 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from . import remote
 from .errors import SimmimError
+from .image_spec import IMAGENET_RGB, ImageSpec
 from .pipeline import sample_image_bytes
 from .redact import terminal
 from .shards import IMAGE_SUFFIXES, ShardSet, resolve_shards
-from .transforms import CropTransform, decode_image
+from .transforms import CropTransform
 
 
 def image_sources(inputs: list[str]) -> list[Path | ShardSet]:
@@ -80,11 +81,14 @@ def image_readers(inputs: list[str], limit: int | None = None) -> Iterator[tuple
 
 
 def image_views(readers: Iterator[tuple[str, Callable[[], bytes]]], img_size: int, crop_pct: float,
-                skipped: list[str], notes: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, uint8 view) for each readable image: resized to ``img_size / crop_pct`` and centre-cropped. Images
-    that cannot be read (permissions, a file gone since it was listed) or do not decode are listed in ``skipped``;
-    ones smaller than the model get a note in ``notes``."""
+                skipped: list[str], notes: list[str],
+                spec: ImageSpec = IMAGENET_RGB) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, view) for each readable image, decoded as ``spec`` says (uint8 RGB for photos; the model's bands at
+    full precision otherwise): resized to ``img_size / crop_pct`` and centre-cropped. Images that cannot be read
+    (permissions, a file gone since it was listed) or do not decode are listed in ``skipped``; ones smaller than
+    the model get a note in ``notes``."""
     view = CropTransform(img_size, crop_pct)
+    decode = spec.image_decoder()
     for name, read in readers:
         try:
             data = read()
@@ -95,18 +99,19 @@ def image_views(readers: Iterator[tuple[str, Callable[[], bytes]]], img_size: in
             skipped.append(f"{name}: {type(error).__name__}: {error}")
             continue
         try:
-            image = decode_image(data)
+            image = decode(data)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
             skipped.append(f"{name}: {type(error).__name__}: {error}")
             continue
-        if min(image.size) < img_size:
-            notes.append(f"note: {name} is {image.width}×{image.height}, smaller than the model's {img_size}; "
+        width, height = (image.shape[-1], image.shape[-2]) if torch.is_tensor(image) else image.size
+        if min(width, height) < img_size:
+            notes.append(f"note: {name} is {width}×{height}, smaller than the model's {img_size}; "
                          "it was enlarged")
         yield name, view(image)["image"]
 
 
 class PredictStream(IterableDataset):
-    """Batches ``{"name": [str], "image": uint8 (B,3,H,W), "skipped": [str], "notes": [str]}`` of the images in
+    """Batches ``{"name": [str], "image": (B,C,H,W), "skipped": [str], "notes": [str]}`` of the images in
     ``sources`` (from :func:`image_sources`), viewed as :func:`image_views` does, in the input order.
 
     Batch i covers images i·batch_size to (i+1)·batch_size − 1: the readable ones in "image", the others named in
@@ -115,8 +120,9 @@ class PredictStream(IterableDataset):
     Image files are read by the worker that decodes them; shards are read through by every worker."""
 
     def __init__(self, sources: list[Path | ShardSet], img_size: int, crop_pct: float, batch_size: int,
-                 workers: int = 0, limit: int | None = None):
+                 workers: int = 0, limit: int | None = None, spec: ImageSpec = IMAGENET_RGB):
         self.sources = sources
+        self.spec = spec
         self.img_size = img_size
         self.crop_pct = crop_pct
         self.batch_size = batch_size
@@ -133,8 +139,9 @@ class PredictStream(IterableDataset):
             skipped: list[str] = []
             notes: list[str] = []
             readers = (reader for _, reader in batch)
-            views = list(image_views(readers, self.img_size, self.crop_pct, skipped, notes))
+            views = list(image_views(readers, self.img_size, self.crop_pct, skipped, notes, self.spec))
+            empty_type = torch.uint8 if self.spec.dtype == "uint8" else torch.float32
             yield {"name": [name for name, _ in views],
                    "image": torch.stack([view for _, view in views]) if views
-                   else torch.empty(0, 3, self.img_size, self.img_size, dtype=torch.uint8),
+                   else torch.empty(0, self.spec.channels, self.img_size, self.img_size, dtype=empty_type),
                    "skipped": skipped, "notes": notes}

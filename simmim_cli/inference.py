@@ -15,6 +15,7 @@ from torch import nn
 
 from .config import FinetuneConfig, LinearProbeConfig, TrainConfig, from_dict
 from .errors import SimmimError
+from .image_spec import ImageSpec
 from .models import check_img_size, make_classifier
 from .weights import Weights, load_encoder, read_weights
 
@@ -204,6 +205,7 @@ class OnnxClassifier(nn.Module):
         self.img_size = shape[-1] if isinstance(shape[-1], int) else metadata.get("img_size")
         self.classes: list[str] = metadata.get("class_names") or []
         self.crop_pct: float = metadata.get("crop_pct", 0.875)
+        self.spec = ImageSpec.from_dict(metadata.get("image"))  # files from before the record: RGB photos
         self.num_outputs = graph_output.shape[-1] if isinstance(graph_output.shape[-1], int) else len(self.classes)
         if not self.num_outputs:
             raise SimmimError(f"{path}: the number of classes is neither in its output shape nor in its metadata; "
@@ -215,7 +217,7 @@ class OnnxClassifier(nn.Module):
         return self.provider in GPU_PROVIDERS
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalised images (B, 3, H, W) → float32 logits (B, classes) on the images' device."""
+        """Normalised images (B, C, H, W) → float32 logits (B, classes) on the images' device."""
         device = images.device if images.is_cuda and self.on_gpu else torch.device("cpu")
         logits = torch.empty(images.shape[0], self.num_outputs, dtype=self.output_type[0], device=device)
         if images.shape[0] == 0:  # nothing to bind

@@ -82,7 +82,7 @@ def create_backbone(
 class MaskedEncoder(nn.Module):
     """A timm backbone that takes a token mask and returns a feature map.
 
-    ``forward(images (B,3,H,W), mask (B,H/p,W/p) bool) -> (B, C, H/s, W/s)`` with ``p`` the patch size
+    ``forward(images (B,channels,H,W), mask (B,H/p,W/p) bool) -> (B, C, H/s, W/s)`` with ``p`` the patch size
     and ``s`` the total stride (16 for ViT-B/16, 32 for Swin). Masked patch embeddings are replaced by
     ``mask_token``.
     """
@@ -134,15 +134,16 @@ class MaskedEncoder(nn.Module):
 class SimMIM(nn.Module):
     """Masked image modelling: encode all tokens with masked ones replaced, predict raw pixels, L1 on masked area.
 
-    ``forward(images, mask) -> (loss, reconstruction)``; images are normalised ``(B, 3, H, W)``, the mask is
-    bool ``(B, H/p, W/p)`` on the encoder's patch grid.
+    ``forward(images, mask) -> (loss, reconstruction)``; images are normalised ``(B, in_chans, H, W)`` (3 for RGB,
+    any number of bands for other data: the head predicts every one), the mask is bool ``(B, H/p, W/p)`` on the
+    encoder's patch grid.
     """
 
     def __init__(self, encoder: MaskedEncoder, in_chans: int = 3):
         super().__init__()
         self.encoder = encoder
         self.in_chans = in_chans
-        # one linear layer per output position: 1x1 conv to stride² · 3 values, rearranged into pixels
+        # one linear layer per output position: 1x1 conv to stride² · in_chans values, rearranged into pixels
         self.decoder = nn.Sequential(
             nn.Conv2d(encoder.num_features, encoder.stride**2 * in_chans, kernel_size=1),
             nn.PixelShuffle(encoder.stride),
@@ -153,11 +154,11 @@ class SimMIM(nn.Module):
         return self.encoder.patch_size
 
     def forward_encoder(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(B,3,H,W), (B,H/p,W/p) → feature map (B, C, H/s, W/s)."""
+        """(B,in_chans,H,W), (B,H/p,W/p) → feature map (B, C, H/s, W/s)."""
         return self.encoder(images, mask)
 
     def forward_decoder(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, C, H/s, W/s) → reconstruction (B, 3, H, W)."""
+        """(B, C, H/s, W/s) → reconstruction (B, in_chans, H, W)."""
         return self.decoder(features)
 
     def forward_loss(self, images: torch.Tensor, reconstruction: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -243,10 +244,17 @@ def set_fused_attention(model: nn.Module, enabled: bool) -> int:
 def build_simmim(
     model_name: str, img_size: int, model_kwargs: dict[str, Any] | None = None, drop_path_rate: float | None = None
 ) -> SimMIM:
-    """A SimMIM model around a fresh timm encoder."""
+    """A SimMIM model around a fresh timm encoder; its pixel head predicts the encoder's input channels
+    (``in_chans`` in ``model_kwargs``, 3 by default)."""
     family = model_family(model_name)
     backbone = create_backbone(model_name, img_size, model_kwargs, drop_path_rate, norm_all_tokens=True)
-    return SimMIM(MaskedEncoder(backbone, family))
+    return SimMIM(MaskedEncoder(backbone, family), input_channels(backbone))
+
+
+def input_channels(model: nn.Module) -> int:
+    """The number of channels a timm backbone (or a model holding one) takes."""
+    backbone = model.backbone if hasattr(model, "backbone") else model
+    return backbone.patch_embed.proj.in_channels
 
 
 def make_classifier(config, num_classes: int, probe: bool) -> nn.Module:
@@ -265,13 +273,14 @@ def check_img_size(model: nn.Module, img_size: int, model_name: str) -> None:
     memory, no compute)."""
     backbone = model.backbone if hasattr(model, "backbone") else model
     patch = backbone.patch_embed.patch_size[0]
+    channels = input_channels(backbone)
     if img_size % patch:
         raise SimmimError(f"--img-size {img_size} is not a multiple of {model_name}'s patch size {patch}; "
                           f"use e.g. {max(1, round(img_size / patch)) * patch}")
     device = next(model.parameters()).device
     try:
         with torch.no_grad(), torch.device(device):
-            model.eval()(torch.zeros(2, 3, img_size, img_size))
+            model.eval()(torch.zeros(2, channels, img_size, img_size))
     except (AssertionError, RuntimeError, ValueError) as error:
         raise SimmimError(f"--img-size {img_size} does not work with {model_name}: "
                           f"{str(error).splitlines()[0]}; choose a size the model takes") from error

@@ -60,6 +60,17 @@ Decode = Annotated[str, typer.Option(
          "there, for few CPU cores per GPU (pip install \"simmim-cli\\[dali]\"; writes DALI index files next to the "
          "shards once). With gpu a resumed run continues at the right batch of the epoch, but the rest of that "
          "epoch's order differs from an uninterrupted run's.", rich_help_panel=DATA)]
+Bands = Annotated[str | None, typer.Option(
+    help="Bands of multi-band images (TIFF, DICOM, .npy, 16-bit PNG) to train on, in this order: 0-based indices "
+         "or the band names in the shards' _info.json, comma-separated, e.g. 3,2,1,7 [default: all].",
+    rich_help_panel=DATA, show_default=False)]
+Mean = Annotated[str | None, typer.Option(
+    help="Per-channel mean for the normalisation, in the data's units (0-255 for 8-bit images, raw counts or "
+         "Hounsfield units for others), comma-separated or one for all [default: ImageNet's for 8-bit RGB, the "
+         "data's own from _info.json otherwise].", rich_help_panel=DATA, show_default=False)]
+Std = Annotated[str | None, typer.Option(
+    help="Per-channel standard deviation for the normalisation, like --mean.", rich_help_panel=DATA,
+    show_default=False)]
 Model = Annotated[str, typer.Option(
     help="timm model name: vit_*, deit_*, beit_*, swin_* or swinv2_* (no weights are downloaded).",
     rich_help_panel=MODEL)]

@@ -31,7 +31,8 @@ from .errors import SimmimError
 from .shards import ShardSet
 from .transforms import decode_image
 
-SAMPLE_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm", "pgm", "pbm", "img")
+SAMPLE_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm", "pgm", "pbm", "dcm", "npy",
+                     "img")
 
 # ---------------------------------------------------------------------------------------------- streaming
 

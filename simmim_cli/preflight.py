@@ -34,9 +34,11 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def batch_bytes(batch_size: int, img_size: int) -> int:
-    """A uint8 image batch as the loaders hand it over (masks and labels are small beside it)."""
-    return batch_size * 3 * img_size * img_size
+def batch_bytes(batch_size: int, img_size: int, image_spec: dict[str, Any] | None = None) -> int:
+    """An image batch as the loaders hand it over (masks and labels are small beside it): uint8 RGB for photos,
+    the run's channels in uint8 or float32 for other images (``image_spec.py``)."""
+    channels, dtype = (image_spec or {}).get("channels", 3), (image_spec or {}).get("dtype", "uint8")
+    return batch_size * channels * (1 if dtype == "uint8" else 4) * img_size * img_size
 
 
 def environment(config: Any, local_processes: int, workers: int) -> tuple[dict[str, Any], list[str]]:
@@ -68,7 +70,8 @@ def environment(config: Any, local_processes: int, workers: int) -> tuple[dict[s
         fix = f"lower --workers to {fitting} or give" if 0 < fitting < workers else "give"
         problems.append(f"{local_processes} training process(es) × ({workers} loader worker(s) + 1) want {wanted} "
                         f"cores, this node lets them use {cores}: {fix} the job more cores")
-    needed = local_processes * max(workers, 1) * PREFETCH_BATCHES * batch_bytes(config.batch_size, config.img_size)
+    needed = local_processes * max(workers, 1) * PREFETCH_BATCHES * batch_bytes(config.batch_size, config.img_size,
+                                                                                  getattr(config, "image_spec", None))
     facts["shm_needed_gib"] = round(needed / 2**30, 3)
     with contextlib.suppress(OSError):
         usage = shutil.disk_usage("/dev/shm")

@@ -25,10 +25,12 @@ from PIL import Image
 
 from . import limits, remote, storage, tars
 from .errors import SimmimError
+from .image_formats import FORMAT_EXTENSIONS, ImageFacts, SetSurvey, array_facts, require, sniff
 from .redact import redact
 from .remote_faults import describe
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm", ".dcm",
+                  ".npy"}
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # stored as their original bytes
 INFO_FILE = "_info.json"
 DALI_INDEX_VERSION = "v1.2"  # the index format of DALI's fn.readers.webdataset (as its wds2idx tool writes it)
@@ -44,6 +46,7 @@ class ShardSet:
     num_samples: int
     classes: list[str] | None = None
     shard_lengths: list[int] = field(default_factory=list)
+    images: dict | None = None  # _info.json's record of the images: channels, dtype, statistics (image_formats.py)
 
     @property
     def num_classes(self) -> int | None:
@@ -258,7 +261,8 @@ def resolve_shards(data: str, split: str | None = None, epoch_size: int | None =
     num_samples = epoch_size or sum(lengths)
     if num_samples <= 0 and (count_required or lengths):
         raise SimmimError(f"the shards in {redact(data)} hold no samples; re-create them with simmim make-shards")
-    return ShardSet(urls=urls, num_samples=num_samples, classes=classes, shard_lengths=lengths)
+    return ShardSet(urls=urls, num_samples=num_samples, classes=classes, shard_lengths=lengths,
+                    images=info.get("images") if info else None)
 
 
 def find_images(source: Path) -> tuple[list[tuple[Path, int | None]], list[str] | None]:
@@ -291,8 +295,10 @@ def _sample_key(path: Path, source: Path, used: set[str]) -> str:
     return unique
 
 
-def image_record(path: Path) -> tuple[str, bytes]:
-    """(extension, bytes) to store for an image: JPEG/PNG/WebP bytes unchanged, others as lossless PNG.
+def image_record(path: Path, statistics: bool = False) -> tuple[str, bytes, ImageFacts]:
+    """(extension, bytes, facts) to store for an image: TIFF, DICOM, .npy, 16-bit PNG and JPEG/PNG/WebP bytes
+    unchanged, other 8-bit pictures as lossless PNG. Images that are not 8-bit photos are decoded at full precision
+    (``image_formats.py``), their per-channel moments measured when ``statistics``.
 
     Raises OSError/ValueError (from PIL) when the file does not decode completely, and
     :class:`limits.SampleTooLarge` for a file over ``--max-sample-mb`` (not read) or an image over
@@ -300,6 +306,10 @@ def image_record(path: Path) -> tuple[str, bytes]:
     """
     limits.check_member_size(path.stat().st_size, path.name)
     data = path.read_bytes()
+    image_format = sniff(data)
+    if image_format != "photo":
+        return FORMAT_EXTENSIONS[image_format], data, array_facts(data, str(path), statistics)
+    photo = ImageFacts((3, "uint8"), "photo")  # decoded as RGB by transforms.py, whatever the mode
     with Image.open(io.BytesIO(data)) as image:
         limits.check_image_size(*image.size, name=path.name)
         image_format = image.format
@@ -307,10 +317,10 @@ def image_record(path: Path) -> tuple[str, bytes]:
             image.draft(image.mode, (64, 64))  # still parses the whole file, so truncation is caught
         image.load()
         if image_format in KEPT_FORMATS:
-            return KEPT_FORMATS[image_format], data
+            return KEPT_FORMATS[image_format], data, photo
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
-        return "png", buffer.getvalue()
+        return "png", buffer.getvalue(), photo
 
 
 def write_shards(
@@ -327,6 +337,7 @@ def write_shards(
     workers: int = 1,
     on_shard: Callable[[Path], None] | None = None,
     dali_indexes: bool = True,
+    stats_images: int | None = None,
 ) -> dict:
     """Writes ``OUTPUT/{split}-000000.tar ...`` and ``OUTPUT/_info.json``; returns the info dict.
 
@@ -336,8 +347,16 @@ def write_shards(
     Each shard is written to a temporary name and renamed when complete (then passed to ``on_shard``, which may
     move it elsewhere). Unreadable images are passed to ``on_skip`` and left out. ``workers`` processes read and
     check the images; one writes them in order, so the output is the same for any number of workers.
+
+    ``_info.json`` records the images (``images``): channels, dtype, formats, band names and, for images other
+    than 8-bit photos, exact per-channel mean, std and value range over every image, or over ``stats_images``
+    of them drawn with ``seed``. Images of different kinds (channels, dtype) in one set stop it.
     """
     files, classes = find_images(source)
+    suffixes = {path.suffix.lower() for path, _ in files}
+    for suffix, module in ((".tif", "tifffile"), (".tiff", "tifffile"), (".dcm", "pydicom")):
+        if suffix in suffixes:
+            require(module)  # here, once, rather than in every worker
     with storage.writing(output):
         output.mkdir(parents=True, exist_ok=True)
     storage.report_stale_temporaries(output, (f"{split}-*.tar.tmp", ".*.tmp"))
@@ -352,6 +371,11 @@ def write_shards(
             dali_index_path(old).unlink(missing_ok=True)
     if shuffle:
         random.Random(seed).shuffle(files)
+    sampled = stats_images is not None and stats_images < len(files)
+    measured = (set(random.Random(seed).sample(range(len(files)), stats_images)) if sampled
+                else range(len(files)))
+    items = [(path, label, index in measured) for index, (path, label) in enumerate(files)]
+    survey = SetSurvey()
 
     used_keys: set[str] = set()
     filenames, lengths, skipped = [], [], []
@@ -370,13 +394,14 @@ def write_shards(
                 on_shard(shard_path)
 
     try:
-        for index, (path, label, record, problem) in enumerate(_checked_records(files, workers)):
+        for index, (path, label, record, problem) in enumerate(_checked_records(items, workers)):
             if record is None:
                 skipped.append(str(path))
                 if on_skip:
                     on_skip(path, problem)
             else:
-                extension, data = record
+                extension, data, facts = record
+                survey.add(str(path), facts)
                 if writer is None:
                     shard_path = output / f"{split}-{len(filenames):06d}.tar"
                     # a fixed member time: the same images give the same bytes, whenever and however written
@@ -405,6 +430,7 @@ def write_shards(
             info["classes"] = classes
             info["num_classes"] = len(classes)
         info["skipped"] = skipped
+        info["images"] = survey.record(sampled, seed)
         write_info(output, info)  # last: only a complete set is listed
     except BaseException as error:
         # nothing half done stays: the partial shard and the shards written so far (a set without its _info.json
@@ -448,22 +474,23 @@ def write_remote_shards(source: Path, url: str, split: str = "train", force: boo
                                **options)
     info.setdefault("name", url.rsplit("/", 1)[-1])
     info.setdefault("splits", {})[split] = written["splits"][split]
-    info.update({key: written[key] for key in ("classes", "num_classes", "skipped") if key in written})
+    info.update({key: written[key] for key in ("classes", "num_classes", "skipped", "images") if key in written})
     remote.upload(f"{url}/{INFO_FILE}", data=json.dumps(info, indent=2).encode())  # last: a complete set
     return info
 
 
-def _checked_record(item: tuple[Path, int | None]) -> tuple[Path, int | None, tuple[str, bytes] | None, str]:
-    path, label = item
+def _checked_record(item: tuple[Path, int | None, bool]) -> tuple[Path, int | None, tuple | None, str]:
+    path, label, statistics = item
     try:
-        return path, label, image_record(path), ""
+        return path, label, image_record(path, statistics), ""
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as error:
         return path, label, None, str(error) or type(error).__name__
 
 
-def _checked_records(files: list[tuple[Path, int | None]], workers: int) -> Iterator[tuple]:
-    """(path, label, (extension, bytes) or None, why not) of each file, in order: decoding every image to check
-    it is what takes the time, so ``workers`` processes do it, and the results come back in the files' order."""
+def _checked_records(files: list[tuple[Path, int | None, bool]], workers: int) -> Iterator[tuple]:
+    """(path, label, (extension, bytes, facts) or None, why not) of each (path, label, measure it) file, in order:
+    decoding every image to check it is what takes the time, so ``workers`` processes do it, and the results come
+    back in the files' order."""
     if workers <= 1 or len(files) < 2:
         yield from map(_checked_record, files)
         return

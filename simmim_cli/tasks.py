@@ -16,13 +16,13 @@ from . import checkpoints, distributed, storage
 from .config import FinetuneConfig, PretrainConfig, TrainConfig
 from .evaluation import evaluate_classifier, image_logits, knn_classify
 from .features import extract_features
+from .image_spec import ImageSpec
 from .masking import MaskGenerator
 from .models import FeatureExtractor, SimMIM, masked_l1_per_image
 from .optim import build_optimizer
 from .pipeline import EvalStream, TensorStream, make_loader
 from .precision import autocast, resolve_precision
 from .storage import StorageError
-from .transforms import normalize
 from .visualize import confusion_png, recon_panel, save_png
 
 MAX_NONFINITE_IN_A_ROW = 25  # fp16 loss scaling may skip a few steps at the start; 25 in a row is divergence
@@ -34,6 +34,7 @@ class Task:
 
     kind: str
     model: nn.Module
+    spec: ImageSpec  # what the model takes, and how its images are normalised on the training device
 
     def build_optimizer(self, lr: float) -> torch.optim.Optimizer:
         raise NotImplementedError
@@ -81,6 +82,7 @@ class PretrainTask(Task):
                  masks: MaskGenerator | None = None, knn: tuple[EvalStream, EvalStream, int] | None = None):
         self.model = model
         self.config = config
+        self.spec = ImageSpec.from_dict(config.image_spec)
         self.preview: dict[str, torch.Tensor] | None = None  # the first images seen, reused for every preview
         self.val = val  # centre crops of held-out images, masked by ``masks`` with a fixed seed each epoch
         self.masks = masks
@@ -90,7 +92,7 @@ class PretrainTask(Task):
         return build_optimizer(self.model, lr, self.config.weight_decay, param_groups=self.config.param_groups)
 
     def training_step(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        loss, _ = model(normalize(batch["image"]), batch["mask"])
+        loss, _ = model(self.spec.normalize(batch["image"]), batch["mask"])
         return {"loss": loss}
 
     def observe_batch(self, batch: dict[str, Any]) -> None:
@@ -107,12 +109,12 @@ class PretrainTask(Task):
         self.model.eval()
         device = next(self.model.parameters()).device
         if self.preview is not None:
-            images = normalize(self.preview["image"].to(device))
+            images = self.spec.normalize(self.preview["image"].to(device))
             mask = self.preview["mask"].to(device)
             _, reconstruction = self.model(images, mask)
             losses = masked_l1_per_image(images, reconstruction, mask, self.model.patch_size)
             captions = [f"masked L1 {value:.3f}" for value in losses.tolist()]
-            panel = recon_panel(images, mask, reconstruction, self.model.patch_size, captions)
+            panel = recon_panel(images, mask, reconstruction, self.model.patch_size, captions, self.spec)
             with storage.best_effort("preview pictures", output / f"preview-{step:08d}.png"):
                 save_png(panel, output / f"preview-{step:08d}.png")
             figures.update(preview_loss=round(float(losses.mean()), 5), preview=panel)
@@ -120,8 +122,8 @@ class PretrainTask(Task):
             bank, queries, num_classes = self.knn
             extractor = FeatureExtractor(self.model.encoder.backbone)  # the last block, mean-pooled
             precision = resolve_precision(self.config.precision, device)
-            result = knn_classify(*extract_features(extractor, bank, device, precision),
-                                  *extract_features(extractor, queries, device, precision), num_classes,
+            result = knn_classify(*extract_features(extractor, bank, device, precision, self.spec),
+                                  *extract_features(extractor, queries, device, precision, self.spec), num_classes,
                                   device=device)
             figures.update(knn_top1=result["top1"], knn_top5=result["top5"])
         self.model.train(was_training)
@@ -141,7 +143,7 @@ class PretrainTask(Task):
         for batch in make_loader(self.val):
             if len(batch["image"]) == 0:
                 continue
-            images = normalize(batch["image"].to(device))
+            images = self.spec.normalize(batch["image"].to(device))
             mask = self.masks(len(images), generator).to(device)
             with autocast(precision, device):
                 _, reconstruction = self.model(images, mask)
@@ -165,6 +167,7 @@ class ClassifierTask(Task):
     def __init__(self, model: nn.Module, config: TrainConfig, classes: list[str], val: EvalStream | None):
         self.model = model
         self.config = config
+        self.spec = ImageSpec.from_dict(config.image_spec)
         self.classes = classes
         self.val = val
         self.best_top1: float | None = None
@@ -174,7 +177,8 @@ class ClassifierTask(Task):
 
     def predict(self, model: nn.Module):
         device = next(model.parameters()).device
-        return image_logits(model, lambda: autocast(resolve_precision(self.config.precision, device), device))
+        return image_logits(model, lambda: autocast(resolve_precision(self.config.precision, device), device),
+                            self.spec)
 
     def after_epoch(self, output: Path, epoch: int, step: int) -> dict[str, float]:
         figures: dict[str, float] = {}
@@ -239,7 +243,7 @@ class FinetuneTask(ClassifierTask):
                                param_groups=self.config.param_groups)
 
     def training_step(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        images, labels = normalize(batch["image"]), batch["label"]
+        images, labels = self.spec.normalize(batch["image"]), batch["label"]
         if self.config.reprob > 0:
             if self.random_erasing is None or self.random_erasing.device != images.device:
                 from timm.data.random_erasing import RandomErasing
@@ -290,7 +294,7 @@ class LinearProbeTask(ClassifierTask):
         if "features" in batch:
             logits = model(features=batch["features"])
         else:
-            logits = model(normalize(batch["image"]))
+            logits = model(self.spec.normalize(batch["image"]))
         return {"loss": nn.functional.cross_entropy(logits, batch["label"])}
 
     def set_grad_checkpointing(self) -> None:

@@ -17,7 +17,7 @@ from torch import nn
 
 from . import storage
 from .errors import SimmimError
-from .transforms import MEAN, STD
+from .image_spec import IMAGENET_RGB, ImageSpec
 
 FILES = ("model.safetensors", "config.json", "README.md")
 
@@ -31,6 +31,7 @@ class TimmModel:
     crop_pct: float
     classes: list[str] | None = None
     notes: list[str] = field(default_factory=list)
+    spec: ImageSpec = IMAGENET_RGB  # the channels and normalisation of its inputs
 
 
 def timm_model(checkpoint: str, img_size: int | None = None, model_kwargs: dict[str, Any] | None = None) -> TimmModel:
@@ -43,19 +44,20 @@ def timm_model(checkpoint: str, img_size: int | None = None, model_kwargs: dict[
     from .inference import load_classifier
     from .weights import load_simmim, read_weights
 
-    kind = read_weights(checkpoint).kind
+    weights = read_weights(checkpoint)
+    kind, spec = weights.kind, ImageSpec.from_dict((weights.config or {}).get("image_spec"))
     if kind == "finetune":
         model, config, classes = load_classifier(checkpoint, img_size, model_kwargs)
-        return TimmModel(model, "classifier", config.crop_pct, classes,
+        return TimmModel(model, "classifier", config.crop_pct, classes, spec=spec,
                          notes=_resize_note(img_size, model_kwargs, config.img_size) + _eps_note(model))
     if kind == "linear-probe":
         model, config, _ = load_classifier(checkpoint, img_size, model_kwargs)
         note = ("a linear probe's head (BatchNorm + linear on frozen features) has no timm equivalent: exported its "
                 "encoder; fine-tune for a whole timm classifier")
-        return TimmModel(model.backbone, "encoder", config.crop_pct,
+        return TimmModel(model.backbone, "encoder", config.crop_pct, spec=spec,
                          notes=[note, *_resize_note(img_size, model_kwargs, config.img_size)])
     simmim, _, report = load_simmim(checkpoint, model_kwargs=model_kwargs, img_size=img_size)
-    return TimmModel(simmim.encoder.backbone, "encoder", 0.875, notes=report.adapted + _eps_note(simmim))
+    return TimmModel(simmim.encoder.backbone, "encoder", 0.875, spec=spec, notes=report.adapted + _eps_note(simmim))
 
 
 def _eps_note(model: nn.Module) -> list[str]:
@@ -93,10 +95,13 @@ def write_folder(found: TimmModel, directory: Path, source: str, force: bool = F
     check_target(directory, force)
     model = found.model
     size = model.patch_embed.img_size
-    data_config = {"input_size": (3, *size), "mean": tuple(MEAN.flatten().tolist()),
-                   "std": tuple(STD.flatten().tolist()), "crop_pct": found.crop_pct, "crop_mode": "center",
+    spec = found.spec  # mean and std in [0, 1] units for 8-bit RGB (timm's), in the data's own units otherwise
+    data_config = {"input_size": (spec.channels, *size), "mean": spec.mean, "std": spec.std,
+                   "crop_pct": found.crop_pct, "crop_mode": "center",
                    "interpolation": "bicubic"}  # what simmim evaluate and predict do (transforms.CropTransform)
     model_config: dict[str, Any] = {"pretrained_cfg": {"tag": f"simmim_{found.what}"}}
+    if spec != IMAGENET_RGB:  # the bands, value type and scale, for whoever feeds it (simmim reads it back)
+        model_config["simmim_image"] = spec.to_dict()
     if found.classes:
         model_config["label_names"] = found.classes
     with storage.writing(directory):  # a full disk or a forbidden folder: one line, the temporary folder goes

@@ -63,6 +63,10 @@ class KnnConfig(SampleLimits, LocalProcesses):
     precision: str = "auto"
     seed: int = 0  # the random encoder's weights
     json: bool = False
+    bands: list[str] | None = None  # as the training commands' (config.py)
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    image_spec: dict[str, Any] | None = None
     epoch_size: int | None = None  # not used; what the shared checks of --data read
     io_retries: int = DEFAULT_IO_RETRIES
     shard_cache: str | None = None
@@ -114,6 +118,10 @@ class EmbedConfig(SampleLimits, LocalProcesses):
     precision: str = "auto"
     seed: int = 0  # the random encoder's weights (without --pretrained)
     force: bool = False
+    bands: list[str] | None = None  # as the training commands' (config.py)
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    image_spec: dict[str, Any] | None = None
     epoch_size: int | None = None  # not used; what the shared checks of --data read
     io_retries: int = DEFAULT_IO_RETRIES
     shard_cache: str | None = None
@@ -258,6 +266,8 @@ class VisualizeConfig(SampleLimits):
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     img_size: int | None = None
     limit: int = 16
+    show_bands: str | None = None  # channels shown as RGB (or one in grey): indices or band names
+    per_band: bool = False  # also one panel per channel
     device: str = "auto"
 
     command = "visualize-recon"

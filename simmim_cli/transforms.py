@@ -1,11 +1,11 @@
-"""Image decoding and augmentation: bytes to uint8 tensors, the paper's crops, timm's classifier augmentation,
-evaluation views, and the one normalisation (ImageNet mean/std) of the toolkit.
+"""Image decoding and augmentation: photo bytes to uint8 tensors (images of other formats and bit depths are
+``image_formats.py``'s), the paper's crops on any number of channels and any value type, timm's classifier
+augmentation, evaluation views. The normalisation is ``image_spec.py``'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import math
 import re
@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms import v2 as T
 
@@ -34,28 +33,6 @@ with warnings.catch_warnings():
 # PIL warns of images over its pixel limit; ours (set to the same, --max-image-pixels) refuses them instead, in
 # open_image, so the warning would only repeat the skip line
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-
-# ImageNet statistics, the normalisation of the paper (one place for the whole toolkit)
-MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
-STD = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
-
-
-@functools.cache
-def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    # one copy per device: copying the constants from pageable memory every step would stall the GPU's queue
-    return MEAN.to(device), STD.to(device)
-
-
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, H, W) on any device → float32 normalised with the ImageNet mean/std."""
-    mean, std = _mean_std(images.device)
-    return (images.float().div_(255) - mean) / std
-
-
-def denormalize(images: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`normalize`, clamped to [0, 1]."""
-    mean, std = _mean_std(images.device)
-    return (images.float() * std + mean).clamp(0, 1)
 
 
 # ---------------------------------------------------------------------------------------------- decoding
@@ -131,8 +108,9 @@ PRETRAIN_RATIO = (3 / 4, 4 / 3)
 
 
 class PretrainTransform:
-    """The paper's augmentation (RandomResizedCrop 0.67–1, ratio 3/4–4/3, horizontal flip) of a uint8 tensor
-    from :func:`decode_tensor`, plus the sample's SimMIM mask. A class, so loader workers can be spawned."""
+    """The paper's augmentation (RandomResizedCrop 0.67–1, ratio 3/4–4/3, horizontal flip) of a (C, H, W) tensor
+    from :func:`decode_tensor` (uint8) or ``image_formats.decode_array`` (any channels; uint8 or float32, which
+    keeps 16-bit values exact), plus the sample's SimMIM mask. A class, so loader workers can be spawned."""
 
     def __init__(self, img_size: int, masks: MaskGenerator):
         self.img_size = img_size
@@ -140,7 +118,8 @@ class PretrainTransform:
 
     def __call__(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         top, left, height, width = RandomResizedCrop.get_params(image, list(PRETRAIN_SCALE), list(PRETRAIN_RATIO))
-        # antialiased bilinear on uint8: torch's vectorised kernel, several times faster than PIL's resize
+        # antialiased bilinear on uint8: torch's vectorised kernel, several times faster than PIL's resize (and on
+        # float32 for other data: no rounding of 16-bit values)
         size = [self.img_size, self.img_size]
         image = T.functional.resized_crop(image, top, left, height, width, size, antialias=True)
         if torch.rand(1).item() < 0.5:
@@ -191,9 +170,27 @@ class ClassifierTrainTransform:
         return {"image": T.functional.pil_to_tensor(self.augment(image))}
 
 
+class ArrayClassifierTrainTransform:
+    """The classifier augmentation of images that are not 8-bit RGB (any channels, full precision): timm's
+    RandomResizedCrop (bicubic) and flip on the (C, H, W) tensor; the colour operations (RandAugment, jitter) have
+    no meaning for other bands and are left out."""
+
+    def __init__(self, img_size: int, min_crop_scale: float = 0.08, hflip: float = 0.5):
+        self.crop = T.RandomResizedCrop(img_size, scale=(min_crop_scale, 1.0),
+                                        interpolation=T.InterpolationMode.BICUBIC, antialias=True)
+        self.hflip = hflip
+
+    def __call__(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        image = self.crop(image)
+        if torch.rand(1).item() < self.hflip:
+            image = image.flip(-1)
+        return {"image": image}
+
+
 class CropTransform:
     """Evaluation (and linear-probe) views: resize to ``img_size / crop_pct`` and centre-crop, or with
-    ``random=True`` a RandomResizedCrop and flip; to a uint8 tensor."""
+    ``random=True`` a RandomResizedCrop and flip; a PIL image to a uint8 tensor, a (C, H, W) tensor (images that
+    are not 8-bit RGB) to a tensor of its type."""
 
     def __init__(self, img_size: int, crop_pct: float = 0.875, random: bool = False):
         bicubic = T.InterpolationMode.BICUBIC
@@ -202,5 +199,6 @@ class CropTransform:
         else:
             self.view = T.Compose([T.Resize(int(img_size / crop_pct), interpolation=bicubic), T.CenterCrop(img_size)])
 
-    def __call__(self, image: Image.Image) -> dict[str, torch.Tensor]:
-        return {"image": T.functional.pil_to_tensor(self.view(image))}
+    def __call__(self, image: Image.Image | torch.Tensor) -> dict[str, torch.Tensor]:
+        view = self.view(image)
+        return {"image": view if torch.is_tensor(view) else T.functional.pil_to_tensor(view)}

@@ -8,9 +8,10 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from . import storage
+from .image_spec import IMAGENET_RGB, ImageSpec
 from .models import pixel_mask
-from .transforms import denormalize
 
+STRETCH = (2.0, 98.0)  # percentiles of each shown band of an image mapped to black and white (not 8-bit RGB)
 COLUMNS = ("original", "masked input", "reconstruction", "visible + reconstruction")
 MIN_TILE = 160  # small images are enlarged (nearest neighbour) so patches stay visible
 
@@ -21,15 +22,17 @@ def recon_panel(
     reconstruction: torch.Tensor,
     patch_size: int,
     captions: list[str] | None = None,
+    spec: ImageSpec = IMAGENET_RGB,
+    bands: list[int] | None = None,
 ) -> Image.Image:
-    """One row per image. ``images`` and ``reconstruction`` are normalised (B, 3, H, W); ``mask`` is the bool
-    token mask (B, H/p, W/p)."""
+    """One row per image. ``images`` and ``reconstruction`` are normalised (B, C, H, W) as ``spec`` says; ``mask``
+    is the bool token mask (B, H/p, W/p). ``bands`` are the channels shown as red, green and blue (one: grey);
+    by default the first three, or the first in grey."""
     images, reconstruction = images.detach().float().cpu(), reconstruction.detach().float().cpu()
     weight = pixel_mask(mask.detach().cpu(), patch_size).float()  # (B, 1, H, W), 1 = masked
-    original = denormalize(images)
+    original, predicted = display_values(spec.values(images), spec.values(reconstruction), spec, bands)
     grey = torch.full_like(original, 0.5)
     masked_input = original * (1 - weight) + grey * weight
-    predicted = denormalize(reconstruction)
     pasted = original * (1 - weight) + predicted * weight
     rows = torch.stack([original, masked_input, predicted, pasted], dim=1)  # (B, 4, 3, H, W)
 
@@ -51,6 +54,41 @@ def recon_panel(
         if captions:
             draw.text((gap, top + tile_h + 2), captions[row], fill="black", font=font)
     return panel
+
+
+def display_values(original: torch.Tensor, predicted: torch.Tensor, spec: ImageSpec,
+                   bands: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images and their reconstructions (B, C, H, W, in ``spec.values`` units) → (B, 3, H, W) in [0, 1] to show:
+    8-bit RGB photos as they are; other data as a band triple (or one band in grey), each band of an image
+    stretched from its 2nd to its 98th percentile, the reconstruction with the original's stretch."""
+    channels = original.shape[1]
+    if bands is None and spec.scale == 255.0 and channels == 3:  # ImageNet-normalised 8-bit RGB: values in [0, 1]
+        return original.clamp(0, 1), predicted.clamp(0, 1)
+    bands = bands if bands is not None else ([0, 1, 2] if channels >= 3 else [0])
+    original, predicted = original[:, bands], predicted[:, bands]
+    flat = original.flatten(2)
+    low = torch.quantile(flat, STRETCH[0] / 100, dim=2)[..., None, None]
+    high = torch.quantile(flat, STRETCH[1] / 100, dim=2)[..., None, None]
+    span = (high - low).clamp(min=1e-12)
+    original, predicted = ((original - low) / span).clamp(0, 1), ((predicted - low) / span).clamp(0, 1)
+    if len(bands) == 1:
+        original, predicted = original.expand(-1, 3, -1, -1), predicted.expand(-1, 3, -1, -1)
+    return original, predicted
+
+
+def picture_of(data: bytes) -> Image.Image:
+    """Any image file's bytes as an RGB picture to look at: a photo as it is; TIFF, DICOM, .npy and 16-bit PNG as
+    the first three bands (or the first in grey), stretched as the previews are. Raises what the readers raise
+    for a file that does not decode."""
+    from .image_formats import read_array, sniff
+
+    if sniff(data) == "photo":
+        from .transforms import decode_image
+
+        return decode_image(data)
+    values = torch.from_numpy(read_array(data).array.astype("float32"))[None]
+    shown, _ = display_values(values, values, ImageSpec(scale=1.0))
+    return Image.fromarray((shown[0].permute(1, 2, 0).numpy() * 255 + 0.5).astype("uint8"))
 
 
 def save_png(image: Image.Image, path: Path) -> None:

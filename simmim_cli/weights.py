@@ -48,7 +48,8 @@ def read_weights(path: str | Path) -> Weights:
         found = hf.read_folder(path)
         return Weights(encoder=found.encoder, source=f"Hugging Face {found.architecture}", path=Path(str(path)),
                        decoder=found.decoder, mask_token=found.mask_token, classes=found.classes, notes=found.notes,
-                       config={"model": found.model, "model_kwargs": found.model_kwargs, "img_size": found.img_size})
+                       config={"model": found.model, "model_kwargs": found.model_kwargs, "img_size": found.img_size,
+                               "image_spec": found.image_spec})
     path = Path(path)
     if path.is_dir():
         raise SimmimError(f"{path} is a folder without config.json; give a checkpoint file, or a folder written by "
@@ -94,7 +95,8 @@ def infer_architecture(encoder: dict[str, torch.Tensor]) -> tuple[str, dict[str,
     if "patch_embed.proj.weight" not in encoder:
         raise SimmimError("cannot tell the architecture of these weights (no patch_embed.proj.weight); "
                           "give --model and --model-kwargs")
-    embed_dim, _, patch, _ = encoder["patch_embed.proj.weight"].shape
+    embed_dim, channels, patch, _ = encoder["patch_embed.proj.weight"].shape
+    extra = {"in_chans": channels} if channels != 3 else {}
     if any(k.startswith("layers.") for k in encoder):
         stages = sorted({int(k.split(".")[1]) for k in encoder if k.startswith("layers.")})
         depths = [len({k.split(".")[3] for k in encoder if k.startswith(f"layers.{s}.blocks.")}) for s in stages]
@@ -104,7 +106,7 @@ def infer_architecture(encoder: dict[str, torch.Tensor]) -> tuple[str, dict[str,
                               "--model-kwargs")
         window = (math.isqrt(tables[0].shape[0]) + 1) // 2
         kwargs = {"embed_dim": embed_dim, "depths": depths, "num_heads": [t.shape[1] for t in tables],
-                  "window_size": window, "patch_size": patch}
+                  "window_size": window, "patch_size": patch, **extra}
         return "swin_base_patch4_window7_224", kwargs, None
     depth = len({k.split(".")[1] for k in encoder if k.startswith("blocks.")})
     mlp_ratio = encoder["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim
@@ -117,14 +119,14 @@ def infer_architecture(encoder: dict[str, torch.Tensor]) -> tuple[str, dict[str,
         kwargs = {"embed_dim": embed_dim, "depth": depth, "num_heads": heads, "patch_size": patch,
                   "mlp_ratio": mlp_ratio, "use_abs_pos_emb": "pos_embed" in encoder,
                   "use_shared_rel_pos_bias": shared is not None, "use_rel_pos_bias": block is not None,
-                  "init_values": 0.1 if "blocks.0.gamma_1" in encoder else None}
+                  "init_values": 0.1 if "blocks.0.gamma_1" in encoder else None, **extra}
         img_size = None
         if table is not None:
             grid = (math.isqrt(table.shape[0] - 3) + 1) // 2
             img_size = grid * patch
         return "beit_base_patch16_224", kwargs, img_size
     kwargs = {"embed_dim": embed_dim, "depth": depth, "num_heads": max(1, embed_dim // 64), "patch_size": patch,
-              "mlp_ratio": mlp_ratio, "class_token": "cls_token" in encoder}
+              "mlp_ratio": mlp_ratio, "class_token": "cls_token" in encoder, **extra}
     img_size = None
     if "pos_embed" in encoder:
         tokens = encoder["pos_embed"].shape[1] - (1 if "cls_token" in encoder else 0)
@@ -182,6 +184,7 @@ def adapt_state(encoder: dict[str, torch.Tensor], model: nn.Module) -> tuple[dic
             and "fc_norm.weight" not in state:
         state["fc_norm.weight"], state["fc_norm.bias"] = state.pop("norm.weight"), state.pop("norm.bias")
         notes.append("the final norm initialises the pooled-feature norm (fc_norm)")
+    _adapt_input_channels(state, model, notes)
     family = model_family(model.pretrained_cfg["architecture"])
     filters = {"vit": vit.checkpoint_filter_fn, "beit": beit.checkpoint_filter_fn,
                "swin": swin.checkpoint_filter_fn, "swinv2": swinv2.checkpoint_filter_fn}
@@ -193,6 +196,25 @@ def adapt_state(encoder: dict[str, torch.Tensor], model: nn.Module) -> tuple[dic
     if resized:
         notes.append(f"resized {len(resized)} tensor(s) to the model's size ({resized[0]}, ...)")
     return state, notes
+
+
+def _adapt_input_channels(state: dict[str, torch.Tensor], model: nn.Module, notes: list[str]) -> None:
+    """RGB weights (official, timm, Hugging Face) into an encoder of other channels: the patch embedding adapted
+    as timm adapts it when it loads pretrained weights with another ``in_chans`` (the RGB filters summed for one
+    channel, repeated and rescaled for more)."""
+    from timm.models import adapt_input_conv
+
+    key = "patch_embed.proj.weight"
+    weight = state.get(key)
+    wanted = model.patch_embed.proj.in_channels
+    if weight is None or weight.ndim != 4 or weight.shape[1] == wanted:
+        return
+    if weight.shape[1] != 3:
+        raise SimmimError(f"these weights take {weight.shape[1]} input channels and the data has {wanted}; "
+                          f"pick {weight.shape[1]} bands with --bands, or start from weights of {wanted} channels (or "
+                          "RGB weights, which are adapted)")
+    state[key] = adapt_input_conv(wanted, weight)
+    notes.append(f"adapted the 3-channel patch embedding to {wanted} channels (timm's adapt_input_conv)")
 
 
 def load_encoder(model: nn.Module, weights: Weights, allow_missing: bool = False) -> LoadReport:

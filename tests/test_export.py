@@ -16,11 +16,12 @@ from simmim_cli import checkpoints
 from simmim_cli.cli import app
 from simmim_cli.commands.predict import predict
 from simmim_cli.config import FinetuneConfig
+from simmim_cli.image_spec import IMAGENET_RGB
 from simmim_cli.inference import load_classifier
 from simmim_cli.models import build_simmim, make_classifier
 from simmim_cli.tasks import save_model_file
 from simmim_cli.tool_configs import PredictConfig
-from simmim_cli.transforms import CropTransform, decode_image, normalize
+from simmim_cli.transforms import CropTransform, decode_image
 from simmim_cli.visualize import MIN_TILE
 from simmim_cli.weights import load_simmim
 
@@ -226,7 +227,7 @@ def test_a_pretrain_checkpoint_is_not_a_classifier(pretrain_checkpoint, tmp_path
 def torch_top1(checkpoint: Path, paths: list[Path]) -> list[str]:
     model, config, classes = load_classifier(checkpoint)
     view = CropTransform(config.img_size, config.crop_pct)
-    batch = normalize(torch.stack([view(decode_image(p.read_bytes()))["image"] for p in paths]))
+    batch = IMAGENET_RGB.normalize(torch.stack([view(decode_image(p.read_bytes()))["image"] for p in paths]))
     with torch.no_grad():
         return [classes[i] for i in model(batch).argmax(1).tolist()]
 

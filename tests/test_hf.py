@@ -14,9 +14,9 @@ from test_timm_hub import pretrain_checkpoint
 from typer.testing import CliRunner
 
 from simmim_cli.cli import app
+from simmim_cli.image_spec import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from simmim_cli.inference import load_classifier
 from simmim_cli.models import create_backbone
-from simmim_cli.transforms import MEAN, STD
 from simmim_cli.weights import architecture_of, load_encoder, load_simmim, read_weights
 
 transformers = pytest.importorskip("transformers")  # the test extra installs it (simmim-cli[hf])
@@ -121,8 +121,8 @@ def test_export_hf_writes_what_transformers_loads_strictly_with_our_outputs(tmp_
     assert abs(float(loss) - float(expected.loss)) < 1e-4
     processor = json.loads((tmp_path / "mim" / "preprocessor_config.json").read_text())
     assert processor["size"] == {"height": size, "width": size}
-    assert processor["image_mean"] == pytest.approx(MEAN.flatten().tolist())
-    assert processor["image_std"] == pytest.approx(STD.flatten().tolist())
+    assert processor["image_mean"] == pytest.approx(IMAGENET_DEFAULT_MEAN)
+    assert processor["image_std"] == pytest.approx(IMAGENET_DEFAULT_STD)
 
     checkpoint = classifier_checkpoint(tmp_path, family)
     ok(runner.invoke(app, ["export", "--checkpoint", str(checkpoint), "--hf", str(tmp_path / "cls")]))

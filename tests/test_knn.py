@@ -54,10 +54,11 @@ def supervised_encoder(path: Path, count: int, epochs: int = 16) -> Path:
     PyTorch, saved as a timm state dict."""
     import timm
 
-    from simmim_cli.transforms import normalize
+    from simmim_cli.image_spec import IMAGENET_RGB
 
-    images = normalize(torch.stack([torch.tensor(np.array(image.convert("L").convert("RGB"))).permute(2, 0, 1)
-                                    for image in digit_images(count, SIZE)]))
+    images = IMAGENET_RGB.normalize(torch.stack([
+        torch.tensor(np.array(image.convert("L").convert("RGB"))).permute(2, 0, 1)
+        for image in digit_images(count, SIZE)]))
     labels = torch.tensor(digit_labels(count))
     torch.manual_seed(0)
     model = timm.create_model(VIT_NAME, img_size=SIZE, num_classes=10, **VIT_KWARGS)

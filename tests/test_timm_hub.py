@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 
 from simmim_cli import checkpoints
 from simmim_cli.cli import app
+from simmim_cli.image_spec import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from simmim_cli.inference import load_classifier
 from simmim_cli.models import build_simmim
-from simmim_cli.transforms import MEAN, STD
 
 runner = CliRunner()
 
@@ -68,8 +68,8 @@ def test_a_pretrain_encoder_loads_in_timm_with_the_checkpoints_tensors(tmp_path,
     assert {k: config["model_args"][k] for k in kwargs} == kwargs
     pretrained_cfg = config["pretrained_cfg"]
     assert pretrained_cfg["input_size"] == [3, size, size] and pretrained_cfg["num_classes"] == 0
-    assert pretrained_cfg["mean"] == pytest.approx(MEAN.flatten().tolist())
-    assert pretrained_cfg["std"] == pytest.approx(STD.flatten().tolist())
+    assert pretrained_cfg["mean"] == pytest.approx(IMAGENET_DEFAULT_MEAN)
+    assert pretrained_cfg["std"] == pytest.approx(IMAGENET_DEFAULT_STD)
     assert "license" not in pretrained_cfg
     for model in load_both_ways(tmp_path / "out"):
         assert_holds_exactly(model, encoder)

@@ -13,6 +13,7 @@ from ..options import (
     KN,
     MODEL,
     AllowMissing,
+    Bands,
     ClassifierImgSize,
     ClassifierModel,
     CropPct,
@@ -22,11 +23,13 @@ from ..options import (
     MasterPort,
     MaxImagePixels,
     MaxSampleMb,
+    Mean,
     ModelKwargs,
     Nproc,
     Precision,
     ShardCache,
     ShardCacheSize,
+    Std,
     Workers,
 )
 from ..redact import terminal
@@ -123,6 +126,13 @@ def visualize_recon(
     img_size: Annotated[int | None, typer.Option(help="Input size \\[default: the checkpoint's].",
                                                  show_default=False)] = None,
     limit: Annotated[int, typer.Option(help="At most this many images in the panel.")] = 16,
+    show_bands: Annotated[str | None, typer.Option(
+        help="The model's channels shown as red, green and blue (or one, in grey), 0-based indices or band names, "
+             "each stretched from its 2nd to its 98th percentile [default: 8-bit RGB as it is; other data: the "
+             "first three channels, or the first in grey].", show_default=False)] = None,
+    per_band: Annotated[bool, typer.Option(
+        "--per-band", help="Also write one panel per channel, in grey: OUTPUT-band0.png, OUTPUT-band1.png, ...")
+    ] = False,
     device: Device = "auto",
     max_sample_mb: MaxSampleMb = EV.max_sample_mb,
     max_image_pixels: MaxImagePixels = EV.max_image_pixels,
@@ -137,7 +147,9 @@ def visualize_recon(
         typer.echo(terminal(f"warning: skipped unreadable {line}"), err=True)
     losses = result["losses"]
     typer.echo(f"wrote {result['output']} ({len(losses)} image(s), mean masked L1 {sum(losses) / len(losses):.4f})"
-               + (f" and {result['arrays']}" if result["arrays"] else ""))
+               + (f" and {result['arrays']}" if result["arrays"] else "")
+               + (f"; one panel per band: {', '.join(map(str, result['band_panels']))}" if result["band_panels"]
+                  else ""))
 
 
 KNN_EPILOG = (
@@ -160,6 +172,9 @@ def knn(
         help="Labelled shards to classify (same class list as --data).", rich_help_panel=DATA,
         show_default=False)] = None,
     crop_pct: CropPct = KN.crop_pct,
+    bands: Bands = None,
+    mean: Mean = None,
+    std: Std = None,
     cache_features: Annotated[bool, typer.Option(
         help="Keep the features on disk and reuse them when encoder, layer, pooling and data match (also "
              "linear-probe's): try other --k and --temperature for free.", rich_help_panel=DATA)] = KN.cache_features,

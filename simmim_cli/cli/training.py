@@ -22,6 +22,7 @@ from ..options import (
     MODEL,
     OPTIM,
     AllowMissing,
+    Bands,
     BaseLr,
     BatchSize,
     Bf16GradReduce,
@@ -55,6 +56,7 @@ from ..options import (
     MaxImagePixels,
     MaxSampleMb,
     MaxSteps,
+    Mean,
     MinLr,
     Model,
     ModelKwargs,
@@ -72,6 +74,7 @@ from ..options import (
     Seed,
     ShardCache,
     ShardCacheSize,
+    Std,
     ValData,
     WarmupEpochs,
     WarmupLr,
@@ -101,11 +104,17 @@ def make_shards(
     workers: Annotated[int | None, typer.Option(
         help="Processes reading and checking the images [default: the cores]; the output is the same for any "
              "number.", show_default=False)] = None,
+    stats_images: Annotated[int | None, typer.Option(
+        help="Measure the per-channel mean and std of images that are not 8-bit photos (TIFF, DICOM, .npy, 16-bit "
+             "PNG) over this many of them, drawn with --seed, instead of over all [default: all].",
+        show_default=False)] = None,
     io_retries: IoRetries = D.io_retries,
     max_sample_mb: MaxSampleMb = D.max_sample_mb,
     max_image_pixels: MaxImagePixels = D.max_image_pixels,
 ) -> None:
-    """Write WebDataset tar shards from a folder of images (JPEG bytes kept as they are, others stored losslessly)."""
+    """Write WebDataset tar shards from a folder of images: the original bytes of JPEG, PNG, WebP, TIFF/GeoTIFF,
+    DICOM and .npy files, other 8-bit pictures as lossless PNG; _info.json records the images' channels, type and,
+    beyond 8-bit photos, their per-channel statistics."""
     from rich.console import Console
     from rich.progress import Progress
 
@@ -115,6 +124,8 @@ def make_shards(
     if maxcount < 1 or max_size <= 0:
         raise SimmimError("--maxcount must be at least 1 and --max-size above 0")
     limits.check_processes("--workers", workers, minimum=1)
+    if stats_images is not None and stats_images < 1:
+        raise SimmimError(f"--stats-images must be at least 1, got {stats_images}")
     remote.configure(io_retries)
     limits.check_settings(max_sample_mb, max_image_pixels)
     limits.configure(int(max_sample_mb * 2**20), int(max_image_pixels))
@@ -125,7 +136,7 @@ def make_shards(
         task = progress.add_task("writing shards", total=None)
         info = write(
             source, maxcount=maxcount, max_size_mb=max_size, shuffle=shuffle, seed=seed, split=split,
-            force=force, workers=workers or limits.usable_cores(),
+            force=force, workers=workers or limits.usable_cores(), stats_images=stats_images,
             on_progress=lambda done, total: progress.update(task, completed=done, total=total),
             on_skip=lambda path, reason: console.print(terminal(f"warning: skipped unreadable {path}: {reason}"),
                                                        markup=False, highlight=False),
@@ -135,6 +146,12 @@ def make_shards(
     skipped = f"; skipped {len(info['skipped'])} unreadable file(s)" if info["skipped"] else ""
     typer.echo(f"wrote {entry['num_samples']} samples in {len(entry['filenames'])} shard(s) to {output}"
                f"{classes}{skipped}")
+    images = info.get("images") or {}
+    if images.get("mean"):  # what the training commands normalise with (image_spec.py)
+        names = f" ({', '.join(images['band_names'])})" if images.get("band_names") else ""
+        mean, std = (", ".join(f"{v:.6g}" for v in images[key]) for key in ("mean", "std"))
+        typer.echo(f"images: {images['channels']} channel(s) of {images['dtype']}{names}; per-channel mean {mean}, "
+                   f"std {std} over {images['statistics']['images']} image(s)")
 
 
 PRETRAIN_EPILOG = (
@@ -174,6 +191,9 @@ def pretrain(
     decode: Decode = D.decode,
     max_sample_mb: MaxSampleMb = D.max_sample_mb,
     max_image_pixels: MaxImagePixels = D.max_image_pixels,
+    bands: Bands = None,
+    mean: Mean = None,
+    std: Std = None,
     model: Model = D.model,
     model_kwargs: ModelKwargs = None,
     img_size: ImgSize = D.img_size,
@@ -247,6 +267,9 @@ def finetune(
     decode: Decode = FT.decode,
     max_sample_mb: MaxSampleMb = FT.max_sample_mb,
     max_image_pixels: MaxImagePixels = FT.max_image_pixels,
+    bands: Bands = None,
+    mean: Mean = None,
+    std: Std = None,
     auto_augment: Annotated[str | None, typer.Option(
         help="timm RandAugment policy; 'none' turns it off.", rich_help_panel=DATA)] = FT.auto_augment,
     color_jitter: Annotated[float, typer.Option(help="Colour jitter (used when RandAugment is off).",
@@ -354,6 +377,9 @@ def linear_probe(
     decode: Decode = LP.decode,
     max_sample_mb: MaxSampleMb = LP.max_sample_mb,
     max_image_pixels: MaxImagePixels = LP.max_image_pixels,
+    bands: Bands = None,
+    mean: Mean = None,
+    std: Std = None,
     crop_pct: CropPct = LP.crop_pct,
     cache_features: Annotated[bool, typer.Option(
         help="Extract features once (centre crops, no augmentation) and train on them: fast repeated probes.",

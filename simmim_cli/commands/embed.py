@@ -24,11 +24,12 @@ from .. import __version__, distributed, remote, storage
 from ..embeddings import merge_parts, public_url, require_pyarrow, write_part
 from ..errors import SimmimError
 from ..features import embedding_model, feature_batches, weights_stamp
+from ..image_spec import ImageSpec
 from ..pipeline import EvalStream
 from ..precision import resolve_precision
 from ..shards import ShardSet, resolve_shards
 from ..tool_configs import EmbedConfig, KnnConfig
-from ..transforms import MEAN, STD, CropTransform
+from ..transforms import CropTransform
 from .classifier import resolve_architecture
 from .training import prepare_data
 
@@ -72,8 +73,10 @@ def embed(config: EmbedConfig) -> dict[str, Any]:
         exported = read_metadata(Path(config.pretrained))
         config.img_size = exported.get("img_size")
         config.crop_pct = config.crop_pct or exported.get("crop_pct", 1.0)
+        config.image_spec = exported.get("image")  # the channels and normalisation it was exported with
     else:
-        resolve_architecture(config, 1, keep_pretrain_architecture=True)  # fits the weights on the meta device
+        # fits the weights on the meta device; the channels and normalisation from the data, as knn takes them
+        resolve_architecture(config, 1, True, resolve_shards(config.data).images)
         config.crop_pct = config.crop_pct or KnnConfig.crop_pct
     storage.check_writable(output.absolute().parent)
     if not distributed.needs_launch(config):
@@ -84,6 +87,7 @@ def embed(config: EmbedConfig) -> dict[str, Any]:
 
 def describe(config: EmbedConfig, shards: ShardSet) -> dict[str, Any]:
     """What made the embeddings, for the file's metadata and for telling whether a run may be continued."""
+    spec = ImageSpec.from_dict(config.image_spec)
     source = public_url(str(config.pretrained)) if config.pretrained else None
     stamp = weights_stamp(config.pretrained) if config.pretrained else None
     model = {"name": config.model, "kwargs": config.model_kwargs, "pretrained": source, "weights": stamp,
@@ -92,10 +96,9 @@ def describe(config: EmbedConfig, shards: ShardSet) -> dict[str, Any]:
         "model": model,
         "layer": None if config.onnx else config.layer,
         "pool": None if config.onnx else config.pool,
-        "preprocessing": {"img_size": config.img_size, "crop_pct": config.crop_pct, "channels": 3,
+        "preprocessing": {"img_size": config.img_size, "crop_pct": config.crop_pct,
                           "resize": "bicubic to img_size / crop_pct, then a centre crop",
-                          "mean": MEAN.flatten().tolist(), "std": STD.flatten().tolist(),
-                          "precision": config.precision},
+                          "image": spec.to_dict(), "precision": config.precision},
         "data": public_url(str(config.data)),
         "num_shards": len(shards.urls),
         "classes": shards.classes,
@@ -178,9 +181,10 @@ def _embed_shards(features_of, dim: int, device, precision: str, config: EmbedCo
     lengths = [shards.shard_lengths[i] for i in mine] if known else []
     subset = ShardSet(urls=urls, num_samples=sum(lengths), classes=shards.classes, shard_lengths=lengths)
     # each loader worker reads whole shards (at most one worker per shard), so it knows when one is done
+    spec = ImageSpec.from_dict(config.image_spec)
     stream = EvalStream(subset, CropTransform(config.img_size, config.crop_pct), config.batch_size,
                         workers=min(config.workers, len(urls)), labels=shards.classes is not None,
-                        num_classes=shards.num_classes, names=True)
+                        num_classes=shards.num_classes, names=True, decode=spec.image_decoder())
     index_of = dict(zip(urls, mine, strict=True))
     pending: dict[str, tuple[list[str], list[str | None], list[np.ndarray]]] = defaultdict(lambda: ([], [], []))
     classes = shards.classes or []
@@ -189,7 +193,7 @@ def _embed_shards(features_of, dim: int, device, precision: str, config: EmbedCo
 
     with Progress(disable=not (show_progress and sys.stdout.isatty())) as progress:
         task = progress.add_task("embedding", total=sum(lengths) or None)
-        for features, batch in feature_batches(features_of, stream, device, precision):
+        for features, batch in feature_batches(features_of, stream, device, precision, spec):
             skipped += batch["skipped"]
             vectors = features.numpy()
             for row, (key, url, label) in enumerate(zip(batch["key"], batch["source"], batch["label"].tolist(),

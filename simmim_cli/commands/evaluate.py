@@ -13,9 +13,11 @@ from .. import dali, distributed
 from ..data_sources import labelled_source
 from ..errors import SimmimError
 from ..evaluation import evaluate_classifier, image_logits
+from ..image_spec import ImageSpec, check_gpu_decode
 from ..inference import load_classifier, newest_classifier
 from ..pipeline import EvalStream, make_loader
 from ..precision import autocast, resolve_precision
+from ..shards import ShardSet
 from ..tool_configs import EvaluateConfig
 from ..transforms import CropTransform
 
@@ -62,15 +64,20 @@ def _evaluate_process(config: EvaluateConfig) -> dict[str, Any]:
                 raise SimmimError(f"{config.checkpoint} has no class names in its metadata; export it with "
                                   "simmim export")
             classes, img_size, crop_pct = model.classes, model.img_size, config.crop_pct or model.crop_pct
+            spec = model.spec
             # onnxruntime places the work itself; on a GPU provider, batches on the GPU are bound in place
             device, precision = torch.device("cuda" if model.on_gpu else "cpu"), "fp32"
         else:
             model, train_config, classes = load_classifier(config.checkpoint)
             img_size, crop_pct = train_config.img_size, config.crop_pct or train_config.crop_pct
+            spec = ImageSpec.from_dict(train_config.image_spec)
             device = context.device
             model.to(device)
             precision = resolve_precision(config.precision, device)
         source, count = _labelled_data(config.data, classes)
+        if isinstance(source, ShardSet):  # a folder's images are read as the model's (a bad one is skipped)
+            spec = spec.for_data(source.images)
+        check_gpu_decode(spec, config.decode)
         if config.decode == "gpu":
             stream = dali.DaliEvalStream(source, dali.eval_view(img_size, crop_pct), config.batch_size,
                                          device if device.type == "cuda" else torch.device("cuda"),
@@ -78,7 +85,7 @@ def _evaluate_process(config: EvaluateConfig) -> dict[str, Any]:
         else:
             stream = EvalStream(source, CropTransform(img_size, crop_pct), config.batch_size,
                                 workers=config.workers, rank=context.rank, world_size=context.world_size,
-                                num_classes=len(classes))
+                                num_classes=len(classes), decode=spec.image_decoder())
         from rich.progress import Progress
 
         with Progress(disable=not (sys.stdout.isatty() and context.is_main)) as progress:
@@ -89,7 +96,7 @@ def _evaluate_process(config: EvaluateConfig) -> dict[str, Any]:
                     progress.advance(task, batch["label"].numel() + len(batch["skipped"]))
                     yield batch
 
-            result = evaluate_classifier(image_logits(model, lambda: autocast(precision, device)), batches(),
+            result = evaluate_classifier(image_logits(model, lambda: autocast(precision, device), spec), batches(),
                                          len(classes), device, with_confusion=True)
         paths = write_report(Path(config.output), result, classes, str(config.checkpoint)) if context.is_main else {}
         return {**result, "paths": paths, "classes": classes, "checkpoint": config.checkpoint}

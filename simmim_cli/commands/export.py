@@ -12,6 +12,7 @@ import torch
 from .. import checkpoints, storage
 from ..errors import SimmimError
 from ..export import example_inputs, exportable, set_metadata, to_fp16, to_int8, to_onnx, verification_images, verify
+from ..image_spec import IMAGENET_RGB, ImageSpec
 from ..inference import newest_classifier
 from ..tool_configs import ExportConfig
 
@@ -76,6 +77,7 @@ def export_hf(config: ExportConfig) -> dict[str, Any]:
     directory = Path(config.hf)
     check_target(directory, config.force, "--hf", HF_FILES)  # before loading anything
     weights = read_weights(config.checkpoint)
+    spec = ImageSpec.from_dict((weights.config or {}).get("image_spec"))
     if weights.kind == "linear-probe":
         raise SimmimError("a linear probe's head (BatchNorm + linear on frozen features) has no transformers class; "
                           "export its encoder with --timm DIR, or fine-tune it and export that")
@@ -93,8 +95,8 @@ def export_hf(config: ExportConfig) -> dict[str, Any]:
     tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        write_files(found, tmp, crop_pct, config.checkpoint)
-        difference = check_hf_folder(tmp, found.what, ours, config.tolerance)
+        write_files(found, tmp, crop_pct, config.checkpoint, spec)
+        difference = check_hf_folder(tmp, found.what, ours, config.tolerance, spec)
         directory.parent.mkdir(parents=True, exist_ok=True)
         storage.move_into_place(tmp, directory, HF_FILES)
     finally:
@@ -107,7 +109,8 @@ def export_hf(config: ExportConfig) -> dict[str, Any]:
     return result
 
 
-def check_hf_folder(folder: Path, what: str, ours: torch.nn.Module, tolerance: float) -> float:
+def check_hf_folder(folder: Path, what: str, ours: torch.nn.Module, tolerance: float,
+                    spec: ImageSpec = IMAGENET_RGB) -> float:
     """Loads ``folder`` with transformers' Auto class, strictly, and returns the largest difference between its
     outputs (reconstruction or logits) and ours on the check photos; a SimmimError above ``tolerance``."""
     import transformers
@@ -131,7 +134,7 @@ def check_hf_folder(folder: Path, what: str, ours: torch.nn.Module, tolerance: f
                           "written; export with --timm DIR instead and report this")
     model.eval()
     size = model.config.image_size
-    images = verification_images(size)
+    images = verification_images(size, spec=spec)
     with torch.no_grad():
         if what == "mim":
             grid = size // ours.patch_size
@@ -155,7 +158,7 @@ def export_onnx(config: ExportConfig, files: list[Path]) -> dict[str, Any]:
     for target in targets:
         if target.exists() and not config.force:
             raise SimmimError(f"{target} exists; pass --force to replace it or choose another --output")
-    images = verification_images(metadata["img_size"])
+    images = verification_images(metadata["img_size"], spec=ImageSpec.from_dict(metadata["image"]))
     inputs = example_inputs(module, what, metadata["img_size"], images)
     report: dict[str, Any] = {"what": what, "files": files, "metadata": metadata}
     if config.onnx:
@@ -179,7 +182,8 @@ def export_onnx(config: ExportConfig, files: list[Path]) -> dict[str, Any]:
 def _write_onnx(config: ExportConfig, module: torch.nn.Module, what: str, metadata: dict[str, Any],
                 inputs: tuple[torch.Tensor, ...], tmp: Path, report: dict[str, Any]) -> None:
     """The ONNX file at ``tmp``: exported, converted to the precision asked for, verified."""
-    report["exporter"] = to_onnx(module, example_inputs(module, what, metadata["img_size"]), what, tmp,
+    report["exporter"] = to_onnx(module, example_inputs(module, what, metadata["img_size"],
+                                                        channels=metadata["channels"]), what, tmp,
                                  config.opset, config.exporter)
     precision = "int8" if config.int8 else "fp16" if config.fp16 else "fp32"
     set_metadata(tmp, {**metadata, "opset": config.opset, "precision": precision})

@@ -8,10 +8,11 @@ from .. import dali, distributed
 from ..config import FinetuneConfig
 from ..data_sources import mixture_summary, training_shards
 from ..defaults import choose_finetune, encoder_depth
+from ..image_spec import ImageSpec
 from ..models import make_classifier, model_family
 from ..pipeline import ShardStream
 from ..tasks import FinetuneTask, Task
-from ..transforms import ClassifierTrainTransform, CropTransform
+from ..transforms import ArrayClassifierTrainTransform, ClassifierTrainTransform, CropTransform
 from ..weights import load_encoder, read_weights
 from .classifier import print_load_report, resolve_classifier, val_stream
 from .training import prepare_run, run_training
@@ -26,6 +27,10 @@ def prepare_finetune(config: FinetuneConfig) -> None:
     summary = choose_finetune(config, shards.num_samples, encoder_depth(model))
     if config.node_rank == 0:  # every node makes the same choices; node 0 reports them
         print("\n".join(filter(None, [mixture_summary(shards), summary])), flush=True)
+        spec = ImageSpec.from_dict(config.image_spec)
+        if not spec.rgb8 and (config.auto_augment or config.color_jitter):
+            print(f"note: RandAugment and colour jitter are for 8-bit RGB images; turned off for these "
+                  f"{spec.describe()} (the crops and flips stay)", flush=True)
     if config.decode == "gpu":
         dali.classifier_augment(config.img_size, config.auto_augment)  # a policy DALI has, or a one-line error
         dali.ensure_indexes(shards)
@@ -48,12 +53,16 @@ def build_finetune(config: FinetuneConfig, context: distributed.Context) -> tupl
                                   world_size=context.world_size, seed=config.seed, workers=config.workers,
                                   labels=True, num_classes=len(classes), accumulation=config.grad_accum)
     else:
-        augment = ClassifierTrainTransform(config.img_size, config.auto_augment, config.color_jitter,
-                                           config.min_crop_scale, config.hflip)
+        spec = ImageSpec.from_dict(config.image_spec)
+        if spec.rgb8:
+            augment = ClassifierTrainTransform(config.img_size, config.auto_augment, config.color_jitter,
+                                               config.min_crop_scale, config.hflip)
+        else:  # colour operations mean nothing for other bands (prepare_finetune said so)
+            augment = ArrayClassifierTrainTransform(config.img_size, config.min_crop_scale, config.hflip)
         dataset = ShardStream(shards, augment,
                               config.batch_size, workers=config.workers, rank=context.rank,
                               world_size=context.world_size, seed=config.seed, labels=True, num_classes=len(classes),
-                              accumulation=config.grad_accum)
+                              accumulation=config.grad_accum, decode=spec.image_decoder())
     val = val_stream(config, context, classes, CropTransform(config.img_size, config.crop_pct))
     return FinetuneTask(model, config, classes, val), dataset
 

@@ -11,10 +11,10 @@ import torch
 
 from ..errors import SimmimError
 from ..image_inputs import PredictStream, image_sources
+from ..image_spec import ImageSpec
 from ..inference import OnnxClassifier, load_classifier
 from ..pipeline import make_loader
 from ..tool_configs import PredictConfig
-from ..transforms import normalize
 
 
 def predict(config: PredictConfig) -> dict[str, Any]:
@@ -28,7 +28,7 @@ def predict(config: PredictConfig) -> dict[str, Any]:
         model = OnnxClassifier(path, config.provider)
         if config.provider == "auto" and model.provider == "CPUExecutionProvider":
             notes.append("note: running on the CPU (no usable CUDA provider for onnxruntime here)")
-        size, classes, crop_pct = model.img_size, model.classes, model.crop_pct
+        size, classes, crop_pct, spec = model.img_size, model.classes, model.crop_pct, model.spec
         if config.img_size and config.img_size != size:
             raise SimmimError(f"{path} takes {size}×{size} images, not --img-size {config.img_size}; drop "
                               f"--img-size or export the model at {config.img_size}")
@@ -41,9 +41,10 @@ def predict(config: PredictConfig) -> dict[str, Any]:
         device = pick_device({"auto": "auto", "cuda": "cuda", "cpu": "cpu"}.get(config.provider, "auto"))
         model.to(device)
         size, crop_pct = config.img_size or train_config.img_size, train_config.crop_pct
+        spec = ImageSpec.from_dict(train_config.image_spec)
         runtime = f"PyTorch ({device})"
     stream = PredictStream(image_sources(config.images), size, crop_pct, config.batch_size, config.workers,
-                           config.limit)
+                           config.limit, spec)
     skipped: list[str] = []
     results = []
     started, counted = time.perf_counter(), 0
@@ -53,7 +54,7 @@ def predict(config: PredictConfig) -> dict[str, Any]:
         if not batch["name"]:
             continue
         with torch.no_grad():
-            logits = model(normalize(batch["image"].to(device))).double().cpu().numpy()
+            logits = model(spec.normalize(batch["image"].to(device))).double().cpu().numpy()
         probs = np.exp(logits - logits.max(1, keepdims=True))
         probs /= probs.sum(1, keepdims=True)
         k = min(config.top_k, probs.shape[1])

@@ -9,6 +9,7 @@ from .. import dali, distributed
 from ..config import LinearProbeConfig
 from ..data_sources import mixture_summary, training_shards
 from ..features import cached_features
+from ..image_spec import ImageSpec
 from ..models import make_classifier
 from ..pipeline import ShardStream, TensorStream
 from ..tasks import LinearProbeTask, Task
@@ -61,7 +62,8 @@ def build_linear_probe(config: LinearProbeConfig, context: distributed.Context) 
         dataset = ShardStream(shards, CropTransform(config.img_size, random=True), config.batch_size,
                               workers=config.workers, rank=context.rank, world_size=context.world_size,
                               seed=config.seed, labels=True, num_classes=len(classes),
-                              accumulation=config.grad_accum)
+                              accumulation=config.grad_accum,
+                              decode=ImageSpec.from_dict(config.image_spec).image_decoder())
         val = val_stream(config, context, classes, CropTransform(config.img_size, config.crop_pct))
     return LinearProbeTask(model, config, classes, val), dataset
 

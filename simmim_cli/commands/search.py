@@ -13,6 +13,7 @@ from .. import distributed
 from ..embeddings import Embeddings, read_embeddings, read_images
 from ..errors import SimmimError
 from ..features import embedding_model, weights_stamp
+from ..image_spec import ImageSpec
 from ..neighbours import duplicate_groups, nearest, outliers, use_faiss
 from ..tool_configs import EmbedConfig, SearchConfig
 
@@ -102,7 +103,7 @@ def embedding_config(metadata: dict[str, Any], device: str = "auto") -> EmbedCon
                        layer=-1 if metadata.get("layer") is None else metadata["layer"],
                        pool=metadata.get("pool") or "mean", crop_pct=preprocessing["crop_pct"],
                        seed=model.get("seed") or 0, precision=preprocessing.get("precision", "auto"), device=device,
-                       workers=0)
+                       workers=0, image_spec=preprocessing.get("image"))
 
 
 def embed_files(paths: list[Path], metadata: dict[str, Any], device: torch.device) -> torch.Tensor:
@@ -112,10 +113,11 @@ def embed_files(paths: list[Path], metadata: dict[str, Any], device: torch.devic
 
     config = embedding_config(metadata, device.type)
     features_of, _, device, precision = embedding_model(config, device)
+    spec = ImageSpec.from_dict(config.image_spec)
     stream = PredictStream(image_sources([str(p) for p in paths]), config.img_size, config.crop_pct,
-                           batch_size=64)
+                           batch_size=64, spec=spec)
     vectors = []
-    for features, batch in feature_batches(features_of, stream, device, precision):
+    for features, batch in feature_batches(features_of, stream, device, precision, spec):
         for line in batch["skipped"]:
             raise SimmimError(f"query image {line}; give an image file PIL reads")
         vectors.append(features)
@@ -126,8 +128,7 @@ def _write_sheet(path: Path, embeddings: Embeddings, results: list[dict[str, Any
                  files: dict[str, Path]) -> None:
     from PIL import Image
 
-    from ..transforms import decode_image
-    from ..visualize import contact_sheet, save_png
+    from ..visualize import contact_sheet, picture_of, save_png
 
     wanted = [(n["source"], n["key"]) for result in results for n in result["neighbours"]]
     wanted += [(embeddings.sources[row], embeddings.keys[row]) for row in own_rows if row >= 0]
@@ -135,7 +136,7 @@ def _write_sheet(path: Path, embeddings: Embeddings, results: list[dict[str, Any
 
     def picture(data: bytes | None) -> Image.Image | None:
         try:
-            return decode_image(data) if data is not None else None
+            return picture_of(data) if data is not None else None
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             return None
 
