@@ -23,6 +23,7 @@ from .epoch_order import Mixture, Source
 from .errors import SimmimError
 from .image_spec import PHOTO_RECORD
 from .mixture import SourceSpec
+from .redact import redact
 from .shards import INFO_FILE, ShardSet, find_images, read_info, resolve_shards, write_info, write_shards
 
 CACHE_SUFFIX = ".simmim-shards"  # FOLDER's shards are kept in FOLDER.simmim-shards/, next to it
@@ -276,5 +277,5 @@ def mixture_summary(shards: ShardSet) -> str | None:
         share = source.per_epoch / mix.epoch_samples
         lines.append(f"  {source.name:<{width}}  {source.per_epoch:>9,} per epoch ({share:.1%}), "
                      f"{source.per_epoch / source.samples:.3g}× its {source.samples:,} samples ({spec.share()}): "
-                     f"{remote.shown(spec.path)}")
+                     f"{redact(spec.path)}")
     return "\n".join(lines)

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from .errors import SimmimError
-from .remote import shown
+from .redact import redact
 
 KINDS = ("proportion", "passes", "samples")
 SEPARATOR = "::"  # never in a path or URL we read (IPv6 hosts are bracketed and followed by a path)
@@ -67,7 +67,7 @@ def _from_text(text: str, option: str) -> SourceSpec:
         return SourceSpec(text)
     match = SHARE.fullmatch(share.strip())
     if match is None:
-        raise SimmimError(f"{option} {shown(text)}: '{share}' is not a share; {SHARE_HELP}")
+        raise SimmimError(f"{option} {redact(text)}: '{share}' is not a share; {SHARE_HELP}")
     kind = match.lastgroup
     value = float(match.group(kind)) / (100 if kind == "proportion" else 1)
     return SourceSpec(path, kind, value)
@@ -80,7 +80,7 @@ def _from_entry(entry: Any, where: str, base: Path | None) -> SourceSpec:
     unknown = sorted(set(entry) - {"path", "name", *KINDS}) if isinstance(entry, dict) else []
     if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or len(shares) > 1 or unknown:
         raise SimmimError(f"{where}: each source is a path, or a mapping with path and at most one of proportion, "
-                          f"passes, samples (and a name); got {shown(repr(entry))}")
+                          f"passes, samples (and a name); got {redact(repr(entry))}")
     path = entry["path"]
     if base is not None and "://" not in path and not path.startswith(("/", "pipe:")):
         path = str(base / path)  # relative to the YAML file, as a list file's lines
@@ -89,7 +89,7 @@ def _from_entry(entry: Any, where: str, base: Path | None) -> SourceSpec:
     if kind and (isinstance(value, bool) or not isinstance(value, (int, float)) or
                  (kind == "samples" and value != int(value))):
         what = "a whole number of samples" if kind == "samples" else "a number"
-        raise SimmimError(f"{where}: {kind} of {shown(path)} must be {what}, got {value!r}")
+        raise SimmimError(f"{where}: {kind} of {redact(path)} must be {what}, got {value!r}")
     return SourceSpec(path, kind, float(value), str(entry.get("name") or ""))
 
 
@@ -122,7 +122,7 @@ def parse(data: str | list | None, option: str = "--data") -> list[SourceSpec]:
     seen: set[str] = set()
     for spec in specs:
         if spec.path.rstrip("/") in seen:
-            raise SimmimError(f"{option} {shown(spec.path)} is given twice; give each source once, with its share")
+            raise SimmimError(f"{option} {redact(spec.path)} is given twice; give each source once, with its share")
         seen.add(spec.path.rstrip("/"))
     names: dict[str, int] = {}
     named = []
@@ -175,7 +175,7 @@ def check_shares(specs: list[SourceSpec], option: str = "--data") -> None:
     proportions that leave room nobody fills or that leave none for a source giving passes or samples."""
     for spec in specs:
         if spec.value <= 0:
-            raise SimmimError(f"{option} {shown(spec.path)}: a share of {spec.value:g} ({spec.kind}) gives it no "
+            raise SimmimError(f"{option} {redact(spec.path)}: a share of {spec.value:g} ({spec.kind}) gives it no "
                               "samples; give a share above 0, or leave the source out")
     proportions = [spec for spec in specs if spec.kind == "proportion"]
     if not proportions:
@@ -207,7 +207,7 @@ def plan(specs: list[SourceSpec], sizes: list[int], epoch_size: int | None = Non
             continue
         count = {"passes": round(spec.value * size), "samples": int(spec.value)}.get(spec.kind, size)
         if count < 1:
-            raise SimmimError(f"{option} {shown(spec.path)}: {spec.share()} of its {size} samples is less than one "
+            raise SimmimError(f"{option} {redact(spec.path)}: {spec.share()} of its {size} samples is less than one "
                               "sample per epoch; give it a larger share")
         fixed[index] = count
     if epoch_size is not None and fixed:
@@ -228,7 +228,7 @@ def plan(specs: list[SourceSpec], sizes: list[int], epoch_size: int | None = Non
     for k, index in enumerate(proportional):
         if counts[k] < 1:
             spec = specs[index]
-            raise SimmimError(f"{option} {shown(spec.path)}: {spec.value * 100:.4g}% of an epoch of {epoch} samples is "
-                              "less than one sample; give it a larger proportion")
+            raise SimmimError(f"{option} {redact(spec.path)}: {spec.value * 100:.4g}% of an epoch of {epoch} samples "
+                              "is less than one sample; give it a larger proportion")
         fixed[index] = counts[k]
     return [fixed[index] for index in range(len(specs))]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import multiprocessing as mp
 import os
 import random
@@ -95,7 +96,34 @@ def parse_info(data: bytes, where: str) -> dict:
     classes = info.get("classes")
     if classes is not None and (not isinstance(classes, list) or not all(isinstance(c, str) for c in classes)):
         raise wrong("'classes' is not a list of class names")
+    images = info.get("images")
+    if images is not None:
+        _check_image_record(images, wrong)
     return info
+
+
+MAX_CHANNELS = 1024  # hyperspectral cubes have a few hundred bands; a record beyond this is no image set
+
+
+def _check_image_record(images, wrong) -> None:
+    """The ``images`` record (image_formats.py) has the types make-shards writes: a channel count, a dtype name,
+    and per-channel numbers and band names, one per channel."""
+    if not isinstance(images, dict):
+        raise wrong("'images' is not an object")
+    channels = images.get("channels")
+    if not _count(channels) or not 1 <= channels <= MAX_CHANNELS:
+        raise wrong(f"the images' channels are {json.dumps(channels)[:20]}, not a count from 1 to {MAX_CHANNELS}")
+    if not isinstance(images.get("dtype", "uint8"), str):
+        raise wrong("the images' dtype is not a type name")
+    for key in ("mean", "std"):
+        values = images.get(key)
+        if values is not None and (not isinstance(values, list) or len(values) != channels or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)):
+            raise wrong(f"the images' {key} is not {channels} finite number(s), one per channel")
+    names = images.get("band_names")
+    if names is not None and (not isinstance(names, list) or len(names) != channels
+                              or not all(isinstance(n, str) for n in names)):
+        raise wrong(f"the images' band_names are not {channels} name(s), one per channel")
 
 
 def _count(value) -> bool:

@@ -467,6 +467,10 @@ def split(filenames, lengths=None) -> dict:
     (split(["../elsewhere/train-000000.tar"]), r"lists '\.\./elsewhere/train-000000\.tar', which is not a file"),
     (split(["pipe:touch /tmp/owned"]), r"lists 'pipe:touch /tmp/owned', which is not a file inside its folder"),
     (split(["https://elsewhere.example/a.tar"]), r"lists 'https://elsewhere\.example/a\.tar', which is not a file"),
+    ({**split(["train-000000.tar"]), "images": {"channels": 10**9, "dtype": "uint16"}},
+     r"the images' channels are 1000000000, not a count from 1 to 1024"),
+    ({**split(["train-000000.tar"]), "images": {"channels": 2, "dtype": "uint16", "mean": [1.0], "std": [1, 1]}},
+     r"the images' mean is not 2 finite number\(s\), one per channel"),
     (split(["train-000000.tar", "gone-1.tar", "gone-2.tar"]),
      r"lists 2 shard\(s\) that do not exist \(gone-1\.tar, gone-2\.tar\); copy the whole make-shards output"),
 ])

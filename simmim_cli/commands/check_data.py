@@ -12,7 +12,7 @@ from PIL import Image
 
 from ..errors import SimmimError
 from ..pipeline import sample_image_bytes, sample_label, seeded_rng
-from ..remote import shown
+from ..redact import redact
 
 DATA_READ_SECONDS = 3.0  # the timed read of the shards stops after this long (or DATA_READ_IMAGES images)
 DATA_READ_IMAGES = 256
@@ -32,7 +32,7 @@ def time_data(dataset: Any) -> dict[str, Any]:
     if mix is not None:
         starts = mix.shard_starts()
         figures["sources"] = [
-            {"name": source.name, "path": shown(spec.path), "share": spec.share(), "samples": source.samples,
+            {"name": source.name, "path": redact(spec.path), "share": spec.share(), "samples": source.samples,
              "shards": source.shards, "per_epoch": source.per_epoch,
              "epoch_share": source.per_epoch / mix.epoch_samples}
             for source, spec in zip(mix.sources, shards.specs, strict=True)]
