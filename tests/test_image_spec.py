@@ -93,9 +93,9 @@ def test_the_papers_crop_and_flip_keep_every_channel_and_16_bit_values():
     view = PretrainTransform(32, MaskGenerator(32, 8, 4))(image)
     assert view["image"].shape == (5, 32, 32) and view["image"].dtype == torch.float32
     assert view["image"].max() > 255 and view["mask"].shape == (8, 8)
-    flat = torch.full((4, 40, 40), 51234.0)  # resampled in float32: far within one 16-bit step (uint8 would clip)
-    resampled = PretrainTransform(32, MaskGenerator(32, 8, 4))(flat)["image"]
-    assert (resampled - 51234).abs().max() < 0.01
+    flat = torch.full((4, 40, 40), 51234.0)  # resampled in float32: a few float32 steps (0.004 here), far within
+    resampled = PretrainTransform(32, MaskGenerator(32, 8, 4))(flat)["image"]  # one 16-bit step (uint8 would clip)
+    assert (resampled - 51234).abs().max() < 0.1
     assert ArrayClassifierTrainTransform(24)(image)["image"].shape == (5, 24, 24)
     assert CropTransform(24)(image)["image"].shape == (5, 24, 24)
 

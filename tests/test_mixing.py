@@ -20,7 +20,7 @@ from test_data import identity, numbers
 from test_elastic import ledger_batches, rank_batches, train_with_ledger
 from typer.testing import CliRunner
 
-from simmim_cli import checkpoints, dali, data_sources, distributed, epoch_order, mixture
+from simmim_cli import checkpoints, dali, data_sources, distributed, epoch_order, limits, mixture
 from simmim_cli.cli import app
 from simmim_cli.config import LinearProbeConfig, PretrainConfig
 from simmim_cli.data_sources import training_shards
@@ -453,10 +453,12 @@ def run(data: list[str], output: Path, ledger: Path, nproc: int, workers: int, *
 
 
 @pytest.mark.slow
-def test_a_mixed_run_stopped_and_resumed_on_other_process_counts_trains_each_epoch_exactly(sources, tmp_path):
+def test_a_mixed_run_stopped_and_resumed_on_other_process_counts_trains_each_epoch_exactly(sources, tmp_path,
+                                                                                          monkeypatch):
     """Three sources (2 passes, 25%, 12 samples) over 3 epochs of 13 steps: a 2-process run stops 5 steps into
     epoch 1; resumed on 3 processes and on 1 (accumulating), each trains on exactly the samples of an uninterrupted
     1-process run, every source its count each epoch, and metrics.jsonl reports those counts."""
+    monkeypatch.setattr(limits, "usable_cores", lambda: 4)  # 3 processes, as a machine with the cores for it has
     data = three(sources)
     run(data, tmp_path / "straight", tmp_path / "ledger-straight", nproc=0, workers=1)
     (straight,) = ledger_batches(tmp_path / "ledger-straight")  # 13 steps × 2 batches of 3 per epoch
