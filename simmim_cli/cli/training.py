@@ -71,6 +71,7 @@ from ..options import (
     Seed,
     ShardCache,
     ShardCacheSize,
+    ShardModel,
     ValData,
     WarmupEpochs,
     WarmupLr,
@@ -136,6 +137,7 @@ PRETRAIN_EPILOG = (
     "Examples:\n\n"
     "  simmim pretrain --demo                                   # built-in images, a few CPU minutes\n\n"
     "  simmim pretrain --data shards/ --gpus 8                  # one 8-GPU machine\n\n"
+    "  simmim pretrain --data shards/ --gpus 8 --shard-model --model vit_huge_patch14_224   # too big for DDP\n\n"
     "  simmim pretrain --recipe recipes/pretrain_swin_base_192_w6_100ep.yaml --data shards/ --gpus 8\n\n"
     "  simmim pretrain --data shards/ --resume auto --output runs/my-run"
 )
@@ -211,6 +213,7 @@ def pretrain(
     master_port: MasterPort = D.master_port,
     dist_timeout: DistTimeout = D.dist_timeout,
     bf16_grad_reduce: Bf16GradReduce = D.bf16_grad_reduce,
+    shard_model: ShardModel = D.shard_model,
 ) -> None:
     """Pretrain an encoder with SimMIM on WebDataset shards; writes checkpoints and reconstruction previews."""
     from ..commands.pretrain import pretrain as run
@@ -305,6 +308,7 @@ def finetune(
     master_port: MasterPort = FT.master_port,
     dist_timeout: DistTimeout = FT.dist_timeout,
     bf16_grad_reduce: Bf16GradReduce = FT.bf16_grad_reduce,
+    shard_model: ShardModel = FT.shard_model,
 ) -> None:
     """Fine-tune a pretrained encoder on labelled shards; evaluates every epoch, keeps best.pth and last.pth.
 
@@ -395,6 +399,7 @@ def linear_probe(
     master_port: MasterPort = LP.master_port,
     dist_timeout: DistTimeout = LP.dist_timeout,
     bf16_grad_reduce: Bf16GradReduce = LP.bf16_grad_reduce,
+    shard_model: ShardModel = LP.shard_model,
 ) -> None:
     """Train a linear classifier (BatchNorm without affine + linear, MAE's protocol) on frozen features."""
     from ..commands.probe import linear_probe as run

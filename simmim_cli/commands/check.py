@@ -109,7 +109,8 @@ def _report_folder(output: str | None, config: TrainConfig) -> Path | None:
 
 def _run_folder_problems(config: TrainConfig) -> list[str]:
     """What the real command would refuse about its run folder, found by reading it only."""
-    if config.resume and config.resume != "auto" and not Path(config.resume).is_file():
+    if config.resume and config.resume != "auto" and not (Path(config.resume).is_file()
+                                                          or checkpoints.is_sharded_checkpoint(config.resume)):
         raise SimmimError(f"--resume {config.resume}: no such checkpoint; use --resume auto to take the newest")
     if not config.output or config.resume or config.force:
         return []
@@ -333,7 +334,7 @@ def _probe(trainer: Trainer, batch: dict[str, Any], memory: preflight.PeakMemory
     if out_of_memory:  # outside the except block: its traceback no longer holds the step's tensors
         trainer.optimizer.zero_grad(set_to_none=True)
         if trainer.scaler.is_enabled():  # an interrupted step may have left the scaler half-way (unscaled)
-            trainer.scaler = torch.amp.GradScaler(trainer.device.type, init_scale=trainer.scaler.get_scale())
+            trainer.scaler = type(trainer.scaler)(trainer.device.type, init_scale=trainer.scaler.get_scale())
         preflight.free_memory(trainer.device)
         return False, None
     return (cap is None or peak <= cap), peak

@@ -1,0 +1,298 @@
+"""--shard-model (FSDP2 over gloo CPU processes): the same training as replicas, 1/N of the state per rank, sharded
+checkpoints that resume on another process count and read like a .pth everywhere."""
+
+import collections
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_MODELS, free_port
+from test_distributed import SlicedBatches
+from test_elastic import LENGTHS, ledger_batches, lrs, run
+from test_data import numbered_shards
+from typer.testing import CliRunner
+
+from simmim_cli import checkpoints, distributed, epoch_order, parallelize
+from simmim_cli.cli import app
+from simmim_cli.config import PretrainConfig
+from simmim_cli.engine import Trainer
+from simmim_cli.errors import SimmimError
+from simmim_cli.masking import MaskGenerator
+from simmim_cli.models import build_simmim
+from simmim_cli.storage import StorageError
+from simmim_cli.tasks import PretrainTask
+
+# ---------------------------------------------------------------------------------------------- the same training
+
+
+def fixed_batches(family: str, count: int = 6, size: int = 8) -> list[dict]:
+    """Global batches of random images and masks on the family's patch grid (ViT 8 px patches, Swin 4 px)."""
+    name, kwargs, img_size = TINY_MODELS[family]
+    patch = kwargs.get("patch_size", 4)
+    generator = torch.Generator().manual_seed(0)
+    masks = MaskGenerator(img_size, 16, patch, 0.6)
+    return [{"image": torch.randint(0, 256, (size, 3, img_size, img_size), dtype=torch.uint8, generator=generator),
+             "mask": masks(size, generator)} for _ in range(count)]
+
+
+def train_fixed(config: PretrainConfig, family: str, ranks_per_node: int | None = None) -> None:
+    """One process: the tiny model of ``family`` from seed 0 on its slice of the fixed global batches; writes the
+    elements of parameters and optimizer state this rank holds to rank<R>.json in the run folder."""
+    context = distributed.setup(config)
+    try:
+        if ranks_per_node:  # as if the job spanned nodes of ranks_per_node processes each (HSDP)
+            context.local_world_size = ranks_per_node
+        name, kwargs, size = TINY_MODELS[family]
+        torch.manual_seed(0)
+        model = build_simmim(name, size, kwargs, 0.0)
+        trainer = Trainer(PretrainTask(model, config), config, context)
+        trainer.fit(SlicedBatches(fixed_batches(family), context.rank, context.world_size))
+        held = {"parameters": parallelize.local_numel(trainer.parameters),
+                "optimizer": parallelize.optimizer_numel(trainer.optimizer),
+                "total": sum(p.numel() for p in trainer.parameters)}
+        (Path(config.output) / f"rank{context.rank}.json").write_text(json.dumps(held))
+    finally:
+        distributed.teardown()
+
+
+def fixed_config(output: Path, nproc: int, shard: bool, **values) -> PretrainConfig:
+    config = PretrainConfig(data="memory", output=str(output), epochs=2, warmup_epochs=0.5, precision="fp32",
+                            device="cpu", nproc=nproc, master_port=free_port(), workers=0, base_lr=0.05, log_every=1,
+                            grad_accum=2, clip_grad=0.02, shard_model=shard, **values)
+    config.validate()
+    return config
+
+
+def losses(output: Path) -> list[float]:
+    return [row["loss"] for line in (output / "metrics.jsonl").read_text().splitlines()
+            if "loss" in (row := json.loads(line))]
+
+
+def final_weights(output: Path) -> dict[str, torch.Tensor]:
+    return checkpoints.load_checkpoint(checkpoints.latest_checkpoint(output))["model"]
+
+
+def flat(state: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([state[key].flatten().float() for key in sorted(state)])
+
+
+def assert_same_training(one: Path, other: Path, family: str) -> None:
+    assert len(losses(one)) == len(losses(other)) == 6
+    assert losses(one) == pytest.approx(losses(other), rel=1e-5, abs=1e-6)
+    expected, actual = final_weights(one), final_weights(other)
+    assert sorted(expected) == sorted(actual)
+    name, kwargs, size = TINY_MODELS[family]
+    torch.manual_seed(0)
+    start = build_simmim(name, size, kwargs, 0.0).state_dict()
+    for key in expected:
+        assert torch.allclose(expected[key], actual[key], atol=1e-5, rtol=1e-4), key
+    assert any(not torch.equal(expected[k], start[k]) for k in start if k in expected)  # the weights did train
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["vit", "swin"])
+def test_sharded_and_replicated_training_agree_with_accumulation_and_clipping(tmp_path, family):
+    """2 processes, 3 steps an epoch of 2 accumulated batches, clipped to a norm well below the gradients': the
+    replicas (DDP) and the shards (FSDP2; the ViT with gradient checkpointing too) lose and end alike, and each
+    rank holds half the parameters and half the optimizer state."""
+    distributed.launch(train_fixed, fixed_config(tmp_path / "ddp", 2, shard=False), family)
+    sharded = fixed_config(tmp_path / "fsdp", 2, shard=True, grad_checkpointing=family == "vit")
+    distributed.launch(train_fixed, sharded, family)
+    assert_same_training(tmp_path / "ddp", tmp_path / "fsdp", family)
+    assert all(p.suffix == ".dcp" and p.is_dir() for p in checkpoints.list_checkpoints(tmp_path / "fsdp"))
+    replicas = [json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    shards = [json.loads((tmp_path / "fsdp" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    total = replicas[0]["total"]
+    assert replicas[0]["parameters"] == total and replicas[0]["optimizer"] == 2 * total
+    assert sum(s["parameters"] for s in shards) == total and sum(s["optimizer"] for s in shards) == 2 * total
+    for held in shards:  # half each (a tensor's rows are split; an odd count gives one rank a row more)
+        assert 0.4 * total < held["parameters"] < 0.6 * total
+        assert 0.4 * 2 * total < held["optimizer"] < 0.6 * 2 * total
+
+
+@pytest.mark.slow
+def test_hsdp_over_two_simulated_nodes_trains_as_the_replicas_do(tmp_path):
+    """4 processes as 2 nodes of 2: sharded within a node, replicated across nodes (a 2-D mesh)."""
+    distributed.launch(train_fixed, fixed_config(tmp_path / "ddp", 2, shard=False), "vit")
+    distributed.launch(train_fixed, fixed_config(tmp_path / "hsdp", 4, shard=True), "vit", 2)
+    assert_same_training(tmp_path / "ddp", tmp_path / "hsdp", "vit")
+    held = [json.loads((tmp_path / "hsdp" / f"rank{r}.json").read_text()) for r in range(4)]
+    assert held[0]["parameters"] == held[2]["parameters"] and held[1]["parameters"] == held[3]["parameters"]
+    assert held[0]["parameters"] + held[1]["parameters"] == held[0]["total"]  # one node holds one whole copy
+
+
+def test_the_mesh_is_hsdp_across_nodes_of_several_gpus():
+    assert parallelize.mesh_shape(8, 8) == (8,)
+    assert parallelize.mesh_shape(64, 8) == (8, 8)
+    assert parallelize.mesh_shape(4, 1) == (4,)  # one GPU per node: sharded over all of them
+    assert "HSDP" in parallelize.describe_mesh((8, 8)) and "FSDP" in parallelize.describe_mesh((8,))
+
+
+def test_mixed_precision_computes_low_and_reduces_in_fp32():
+    bf16 = parallelize.mixed_precision("bf16")
+    assert (bf16.param_dtype, bf16.reduce_dtype) == (torch.bfloat16, torch.float32)
+    assert parallelize.mixed_precision("fp16").param_dtype == torch.float16
+    assert parallelize.mixed_precision("fp32").param_dtype is None
+    assert parallelize.mixed_precision("bf16", bf16_grad_reduce=True).reduce_dtype == torch.bfloat16
+
+
+def test_transformer_blocks_are_found_in_vit_and_swin():
+    for family, count in (("vit", 2), ("swin", 2), ("beit", 2)):
+        name, kwargs, size = TINY_MODELS[family]
+        with torch.device("meta"):
+            model = build_simmim(name, size, kwargs, 0.0)
+        blocks = parallelize.transformer_blocks(model)
+        assert len(blocks) == count and all("Block" in type(b).__name__ for b in blocks), family
+
+
+# ---------------------------------------------------------------------------------------------- resuming elsewhere
+
+
+@pytest.fixture(scope="module")
+def numbered(tmp_path_factory) -> Path:
+    return numbered_shards(tmp_path_factory.mktemp("sharded") / "shards", LENGTHS)
+
+
+@pytest.mark.slow
+def test_a_sharded_run_stopped_mid_epoch_resumes_exactly_on_three_and_on_one_process(numbered, tmp_path):
+    """test_elastic's ledger, sharded: 31 samples, 6 a step. A 2-process sharded run stops 2 steps into epoch 1;
+    its checkpoint folder resumes on 3 processes and on 1 (accumulating 2 batches a step): every sample of the
+    epoch once, the same schedule, and the weights of the uninterrupted run."""
+    run(numbered, tmp_path / "straight", tmp_path / "ledger-straight", nproc=2, workers=0, shard_model=True,
+        base_lr=0.2)
+    straight = ledger_batches(tmp_path / "ledger-straight")
+    epoch_one = collections.Counter(n for rank in straight for batch in rank[6:] for n in batch)
+    run(numbered, tmp_path / "stopped", tmp_path / "ledger-stopped", nproc=2, workers=0, shard_model=True,
+        base_lr=0.2, max_steps=8)
+    before = [n for rank in ledger_batches(tmp_path / "ledger-stopped") for batch in rank[6:8] for n in batch]
+    stopped = tmp_path / "stopped" / "checkpoint-00000008.dcp"
+    assert sorted(p.name for p in stopped.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "run.pth"]
+    saved = checkpoints.load_checkpoint(stopped)
+    assert saved["world_size"] == 2 and epoch_order.size(saved["data"]["consumed"]) == 12
+    straight_end, at_stop = flat(final_weights(tmp_path / "straight")), flat(saved["model"])
+    for label, nproc, accumulation in (("three", 3, 1), ("one", 0, 2)):
+        output = tmp_path / f"resumed-{label}"
+        shutil.copytree(tmp_path / "stopped", output)
+        run(numbered, output, tmp_path / f"ledger-{label}", nproc=nproc, workers=0, shard_model=True, base_lr=0.2,
+            resume=str(output / stopped.name))
+        resumed = ledger_batches(tmp_path / f"ledger-{label}")
+        assert {len(rank) for rank in resumed} == {4 * accumulation}
+        after = [n for rank in resumed for batch in rank for n in batch]
+        assert collections.Counter(before + after) == epoch_one, label
+        assert lrs(output) == lrs(tmp_path / "straight"), label
+        assert checkpoints.latest_checkpoint(output).name == "checkpoint-00000012.dcp"
+        # the same weights as the uninterrupted run's, up to the order of sums over another number of processes
+        # (AdamW turns the tiniest gradients into whole steps: a few elements move by up to ~1e-3)
+        actual = flat(final_weights(output))
+        assert (actual - straight_end).abs().max() < 2e-3, label
+        assert (actual - straight_end).abs().mean() < 0.05 * (straight_end - at_stop).abs().mean(), label
+
+
+# ---------------------------------------------------------------------------------------------- checkpoint folders
+
+
+def single_process_folder(path: Path, **extra) -> dict:
+    """A sharded checkpoint folder written by one process (the same format, one shard file)."""
+    name, kwargs, size = TINY_MODELS["vit"]
+    torch.manual_seed(0)
+    model = build_simmim(name, size, kwargs, 0.0)
+    state = {"kind": "pretrain", "config": {"model": name, "model_kwargs": kwargs, "img_size": size},
+             "model": model.state_dict(), "optimizer": {"param_groups.x.lr": 0.1, "state.x.step": torch.ones(())},
+             "step": 3, **extra}
+    checkpoints.save_sharded(state, path)
+    return state
+
+
+def test_a_sharded_folder_reads_as_its_pth_would(tmp_path):
+    state = single_process_folder(tmp_path / "checkpoint-00000003.dcp")
+    read = checkpoints.load_checkpoint(tmp_path / "checkpoint-00000003.dcp")
+    assert read["step"] == 3 and read["kind"] == "pretrain" and "optimizer" not in read  # readers skip it
+    assert sorted(read["model"]) == sorted(state["model"])
+    assert all(torch.equal(read["model"][k], state["model"][k]) for k in state["model"])
+    assert checkpoints.list_checkpoints(tmp_path) == [tmp_path / "checkpoint-00000003.dcp"]
+    assert not list(tmp_path.glob(".*"))  # the temporary folder became the checkpoint
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "no index"])
+def test_a_missing_or_truncated_shard_file_is_one_line_naming_it(tmp_path, damage):
+    folder = tmp_path / "checkpoint-00000003.dcp"
+    single_process_folder(folder)
+    shard = folder / "__0_0.distcp"
+    if damage == "missing":
+        shard.unlink()
+    elif damage == "truncated":
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    else:
+        (folder / ".metadata").unlink()
+    named = ".metadata is missing" if damage == "no index" else f"its shard file __0_0.distcp is {damage}"
+    with pytest.raises(SimmimError, match=f"sharded checkpoint .* is incomplete: {named}"):
+        checkpoints.load_checkpoint(folder)
+    result = CliRunner().invoke(app, ["export", "--consolidate", str(tmp_path / "one.pth"), "--checkpoint",
+                                      str(folder)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1].startswith(f"error: sharded checkpoint {folder} is incomplete")
+
+
+class Boom:
+    def __reduce__(self):
+        return (print, ("this ran",))
+
+
+def test_a_hostile_index_runs_no_code_and_costs_no_memory(tmp_path, capsys):
+    folder = tmp_path / "checkpoint-00000003.dcp"
+    single_process_folder(folder)
+    metadata = checkpoints._MetadataUnpickler(open(folder / ".metadata", "rb")).load()
+    (folder / ".metadata").write_bytes(pickle.dumps(Boom()))
+    with pytest.raises(SimmimError, match="refusing to load .*holds Python objects other than a checkpoint index"):
+        checkpoints.load_checkpoint(folder)
+    assert "this ran" not in capsys.readouterr().out
+    key = next(k for k in metadata.state_dict_metadata if k.startswith("model/"))
+    metadata.state_dict_metadata[key].size = torch.Size([10**6, 10**6])  # 4 TB claimed
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(SimmimError, match="is not a readable sharded checkpoint: its index says"):
+        checkpoints.load_checkpoint(folder)
+
+
+def test_a_failed_sharded_save_is_a_storage_error_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    import torch.distributed.checkpoint as dcp
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(dcp, "save", full_disk)
+    with pytest.raises(StorageError, match="no space left on its disk"):
+        single_process_folder(tmp_path / "checkpoint-00000003.dcp")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_consolidate_writes_one_pth_that_reads_the_same(tmp_path):
+    folder = tmp_path / "checkpoint-00000003.dcp"
+    single_process_folder(folder)
+    result = CliRunner().invoke(app, ["export", "--consolidate", str(tmp_path / "one.pth"), "--checkpoint",
+                                      str(folder)])
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "pretrain.onnx").exists() and not (tmp_path / "features.onnx").exists()
+    one, read = checkpoints.load_checkpoint(tmp_path / "one.pth"), checkpoints.load_checkpoint(folder)
+    assert one.keys() == read.keys()
+    assert all(torch.equal(one["model"][k], read["model"][k]) for k in read["model"])
+    again = CliRunner().invoke(app, ["export", "--consolidate", str(tmp_path / "one.pth"), "--checkpoint",
+                                     str(folder)])
+    assert again.exit_code == 2 and "exists; pass --force" in again.output
+    not_sharded = CliRunner().invoke(app, ["export", "--consolidate", str(tmp_path / "two.pth"), "--checkpoint",
+                                           str(tmp_path / "one.pth")])
+    assert not_sharded.exit_code == 2 and "is not one" in not_sharded.output
+
+
+def test_stale_temporary_checkpoint_folders_are_removed(tmp_path):
+    from simmim_cli import storage
+
+    left = tmp_path / ".checkpoint-00000003.dcp.otherhost-123.tmp"
+    left.mkdir()
+    (left / "__0_0.distcp").write_bytes(b"x" * 10)
+    assert storage.remove_stale_temporaries(tmp_path) == (1, 10)
+    assert not left.exists()
