@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY_MODELS, free_port
+from test_data import numbered_shards
 from test_distributed import SlicedBatches
 from test_elastic import LENGTHS, ledger_batches, lrs, run
-from test_data import numbered_shards
 from typer.testing import CliRunner
 
 from simmim_cli import checkpoints, distributed, epoch_order, parallelize
