@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_MODELS, free_port
+from conftest import TINY_MODELS, free_port, simmim
 from test_data import numbered_shards
 from test_distributed import SlicedBatches
 from test_elastic import LENGTHS, ledger_batches, lrs, run
@@ -296,3 +296,90 @@ def test_stale_temporary_checkpoint_folders_are_removed(tmp_path):
     (left / "__0_0.distcp").write_bytes(b"x" * 10)
     assert storage.remove_stale_temporaries(tmp_path) == (1, 10)
     assert not left.exists()
+
+
+# ---------------------------------------------------------------------------------------------- every reader
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(tmp_path_factory, labelled_folder) -> dict[str, Path]:
+    """A 2-process sharded pretraining run and a 2-process sharded fine-tuning from it (2 steps each): their
+    checkpoint folders (each tensor split over 2 shard files) and, beside them, their consolidated .pth."""
+    from simmim_cli.shards import write_shards
+
+    root = tmp_path_factory.mktemp("sharded-runs")
+    shards = root / "shards"
+    write_shards(labelled_folder, shards, maxcount=10)
+    name, kwargs, size = TINY_MODELS["vit"]
+    common = ["--data", str(shards), "--nproc", "2", "--workers", "0", "--precision", "fp32", "--device", "cpu",
+              "--shard-model", "--warmup-epochs", "1", "--max-steps", "2", "--batch-size", "4"]
+    pretrain = simmim("pretrain", *common, "--model", name, "--model-kwargs", json.dumps(kwargs), "--img-size",
+                      str(size), "--mask-patch-size", "16", "--output", str(root / "pretrain"), "--master-port",
+                      str(free_port()))
+    assert pretrain.returncode == 0, pretrain.stderr
+    folders = {"pretrain": root / "pretrain" / "checkpoint-00000002.dcp"}
+    finetune = simmim("finetune", *common, "--pretrained", str(folders["pretrain"]), "--output",
+                      str(root / "finetune"), "--master-port", str(free_port()))
+    assert finetune.returncode == 0, finetune.stderr
+    folders["finetune"] = root / "finetune" / "checkpoint-00000002.dcp"
+    for kind, folder in list(folders.items()):
+        assert len(list(folder.glob("*.distcp"))) == 2
+        result = CliRunner().invoke(app, ["export", "--consolidate", str(root / f"{kind}.pth"), "--checkpoint",
+                                          str(folder)])
+        assert result.exit_code == 0, result.output
+    return {**folders, "shards": shards, "root": root}
+
+
+def without_paths_and_times(value):
+    """A command's JSON without what names the checkpoint or says how long it took."""
+    if isinstance(value, dict):
+        return {k: without_paths_and_times(v) for k, v in value.items()
+                if k not in ("checkpoint", "pretrained", "model", "seconds", "img_per_s", "runtime")}
+    if isinstance(value, list):
+        return [without_paths_and_times(v) for v in value]
+    return value
+
+
+@pytest.mark.slow
+def test_every_checkpoint_reader_gives_the_same_outputs_from_a_folder_as_from_its_pth(sharded_runs, tmp_path,
+                                                                                      labelled_folder):
+    from safetensors.torch import load_file
+
+    from simmim_cli.inference import OnnxClassifier
+    from simmim_cli.weights import read_weights
+
+    runner, shards, root = CliRunner(), sharded_runs["shards"], sharded_runs["root"]
+
+    def both(kind: str, make_args, read=lambda result, out: result.output) -> list:
+        outputs = []
+        for source in (sharded_runs[kind], root / f"{kind}.pth"):
+            out = tmp_path / f"{kind}-{source.suffix[1:]}"
+            result = runner.invoke(app, make_args(str(source), out))
+            assert result.exit_code == 0, result.output
+            outputs.append(read(result, out))
+        return outputs
+
+    for kind in ("pretrain", "finetune"):  # finetune --pretrained, linear-probe, knn, export: through read_weights
+        folder, single = read_weights(sharded_runs[kind]), read_weights(root / f"{kind}.pth")
+        assert folder.kind == single.kind == kind and folder.encoder.keys() == single.encoder.keys()
+        assert all(torch.equal(folder.encoder[k], single.encoder[k]) for k in single.encoder)
+    png = both("pretrain", lambda c, out: ["visualize-recon", str(labelled_folder), "--checkpoint", c, "--output",
+                                           f"{out}.png", "--seed", "1"], lambda r, out: Path(f"{out}.png").read_bytes())
+    assert png[0] == png[1]
+    knn = both("pretrain", lambda c, out: ["knn", "--pretrained", c, "--data", str(shards), "--val-data",
+                                           str(shards), "--workers", "0", "--json", "--k", "3"])
+    assert without_paths_and_times(json.loads(knn[0])) == without_paths_and_times(json.loads(knn[1]))
+    timm_files = both("pretrain", lambda c, out: ["export", "--timm", str(out), "--checkpoint", c],
+                      lambda r, out: load_file(out / "model.safetensors"))
+    assert all(torch.equal(timm_files[0][k], timm_files[1][k]) for k in timm_files[1])
+    evaluated = both("finetune", lambda c, out: ["evaluate", "--checkpoint", c, "--data", str(shards), "--output",
+                                                 str(out), "--workers", "0"],
+                     lambda r, out: json.loads((out / "metrics.json").read_text()))
+    assert without_paths_and_times(evaluated[0]) == without_paths_and_times(evaluated[1])
+    predicted = both("finetune", lambda c, out: ["predict", c, str(labelled_folder), "--json", "--workers", "0"],
+                     lambda r, out: r.stdout)
+    assert without_paths_and_times(json.loads(predicted[0])) == without_paths_and_times(json.loads(predicted[1]))
+    onnx = both("finetune", lambda c, out: ["export", "--onnx", "--checkpoint", c, "--output", f"{out}.onnx"],
+                lambda r, out: OnnxClassifier(f"{out}.onnx")(torch.rand(2, 3, 32, 32, generator=torch.Generator()
+                                                                                   .manual_seed(0))))
+    assert torch.equal(onnx[0], onnx[1])
