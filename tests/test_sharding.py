@@ -383,3 +383,45 @@ def test_every_checkpoint_reader_gives_the_same_outputs_from_a_folder_as_from_it
                 lambda r, out: OnnxClassifier(f"{out}.onnx")(torch.rand(2, 3, 32, 32, generator=torch.Generator()
                                                                                    .manual_seed(0))))
     assert torch.equal(onnx[0], onnx[1])
+
+
+@pytest.mark.slow
+def test_a_killed_sharded_job_saves_its_shards_and_resumes_on_three_processes(numbered, tmp_path):
+    """SIGTERM to every process of a 2-process sharded run (a scheduler's preemption): all ranks write their shards
+    of one checkpoint at the same step, exit 130, and the job continues on 3 processes from that folder."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+    from test_distributed import train_rows
+
+    run_folder = tmp_path / "run"
+    name, kwargs, size = TINY_MODELS["vit"]
+    args = ["pretrain", "--data", str(numbered), "--output", str(run_folder), "--workers", "0", "--model", name,
+            "--model-kwargs", json.dumps(kwargs), "--img-size", str(size), "--mask-patch-size", "16",
+            "--global-batch", "6", "--warmup-epochs", "1", "--log-every", "1", "--precision", "fp32", "--device",
+            "cpu", "--shard-model"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("WORLD_SIZE", None)
+    job = subprocess.Popen([sys.executable, "-m", "simmim_cli", *args, "--epochs", "4000", "--nproc", "2",
+                            "--master-port", str(free_port())], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, env=env, cwd=ROOT, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while not ((run_folder / "metrics.jsonl").exists() and len(train_rows(run_folder)) >= 3):
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()
+        time.sleep(0.2)
+    os.killpg(job.pid, signal.SIGTERM)
+    out, err = job.communicate(timeout=120)
+    assert job.returncode == 130, err
+    latest = checkpoints.latest_checkpoint(run_folder)
+    assert latest.suffix == ".dcp" and latest.name in err and "Traceback" not in err
+    stopped_at = checkpoints.load_checkpoint(latest)["step"]
+    assert stopped_at >= 3 and not list(run_folder.glob(".*.tmp"))
+    finish = simmim(*args, "--epochs", "4000", "--nproc", "3", "--master-port", str(free_port()), "--resume", "auto",
+                    "--max-steps", str(stopped_at + 2))
+    assert finish.returncode == 0, finish.stderr
+    assert "was written by 2 process(es), this run has 3" in finish.stdout
+    assert train_rows(run_folder)[-1]["step"] == stopped_at + 2
