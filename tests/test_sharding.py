@@ -425,3 +425,92 @@ def test_a_killed_sharded_job_saves_its_shards_and_resumes_on_three_processes(nu
     assert finish.returncode == 0, finish.stderr
     assert "was written by 2 process(es), this run has 3" in finish.stdout
     assert train_rows(run_folder)[-1]["step"] == stopped_at + 2
+
+
+# ---------------------------------------------------------------------------------------------- memory forecast
+
+
+def test_the_forecast_says_sharding_is_what_makes_a_big_model_fit():
+    from simmim_cli import memory_plan
+
+    gib = 2**30
+    vit_h = 632_000_000  # 16 bytes a parameter: 9.4 GiB of states replicated
+    rows = memory_plan.forecast(vit_h, 30 * gib, 4 * gib, 64, 8, block_parameters=20_000_000,
+                                device_memory=40 * gib, current=(1, False))
+    by_name = {(row["layout"], row["checkpointing"]): row for row in rows}
+    assert by_name[("DDP", False)]["states"] == pytest.approx(16 * vit_h)
+    assert by_name[("HSDP 8×8", False)]["states"] == pytest.approx(2 * vit_h)
+    assert by_name[("FSDP 64", False)]["states"] == pytest.approx(16 * vit_h / 64)
+    assert not by_name[("DDP", False)]["fits"] and by_name[("HSDP 8×8", False)]["fits"]
+    assert memory_plan.fitting_layout(rows)["layout"] == "HSDP 8×8"  # within nodes before across them
+    assert memory_plan.advice(rows).startswith("--shard-model: HSDP 8×8 needs about")
+    # SwinV2-G-sized: only sharding and checkpointing together fit a 40 GB GPU
+    rows = memory_plan.forecast(3_000_000_000, 40 * gib, 6 * gib, 8, 8, 50_000_000, 40 * gib, (1, False))
+    assert memory_plan.advice(rows).startswith("--shard-model --grad-checkpointing: FSDP 8")
+    assert memory_plan.advice(memory_plan.forecast(1000, 1, 1, 8, 8, 0, 40 * gib, (1, False))) is None  # fits
+    text = "\n".join(memory_plan.render({"rows": rows, "source": "measured"}))
+    assert "FSDP 8" in text and "NO" in text and "(this run)" in text
+
+
+def test_a_sharded_step_adds_all_gathers_and_a_reduce_scatter_at_the_measured_bandwidth():
+    from simmim_cli import memory_plan
+
+    # 1e9 parameters over 8 shards, bf16 weights, fp32 gradients, 2 micro-batches, busbw 100 GB/s
+    comm = memory_plan.communication(10**9, 8, 1, 2, 2, 4, 100.0)
+    assert comm["all_gather_s"] == pytest.approx(2 * 2 * 1e9 * 2 * 7 / 8 / 100e9)
+    assert comm["reduce_scatter_s"] == pytest.approx(1e9 * 4 * 7 / 8 / 100e9)
+    assert comm["all_reduce_s"] == 0
+    hsdp = memory_plan.communication(10**9, 8, 4, 1, 2, 4, 100.0)
+    assert hsdp["all_reduce_s"] == pytest.approx(2 * 1e9 / 8 * 4 * 3 / 4 / 100e9)
+
+
+def test_activations_counted_on_the_meta_device_match_the_cpu_and_shrink_with_checkpointing():
+    from simmim_cli import memory_plan
+
+    name, kwargs, size = TINY_MODELS["vit"]
+    model = build_simmim(name, size, {**kwargs, "depth": 4}, 0.0)
+    batch = fixed_batches("vit", count=1)[0]
+    step = PretrainTask(model, PretrainConfig(data="x")).training_step
+    plain = memory_plan.saved_activation_bytes(model, batch, lambda m, b: step(m, b)["loss"])
+    recomputed = memory_plan.saved_activation_bytes(model, batch, lambda m, b: step(m, b)["loss"], True)
+    assert 0 < recomputed < plain / 2
+    held = {}  # the same count on the CPU, with real tensors
+    weights = {p.untyped_storage()._cdata for p in model.parameters()}
+
+    def keep(tensor):
+        if tensor.untyped_storage()._cdata not in weights:
+            held[tensor.untyped_storage()._cdata] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        step(model, {k: v.float() if k == "image" else v for k, v in batch.items()})
+    assert sum(held.values()) <= plain < 1.3 * sum(held.values())  # views the meta device cannot tell apart
+
+
+@pytest.mark.slow
+def test_check_of_a_sharded_run_forecasts_memory_and_communication(tmp_path):
+    from simmim_cli.shards import write_shards
+
+    images = tmp_path / "images"
+    images.mkdir()
+    from conftest import digit_images
+
+    for index, image in enumerate(digit_images(16)):
+        image.save(images / f"d{index}.png")
+    write_shards(images, tmp_path / "shards", maxcount=4)
+    name, kwargs, size = TINY_MODELS["vit"]
+    result = simmim("check", "--json", "--forecast-gpus", "64", "pretrain", "--data", str(tmp_path / "shards"),
+                    "--nproc", "2", "--workers", "0", "--model", name, "--model-kwargs", json.dumps(kwargs),
+                    "--img-size", str(size), "--mask-patch-size", "16", "--batch-size", "4", "--precision", "fp32",
+                    "--device", "cpu", "--shard-model", "--steps", "2", "--master-port", str(free_port()))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    plan = report["memory_plan"]
+    current = [row for row in plan["rows"] if row["current"]]
+    assert len(current) == 1 and current[0]["layout"] == "FSDP 2" and not current[0]["checkpointing"]
+    assert {row["layout"] for row in plan["rows"] if row["gpus"] == 64} == {"DDP", "HSDP 2×32", "FSDP 64"}
+    assert plan["communication"]["total_s"] > 0 and plan["communication"]["all_gather_s"] > 0
+    from simmim_cli.preflight import render
+
+    text = render(report)  # the table the check prints without --json
+    assert "Memory forecast" in text and "sharded comm" in text and "FSDP 64" in text
