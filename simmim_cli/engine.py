@@ -300,8 +300,10 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         grad_norm = parallelize.clip_grad_norm(self.parameters, self.config.clip_grad or math.inf)
         nonfinite = ~torch.isfinite(grad_norm)
-        if self.scaler.is_enabled():
+        if self.scaler.is_enabled() and not self.sharded:
             self.scaler.step(self.optimizer)  # skips steps with inf/NaN gradients itself
+        # sharded, the scaler's per-device inf flag cannot reach a fused step over DTensors; the norm of all shards'
+        # gradients says the same on every rank, after the scaler's all-reduced check in unscale_
         elif self.skips_on_device:
             self.optimizer.found_inf = nonfinite.float()
             self.optimizer.step()

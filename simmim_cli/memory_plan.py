@@ -28,16 +28,18 @@ def state_bytes(parameters: int, shards: int = 1) -> float:
 
 def saved_activation_bytes(model: nn.Module, batch: dict[str, Any],
                            step: Callable[[nn.Module, dict[str, Any]], torch.Tensor],
-                           checkpointing: bool = False) -> int:
+                           checkpointing: bool = False, dtype: torch.dtype | None = None) -> int:
     """The bytes autograd keeps for the backward pass of ``step(model, batch)`` (the activations), counted on a
     meta-device copy: no memory, no compute, any model size. ``checkpointing``: with timm's gradient checkpointing
-    on (only each block's input is kept)."""
+    on (only each block's input is kept); ``dtype``: the copy's weights in that type (``step`` casts its inputs)."""
     from .flops import meta_copy
 
     copy = meta_copy(model)
+    if dtype is not None:
+        copy.to(dtype)
     if checkpointing:
         for module in copy.modules():
-            if hasattr(module, "set_grad_checkpointing") and hasattr(module, "grad_checkpointing"):
+            if hasattr(module, "set_grad_checkpointing"):
                 module.set_grad_checkpointing(True)
     weights = {p.untyped_storage()._cdata for p in copy.parameters()}
     saved: dict[int, int] = {}
@@ -67,14 +69,16 @@ def layouts(world_size: int, per_node: int) -> list[tuple[str, int]]:
 
 def forecast(parameters: int, activations: float, checkpointed: float, world_size: int, per_node: int,
              block_parameters: int = 0, device_memory: int | None = None,
-             current: tuple[int, bool] | None = None) -> list[dict[str, Any]]:
+             current: tuple[int, bool] | None = None, accumulation: int = 1) -> list[dict[str, Any]]:
     """Per-GPU bytes of each layout, without and with activation checkpointing. ``activations`` and
     ``checkpointed``: per process at the run's batch; a sharded layout also holds one block's gathered weights and
-    gradients (fp32: 8 bytes a parameter) while it runs, and the next block's gathered weights (prefetch).
-    ``current``: the run's own (shard count, checkpointing), marked ``current``."""
+    gradients (fp32: 8 bytes a parameter) while it runs, and the next block's gathered weights (prefetch); with
+    ``accumulation`` above 1 it keeps whole fp32 gradients between micro-batches (4 bytes a parameter: no
+    reduce-scatter until the last). ``current``: the run's own (shard count, checkpointing), marked ``current``."""
     rows = []
     for name, shards in layouts(world_size, per_node):
         gathered = 3 * 4 * block_parameters if shards > 1 else 0
+        gathered += 4 * parameters if shards > 1 and accumulation > 1 else 0
         for recompute, acts in ((False, activations), (True, checkpointed)):
             total = state_bytes(parameters, shards) + acts + gathered
             rows.append({"layout": name, "shards": shards, "checkpointing": recompute, "gpus": world_size,
@@ -174,11 +178,12 @@ def from_check(per_rank: list[dict[str, Any]], parameters: int, world_size: int,
     device_memory = first.get("device_memory") or memory_cap()  # a smaller GPU emulated (tests)
     shape = mesh_shape(world_size, per_node)
     rows = forecast(parameters, activations, checkpointed, world_size, per_node, first["block_parameters"],
-                    device_memory, (shape[-1] if sharded else 1, checkpointing))
+                    device_memory, (shape[-1] if sharded else 1, checkpointing), accumulation)
+    images = accumulation * world_size  # per step, kept on other GPU counts (with the batch per GPU)
     for gpus in forecast_gpus:
         if gpus != world_size:
             rows += forecast(parameters, activations, checkpointed, gpus, min(gpus, per_node if per_node > 1 else 8),
-                             first["block_parameters"], device_memory)
+                             first["block_parameters"], device_memory, accumulation=max(1, images // gpus))
     plan: dict[str, Any] = {"rows": rows, "source": source, "advice": advice(rows)}
     if busbw_gbps and world_size > 1:
         shards = shape[-1] if sharded else world_size  # what sharding this job would do

@@ -140,6 +140,8 @@ def grad_scaler(device: torch.device, enabled: bool, sharded: bool) -> torch.amp
     if sharded and enabled:
         from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
+        # its one-element inf flag meets the DTensor gradients as a replicated tensor, as it should
+        warnings.filterwarnings("ignore", message="Found a non-scalar tensor with numel=1")
         return ShardedGradScaler(device.type, enabled=True)
     return torch.amp.GradScaler(device.type, enabled=enabled)
 
@@ -222,16 +224,29 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 def restore(checkpoint: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """A single-file checkpoint's model and optimizer state (whole tensors, torch's optimizer dict) into this
-    run's ``model`` and ``optimizer``, sharded or not."""
+    run's ``model`` and ``optimizer``, sharded (each rank keeps its shards of the whole tensors) or not."""
     if not is_sharded(model):
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         return
     from torch.distributed.checkpoint.state_dict import set_state_dict
+    from torch.distributed.tensor import DTensor, distribute_tensor
 
-    set_state_dict(model, optimizer, model_state_dict=checkpoint["model"],
-                   optim_state_dict=optimizer_by_name(checkpoint["optimizer"], optimizer, model),
-                   options=_options(full=True))
+    model_state, optimizer_state = training_state(model, optimizer, by_name=True)
+    whole = {**{f"model.{k}": v for k, v in checkpoint["model"].items()},
+             **{f"optimizer.{k}": v for k, v in optimizer_by_name(checkpoint["optimizer"], optimizer, model).items()}}
+    for prefix, state in (("model.", model_state), ("optimizer.", optimizer_state)):
+        for name, target in state.items():
+            value = whole.get(prefix + name, target)  # a parameter without optimizer state keeps its fresh one
+            if isinstance(target, DTensor):  # this rank's shard of the whole tensor it holds (no communication)
+                target.copy_(distribute_tensor(value.to(target.device), target.device_mesh, target.placements,
+                                               src_data_rank=None))
+            elif torch.is_tensor(target):
+                target.copy_(value)
+            else:
+                state[name] = value
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
+                   options=_options())
 
 
 def restore_sharded(path: Any, model: nn.Module, optimizer: torch.optim.Optimizer,

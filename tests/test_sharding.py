@@ -49,7 +49,8 @@ def train_fixed(config: PretrainConfig, family: str, ranks_per_node: int | None 
         torch.manual_seed(0)
         model = build_simmim(name, size, kwargs, 0.0)
         trainer = Trainer(PretrainTask(model, config), config, context)
-        trainer.fit(SlicedBatches(fixed_batches(family), context.rank, context.world_size))
+        trainer.fit(SlicedBatches(fixed_batches(family), context.rank, context.world_size),
+                    max_steps=config.max_steps or None)
         held = {"parameters": parallelize.local_numel(trainer.parameters),
                 "optimizer": parallelize.optimizer_numel(trainer.optimizer),
                 "total": sum(p.numel() for p in trainer.parameters)}
@@ -59,9 +60,10 @@ def train_fixed(config: PretrainConfig, family: str, ranks_per_node: int | None 
 
 
 def fixed_config(output: Path, nproc: int, shard: bool, **values) -> PretrainConfig:
-    config = PretrainConfig(data="memory", output=str(output), epochs=2, warmup_epochs=0.5, precision="fp32",
-                            device="cpu", nproc=nproc, master_port=free_port(), workers=0, base_lr=0.05, log_every=1,
-                            grad_accum=2, clip_grad=0.02, shard_model=shard, **values)
+    values = {"precision": "fp32", **values}
+    config = PretrainConfig(data="memory", output=str(output), epochs=2, warmup_epochs=0.5, device="cpu",
+                            nproc=nproc, master_port=free_port(), workers=0, base_lr=0.05, log_every=1, grad_accum=2,
+                            clip_grad=0.02, shard_model=shard, **values)
     config.validate()
     return config
 
@@ -122,6 +124,33 @@ def test_hsdp_over_two_simulated_nodes_trains_as_the_replicas_do(tmp_path):
     held = [json.loads((tmp_path / "hsdp" / f"rank{r}.json").read_text()) for r in range(4)]
     assert held[0]["parameters"] == held[2]["parameters"] and held[1]["parameters"] == held[3]["parameters"]
     assert held[0]["parameters"] + held[1]["parameters"] == held[0]["total"]  # one node holds one whole copy
+
+
+@pytest.mark.slow
+def test_a_run_switches_between_replicas_and_shards_at_a_resume(tmp_path):
+    """Replicated for 2 steps (a .pth), sharded for 2 (a folder), replicated again to the end: the losses and the
+    weights of a run that never switched."""
+    distributed.launch(train_fixed, fixed_config(tmp_path / "straight", 2, shard=False), "vit")
+    chain = tmp_path / "chain"
+    distributed.launch(train_fixed, fixed_config(chain, 2, shard=False, max_steps=2), "vit")
+    distributed.launch(train_fixed, fixed_config(chain, 2, shard=True, max_steps=4,
+                                                 resume=str(chain / "checkpoint-00000002.pth")), "vit")
+    distributed.launch(train_fixed, fixed_config(chain, 2, shard=False, resume=str(chain / "checkpoint-00000004.dcp")),
+                       "vit")
+    assert [p.name for p in checkpoints.list_checkpoints(chain)][-1] == "checkpoint-00000006.pth"
+    assert_same_training(tmp_path / "straight", chain, "vit")
+
+
+@pytest.mark.slow
+def test_fp16_with_loss_scaling_trains_sharded_as_replicated(tmp_path):
+    """fp16 on CPU processes: FSDP2's fp16 weights with the sharded loss scaler (its inf check agreed over the
+    ranks) against DDP's autocast: the same steps taken, losses within fp16's precision."""
+    distributed.launch(train_fixed, fixed_config(tmp_path / "ddp", 2, shard=False, precision="fp16"), "vit")
+    distributed.launch(train_fixed, fixed_config(tmp_path / "fsdp", 2, shard=True, precision="fp16"), "vit")
+    assert len(losses(tmp_path / "fsdp")) == 6
+    assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "ddp"), rel=2e-2)
+    saved = checkpoints.load_checkpoint(checkpoints.latest_checkpoint(tmp_path / "fsdp"))
+    assert saved["scaler"]["scale"] > 1 and saved["nonfinite_steps"] == 0
 
 
 def test_the_mesh_is_hsdp_across_nodes_of_several_gpus():
@@ -319,7 +348,8 @@ def sharded_runs(tmp_path_factory, labelled_folder) -> dict[str, Path]:
     assert pretrain.returncode == 0, pretrain.stderr
     folders = {"pretrain": root / "pretrain" / "checkpoint-00000002.dcp"}
     finetune = simmim("finetune", *common, "--pretrained", str(folders["pretrain"]), "--output",
-                      str(root / "finetune"), "--master-port", str(free_port()))
+                      str(root / "finetune"), "--master-port", str(free_port()), "--model-ema", "--model-ema-decay",
+                      "0.5")
     assert finetune.returncode == 0, finetune.stderr
     folders["finetune"] = root / "finetune" / "checkpoint-00000002.dcp"
     for kind, folder in list(folders.items()):
@@ -359,6 +389,9 @@ def test_every_checkpoint_reader_gives_the_same_outputs_from_a_folder_as_from_it
             outputs.append(read(result, out))
         return outputs
 
+    ema = checkpoints.load_checkpoint(root / "finetune.pth")  # the sharded EMA, gathered like the model
+    assert ema["model_ema"].keys() == ema["model"].keys()
+    assert any(not torch.equal(ema["model_ema"][k], ema["model"][k]) for k in ema["model"])
     for kind in ("pretrain", "finetune"):  # finetune --pretrained, linear-probe, knn, export: through read_weights
         folder, single = read_weights(sharded_runs[kind]), read_weights(root / f"{kind}.pth")
         assert folder.kind == single.kind == kind and folder.encoder.keys() == single.encoder.keys()
