@@ -168,8 +168,7 @@ def list_checkpoints(directory: Path) -> list[Path]:
     if not directory.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))]
-    # a file and a folder of the same step (a run continued with or without --shard-model): the newer one
-    return [p for _, p in sorted(found, key=lambda item: (item[0], item[1].stat().st_mtime))]
+    return [p for _, p in sorted(found)]
 
 
 def latest_checkpoint(directory: Path) -> Path | None:

@@ -22,10 +22,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import SimmimError
+
 
 def _fsdp():
-    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-
+    try:
+        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+    except ImportError:
+        FSDPModule = None
+    if FSDPModule is None or not hasattr(FSDPModule, "reset_iter_state"):
+        raise SimmimError(f"--shard-model needs PyTorch's FSDP2 with FSDPModule.reset_iter_state, which torch "
+                          f"{torch.__version__} lacks; upgrade torch (2.14 has it) or train without --shard-model")
     return FSDPModule, MixedPrecisionPolicy, fully_shard
 
 
@@ -106,7 +113,10 @@ def replicate(model: nn.Module, device: torch.device, bf16_grad_reduce: bool = F
 
 
 def is_sharded(model: nn.Module) -> bool:
-    FSDPModule, _, _ = _fsdp()
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2 has no sharded model
+        return False
     return isinstance(model, FSDPModule)
 
 
@@ -151,10 +161,9 @@ def gathered(modules: Iterable[nn.Module]) -> Iterator[None]:
     """Every rank (together) all-gathers the sharded ``modules`` once and keeps them whole until the block ends, so
     that in between any rank may run forward passes of its own (evaluation, previews on rank 0) without a
     collective. Costs each rank the whole model's weights (in the compute precision) for that time; nothing for
-    modules that are not sharded."""
-    FSDPModule, _, _ = _fsdp()
-    sharded = [module for module in modules if isinstance(module, FSDPModule)]
-    units = [unit for module in sharded for unit in module.modules() if isinstance(unit, FSDPModule)]
+    modules that are not sharded. Between optimizer steps only: FSDP's per-step bookkeeping is reset after it."""
+    sharded = [module for module in modules if is_sharded(module)]
+    units = [unit for module in sharded for unit in module.modules() if is_sharded(unit)]
     try:
         for module in sharded:
             module.set_reshard_after_forward(False)  # the forward passes below keep what was gathered
@@ -167,6 +176,11 @@ def gathered(modules: Iterable[nn.Module]) -> Iterator[None]:
         for module in sharded:  # back to how shard() set them up: blocks reshard after the forward, the root not
             module.set_reshard_after_forward(True)
             module.set_reshard_after_forward(False, recurse=False)
+            # the forward passes above recorded an order of blocks on some ranks only (rank 0's previews, uneven
+            # evaluation shares), which the next backward pass would prefetch by: forgotten on every rank (a root
+            # that has never run a forward, e.g. an EMA not yet evaluated, has nothing to forget)
+            if module._get_fsdp_state()._is_root:
+                module.reset_iter_state()
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

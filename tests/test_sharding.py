@@ -342,9 +342,11 @@ def sharded_runs(tmp_path_factory, labelled_folder) -> dict[str, Path]:
     name, kwargs, size = TINY_MODELS["vit"]
     common = ["--data", str(shards), "--nproc", "2", "--workers", "0", "--precision", "fp32", "--device", "cpu",
               "--shard-model", "--warmup-epochs", "1", "--max-steps", "2", "--batch-size", "4"]
+    # a k-NN score on rank 0 alone at the checkpoint of step 1, then a step more: FSDP forgets that forward order
     pretrain = simmim("pretrain", *common, "--model", name, "--model-kwargs", json.dumps(kwargs), "--img-size",
                       str(size), "--mask-patch-size", "16", "--output", str(root / "pretrain"), "--master-port",
-                      str(free_port()))
+                      str(free_port()), "--save-every", "1", "--knn-data", str(shards), "--knn-val-data",
+                      str(shards), timeout=300)
     assert pretrain.returncode == 0, pretrain.stderr
     folders = {"pretrain": root / "pretrain" / "checkpoint-00000002.dcp"}
     finetune = simmim("finetune", *common, "--pretrained", str(folders["pretrain"]), "--output",
@@ -547,3 +549,43 @@ def test_check_of_a_sharded_run_forecasts_memory_and_communication(tmp_path):
 
     text = render(report)  # the table the check prints without --json
     assert "Memory forecast" in text and "sharded comm" in text and "FSDP 64" in text
+
+
+@pytest.mark.slow
+def test_a_file_size_limit_on_a_sharded_job_ends_in_one_line_and_resumes(numbered, tmp_path):
+    """The storage-fault rules hold for sharded checkpoints: every rank's shard file is refused (RLIMIT_FSIZE on
+    the job), every rank stops, one line names the fault and the newest complete folder, nothing half-written
+    stays, and the run continues from that folder."""
+    import os
+    import resource
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    run_folder = tmp_path / "run"
+    name, kwargs, size = TINY_MODELS["vit"]
+    args = ["pretrain", "--data", str(numbered), "--output", str(run_folder), "--workers", "0", "--model", name,
+            "--model-kwargs", json.dumps(kwargs), "--img-size", str(size), "--mask-patch-size", "16",
+            "--global-batch", "6", "--epochs", "2", "--warmup-epochs", "1", "--precision", "fp32", "--device", "cpu",
+            "--shard-model", "--nproc", "2", "--dist-timeout", "5"]
+    first = simmim(*args, "--max-steps", "2", "--master-port", str(free_port()))
+    assert first.returncode == 0, first.stderr
+    saved = checkpoints.latest_checkpoint(run_folder)
+    limit = min(p.stat().st_size for p in saved.glob("*.distcp")) // 2  # metrics rows and previews fit, a shard not
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("WORLD_SIZE", None)
+    limited = subprocess.run([sys.executable, "-m", "simmim_cli", *args, "--resume", "auto", "--max-steps", "6",
+                              "--save-every", "2", "--master-port", str(free_port())], capture_output=True, text=True,
+                             timeout=240, env=env, cwd=ROOT,
+                             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert limited.returncode == 74, limited.stderr
+    errors = [line for line in limited.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in limited.stderr, limited.stderr
+    assert "cannot write" in errors[0] and "checkpoint-00000004.dcp: file too large" in errors[0]
+    assert f"newest checkpoint {saved}" in errors[0]
+    assert not [p for p in run_folder.iterdir() if p.name.endswith(".tmp")]
+    assert checkpoints.latest_checkpoint(run_folder) == saved
+    finished = simmim(*args, "--resume", "auto", "--max-steps", "4", "--master-port", str(free_port()))
+    assert finished.returncode == 0, finished.stderr
+    assert checkpoints.load_checkpoint(checkpoints.latest_checkpoint(run_folder))["step"] == 4
