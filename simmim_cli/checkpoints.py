@@ -495,11 +495,3 @@ def read_sharded(path: Path, targets: dict[str, dict[str, torch.Tensor]] | None 
                           ) from None
     return record
 
-
-def consolidate(path: Path, output: Path) -> dict[str, Any]:
-    """A sharded checkpoint folder as one ``.pth`` file (weights, EMA and the run's record; not the optimizer's
-    moments, which only a resume uses: resume from the folder). Returns what was written."""
-    checkpoint = read_sharded(Path(path), skip=("optimizer",))
-    checkpoint.pop("format_version", None)
-    save_checkpoint(checkpoint, Path(output))
-    return checkpoint

@@ -48,7 +48,10 @@ def export_consolidated(config: ExportConfig) -> Path:
                           f"{source} is not one")
     if target.exists() and not config.force:
         raise SimmimError(f"{target} exists; pass --force to replace it or choose another file")
-    checkpoints.consolidate(source, target)
+    # the weights (and EMA) and the run's record; not the optimizer's moments, which only a resume uses
+    checkpoint = checkpoints.read_sharded(source, skip=("optimizer",))
+    checkpoint.pop("format_version", None)
+    checkpoints.save_checkpoint(checkpoint, target)
     return target
 
 
