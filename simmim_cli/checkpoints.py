@@ -6,17 +6,25 @@ A checkpoint is a dict::
      "optimizer": ..., "scaler": ..., "step": int, "epoch": int, "rng": {...}}
 
 Nothing in it is a pickled object, so loading one from a stranger can never run code.
+
+A sharded run (``--shard-model``) writes the same dict as a folder, ``checkpoint-NNNNNNNN.dcp/``: its tensors
+(model, optimizer, EMA: each rank its own shards) in PyTorch's distributed checkpoint format (DCP, ``.metadata``
+and ``__R_0.distcp`` files), everything else in ``run.pth``. It loads onto any number of processes (resharded), and
+:func:`load_checkpoint` reads it in one process, without the optimizer, as if it were a ``.pth``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 import pickle
 import random
 import re
+import shutil
 import socket
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -29,11 +37,32 @@ from . import storage
 from .errors import SimmimError
 
 FORMAT_VERSION = 1
-CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)\.pth$")
+CHECKPOINT_PATTERN = re.compile(r"checkpoint-(\d+)\.(?:pth|dcp)$")
+RUN_RECORD = "run.pth"  # in a sharded checkpoint folder: everything but the sharded tensors
 
 
-def checkpoint_name(step: int) -> str:
-    return f"checkpoint-{step:08d}.pth"
+def checkpoint_name(step: int, sharded: bool = False) -> str:
+    return f"checkpoint-{step:08d}.{'dcp' if sharded else 'pth'}"
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """A folder written by a sharded run (or a copy of one, complete or not)."""
+    path = Path(path)
+    return path.is_dir() and ((path / RUN_RECORD).exists() or (path / ".metadata").exists())
+
+
+def checkpoint_bytes(path: Path) -> int:
+    """The size of a checkpoint file, or of all the files of a checkpoint folder."""
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+    return path.stat().st_size
+
+
+def remove_checkpoint(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 def save_checkpoint(state: dict[str, Any], path: Path, then: str = "", needed: int | None = None) -> None:
@@ -100,6 +129,8 @@ TOLERATED_GLOBALS = ("yacs.config.CfgNode", "argparse.Namespace")
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Reads a checkpoint without unpickling arbitrary objects (``torch.load(weights_only=True)``)."""
     path = Path(path)
+    if is_sharded_checkpoint(path):
+        return read_sharded(path, skip=("optimizer",))
     if not path.is_file():
         raise SimmimError(f"checkpoint {path} not found")
     try:
@@ -146,12 +177,12 @@ def latest_checkpoint(directory: Path) -> Path | None:
 
 
 def prune_checkpoints(directory: Path, keep: int) -> tuple[int, int]:
-    """Deletes all but the newest ``keep`` (at least one) numbered checkpoints; returns (files, bytes freed)."""
+    """Deletes all but the newest ``keep`` (at least one) numbered checkpoints; returns (checkpoints, bytes freed)."""
     removed = freed = 0
     for path in list_checkpoints(directory)[:-max(keep, 1)]:
         with contextlib.suppress(FileNotFoundError):
-            size = path.stat().st_size
-            path.unlink()
+            size = checkpoint_bytes(path)
+            remove_checkpoint(path)
             removed, freed = removed + 1, freed + size
     return removed, freed
 
@@ -161,15 +192,29 @@ class RunCheckpoints:
 
     Before each save the free space is compared with the size of the last checkpoint: when it is short, the
     checkpoints beyond ``keep`` go first (the newest is never touched), and one warning says early when the disk
-    will not hold the next two. After a save, all but the newest ``keep`` are deleted."""
+    will not hold the next two. After a save, all but the newest ``keep`` are deleted.
 
-    def __init__(self, directory: Path, keep: int, say: Callable[[str], None]):
-        self.directory, self.keep, self.say = Path(directory), keep, say
+    ``sharded``: every rank calls :meth:`save` and writes its shards (:func:`save_sharded`); rank 0 alone minds
+    the space. Otherwise rank 0 alone calls it."""
+
+    def __init__(self, directory: Path, keep: int, say: Callable[[str], None], sharded: bool = False):
+        self.directory, self.keep, self.say, self.sharded = Path(directory), keep, say, sharded
         self.warned = False
 
     def save(self, state: dict[str, Any], path: Path, then: str = "") -> None:
+        if self.sharded:
+            if _is_main():
+                self._make_room(state)
+            save_sharded(state, path, then)
+        else:
+            save_checkpoint(state, path, then, self._make_room(state))
+        if _is_main():
+            prune_checkpoints(self.directory, self.keep)
+
+    def _make_room(self, state: dict[str, Any]) -> int:
+        """Prunes before the save when the disk is short; returns the bytes a checkpoint needs."""
         last = latest_checkpoint(self.directory)
-        needed = last.stat().st_size if last is not None else state_bytes(state)
+        needed = checkpoint_bytes(last) if last is not None else state_bytes(state)
         free = storage.free_bytes(self.directory)
         if free is not None and free < needed:
             removed, freed = prune_checkpoints(self.directory, self.keep - 1)
@@ -183,8 +228,7 @@ class RunCheckpoints:
             self.say(f"warning: {storage.human_bytes(free)} free in {self.directory}: room for fewer than the next two "
                      f"checkpoints ({storage.human_bytes(needed)} each); free space there soon, or the run stops at a "
                      "save (with the newest checkpoint kept, to resume from)")
-        save_checkpoint(state, path, then, needed)
-        prune_checkpoints(self.directory, self.keep)
+        return needed
 
 
 def newest_run_checkpoint(runs_root: Path, command: str) -> Path | None:
@@ -237,3 +281,217 @@ def strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
                 key = key[len(prefix):]
         cleaned[key.replace("._orig_mod.", ".")] = value
     return cleaned
+
+
+# ---------------------------------------------------------------------------------------------- sharded checkpoints
+
+
+def _is_main() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def split_sharded(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(the tensors of ``state``'s sections, keyed ``section/name``; the rest, with ``sharded_sections`` naming
+    the sections). A section is a top-level dict holding tensors (model, flattened optimizer, EMA)."""
+    tensors: dict[str, torch.Tensor] = {}
+    record: dict[str, Any] = {"sharded_sections": []}
+    for key, value in state.items():
+        if isinstance(value, dict) and any(torch.is_tensor(v) for v in value.values()):
+            tensors.update({f"{key}/{name}": v for name, v in value.items() if torch.is_tensor(v)})
+            record[key] = {name: v for name, v in value.items() if not torch.is_tensor(v)}
+            record["sharded_sections"].append(key)
+        else:
+            record[key] = value
+    return tensors, record
+
+
+def save_sharded(state: dict[str, Any], path: Path, then: str = "") -> None:
+    """Every rank calls this with its part of ``state`` (its shards, the same plain values): the ranks write
+    their shards into one temporary folder (named by rank 0), rank 0 adds ``run.pth`` and renames the folder
+    when all is written, so that a checkpoint folder is complete or not there. A failed write on any rank raises a
+    :class:`~simmim_cli.storage.StorageError` on every rank, and the temporary folder is removed."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    path = Path(path)
+    tensors, record = split_sharded(state)
+    holder = [f".{path.name}.{socket.gethostname()}-{os.getpid()}.tmp"]
+    if dist.is_initialized():
+        dist.broadcast_object_list(holder, src=0)
+    tmp = path.with_name(holder[0])
+    try:
+        with storage.writing(path, needed=state_bytes(tensors), then=then):
+            try:
+                with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+                    warnings.simplefilter("ignore", UserWarning)
+                    dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True),
+                             no_dist=not dist.is_initialized())
+            except CheckpointException as error:  # every rank gets the failures of all: the first one's cause
+                raise _first_failure(error) from None
+            if _is_main():
+                with open(tmp / RUN_RECORD, "wb") as file:
+                    torch.save({"format_version": FORMAT_VERSION, **on_cpu(record)}, file)
+                    file.flush()
+                    os.fsync(file.fileno())
+                _replace(tmp, path)
+    except BaseException:
+        if _is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _first_failure(error: BaseException) -> BaseException:
+    failures = [failure[0] for failure in getattr(error, "failures", {}).values()]
+    storage_faults = [failure for failure in failures if storage.os_error_in(failure) is not None]
+    return (storage_faults or failures or [RuntimeError(str(error))])[0]
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    """``tmp`` (a folder) becomes ``path``; one that is there already is replaced."""
+    if path.exists():
+        old = path.with_name(f".{path.name}.{os.getpid()}.old.tmp")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        remove_checkpoint(old)
+    else:
+        os.replace(tmp, path)
+
+
+# what a DCP .metadata file may hold: its own dataclasses, torch sizes, dtypes and layouts, a path
+_METADATA_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "TensorStorageMetadata", "BytesStorageMetadata",
+                                              "ChunkStorageMetadata", "MetadataIndex", "TensorProperties",
+                                              "StorageMeta", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "pathlib": {"Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's index is a pickle; this reads it without ever making an object of another class (no code runs)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = name in _METADATA_CLASSES.get(module, ()) or (
+            module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)))
+        if not allowed:
+            raise pickle.UnpicklingError(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
+def _reader(path: Path) -> Any:
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            with open(Path(self.path) / ".metadata", "rb") as file:
+                metadata = _MetadataUnpickler(file).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(path)
+
+
+def _incomplete(path: Path, what: str) -> SimmimError:
+    return SimmimError(f"sharded checkpoint {path} is incomplete: {what}; resume from an older checkpoint "
+                       "(delete this folder) or copy it again")
+
+
+def check_sharded(path: Path) -> tuple[dict[str, Any], Any]:
+    """(run.pth's record, the DCP index) of a sharded checkpoint folder, after checking that every shard file it
+    names is there and whole, and that no tensor claims more bytes than its files hold (a hostile index cannot make
+    a reader allocate more memory than the folder's size). One line naming the file otherwise."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    for name in (".metadata", RUN_RECORD):
+        if not (path / name).is_file():
+            raise _incomplete(path, f"{name} is missing")
+    try:
+        with open(path / ".metadata", "rb") as file:
+            metadata = _MetadataUnpickler(file).load()
+    except pickle.UnpicklingError as error:
+        raise SimmimError(f"refusing to load {path}: its .metadata holds Python objects other than a checkpoint "
+                          f"index ({error}), which could run code") from error
+    except (EOFError, OSError, ValueError, TypeError, AttributeError) as error:
+        raise _incomplete(path, f".metadata is unreadable ({type(error).__name__})") from error
+    stored: dict[str, int] = {}
+    for index, info in metadata.storage_data.items():
+        if Path(info.relative_path).name != info.relative_path or info.relative_path.startswith("."):
+            raise SimmimError(f"refusing to load {path}: its index names a file outside the folder "
+                              f"({info.relative_path})")
+        shard = path / info.relative_path
+        if not shard.is_file():
+            raise _incomplete(path, f"its shard file {info.relative_path} is missing")
+        if shard.stat().st_size < info.offset + info.length:
+            raise _incomplete(path, f"its shard file {info.relative_path} is truncated ({shard.stat().st_size} of "
+                              f"at least {info.offset + info.length} bytes)")
+        stored[index.fqn] = stored.get(index.fqn, 0) + info.length
+    for key, entry in metadata.state_dict_metadata.items():
+        if isinstance(entry, TensorStorageMetadata):
+            claimed = math.prod(entry.size) * torch.empty(0, dtype=entry.properties.dtype).element_size()
+            if claimed > stored.get(key, 0):
+                raise SimmimError(f"{path} is not a readable sharded checkpoint: its index says {key} holds "
+                                  f"{claimed} bytes, its files {stored.get(key, 0)}")
+    record = load_checkpoint(path / RUN_RECORD)
+    return record, metadata
+
+
+def read_sharded(path: Path, targets: dict[str, dict[str, torch.Tensor]] | None = None,
+                 skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A sharded checkpoint folder as the checkpoint dict it was saved from. The tensors of each section land in
+    ``targets[section]`` where given (a sharded model's own state dict: each rank reads its shards, resharded to
+    this run's process count; every rank calls it together), else in whole tensors on the CPU. Sections in
+    ``skip`` are left out (a reader has no use for the optimizer's moments). Without ``targets`` each process
+    reads alone (a reader on one rank of a job)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    path = Path(path)
+    record, metadata = check_sharded(path)
+    wanted: dict[str, torch.Tensor] = {}
+    for section in record.pop("sharded_sections", []):
+        if section in skip:
+            record.pop(section, None)
+            continue
+        live = (targets or {}).get(section)  # None: whole tensors
+        tensors, extra = {}, []
+        for key, entry in metadata.state_dict_metadata.items():
+            if not key.startswith(f"{section}/") or not isinstance(entry, TensorStorageMetadata):
+                continue
+            name = key[len(section) + 1:]
+            if live is not None and name not in live:
+                extra.append(name)
+                continue
+            target = live[name] if live is not None else torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
+            if tuple(target.shape) != tuple(entry.size):
+                raise SimmimError(f"{path} does not fit this model: {name} is {tuple(entry.size)} in the checkpoint "
+                                  f"and {tuple(target.shape)} here; give the --model/--model-kwargs it was trained "
+                                  "with")
+            tensors[name] = wanted[key] = target
+        missing = [name for name in live or {} if name not in tensors]
+        # the optimizer has no state for a parameter that never had a gradient: it keeps its fresh one
+        if section != "optimizer" and (missing or extra):
+            raise SimmimError(f"{path} does not fit this model: {len(missing)} of its {section} tensors missing "
+                              f"({', '.join(missing[:2])}), {len(extra)} left over ({', '.join(extra[:2])}); give "
+                              "the --model/--model-kwargs it was trained with")
+        record[section] = {**record.get(section, {}), **tensors}
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(wanted, storage_reader=_reader(path), no_dist=not (targets and dist.is_initialized()))
+    except (CheckpointException, RuntimeError, AssertionError, pickle.UnpicklingError) as error:
+        cause = _first_failure(error) if isinstance(error, CheckpointException) else error
+        line = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        raise SimmimError(f"{path} is not a readable sharded checkpoint ({line}); a shard file may be corrupt"
+                          ) from None
+    return record
+

@@ -101,6 +101,7 @@ class TrainConfig:
     master_port: int = 29500
     dist_timeout: float = 30.0  # minutes a collective may wait before the job fails
     bf16_grad_reduce: bool = False  # all-reduce gradients in bf16: half the traffic, ~3 digits kept
+    shard_model: bool = False  # FSDP2: weights, gradients and optimizer state split over the ranks (parallelize.py)
     # settings nobody gave (command line, recipe) that the command fits to the run and the data (defaults.py)
     auto: list[str] = field(default_factory=list)
 

@@ -1,32 +1,30 @@
 """The one training loop, shared by pretrain, finetune and linear-probe.
 
 A task (``tasks.py``) owns the model and says what a batch's loss is; the engine does everything else, in
-named steps: :meth:`Trainer.setup` (device, precision, optimizer, schedule, DDP, resume), :meth:`Trainer.run_epoch`,
-:meth:`Trainer.train_step` (forward and backward of one batch), :meth:`Trainer.optimizer_step` (clip, step,
-non-finite checks), :meth:`Trainer.log_window` and :meth:`Trainer.save`.
+named steps: :meth:`Trainer.setup` (device, precision, sharding, optimizer, schedule, resume),
+:meth:`Trainer.run_epoch`, :meth:`Trainer.train_step` (forward and backward of one batch),
+:meth:`Trainer.optimizer_step` (clip, step, non-finite checks), :meth:`Trainer.log_window` and :meth:`Trainer.save`.
+Whether the model is replicated (DDP) or sharded (``--shard-model``) is ``parallelize.py``'s business.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import inspect
 import math
 import signal
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
-from . import checkpoints, distributed, storage
+from . import checkpoints, distributed, parallelize, storage
 from .config import TrainConfig
 from .errors import Interrupted, SimmimError, TrainingDiverged
-from .flops import count_training_flops, device_peak_flops
+from .flops import count_training_flops, device_peak_flops, meta_copy
 from .log_window import LogWindow
 from .models import set_fused_attention
 from .optim import build_scheduler, lr_scale_for_batch
@@ -82,6 +80,7 @@ class Trainer:
         self.device = context.device
         self.output = Path(config.output)
         self.precision = resolve_precision(config.precision, self.device)
+        self.sharded = config.shard_model and context.distributed  # one process has nothing to shard ...
         self.stop_requested = False
         self.state = TrainState()
         if self.device.type == "cuda":
@@ -132,11 +131,21 @@ class Trainer:
     # -- setup -------------------------------------------------------------------------------------
 
     def setup(self, dataset: Any) -> None:
-        """Model on the device, optimizer and schedule for the global batch, DDP, the run folder, resume."""
+        """Model on the device (sharded: its shards), optimizer and schedule for the global batch, the run folder,
+        resume."""
         config, context = self.config, self.context
         if self.device.type == "cpu":
             keep_freed_cpu_memory()
-        model = self.task.model.to(self.device)
+        model = self.task.model
+        self.sharded_modules: list[nn.Module] = []
+        self.flops_model: nn.Module | None = None
+        if self.sharded:  # before the optimizer: fully_shard replaces the parameters
+            self.flops_model = meta_copy(model)  # a sharded model cannot be copied
+            self.sharded_modules = self.task.sharded_modules()
+            self.mesh = parallelize.shard(self.sharded_modules, self.device, context.world_size,
+                                          context.local_world_size, self.precision, config.bf16_grad_reduce)
+        else:
+            model.to(self.device)
         set_fused_attention(model, self.device.type == "cuda" or self.precision == "fp32")
         if config.grad_checkpointing:
             self.task.set_grad_checkpointing()
@@ -155,7 +164,7 @@ class Trainer:
             config.warmup_lr * lr_factor, config.min_lr * lr_factor,
             [m * self.steps_per_epoch for m in config.lr_milestones],
         )
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.scaler = parallelize.grad_scaler(self.device, self.precision == "fp16", self.sharded)
         # fused AdamW can skip a non-finite step on the device (no host sync); other optimizers need the host
         self.skips_on_device = getattr(self.optimizer, "_step_supports_amp_scaling", False)
         self.train_model: nn.Module | None = None  # wrapped (compile, DDP) at the first batch: see prepare_model
@@ -166,7 +175,8 @@ class Trainer:
         self.reporter = Reporter(context.is_main, self.total_steps, 0)
         # a run whose metrics.jsonl cannot be written stops at the next step, on every rank, with a checkpoint
         self.run_log = RunLog(self.output, context.is_main, config, on_failure=self._stop_for_storage)
-        self.saver = checkpoints.RunCheckpoints(self.output, config.keep, self.reporter.print)
+        # ... but --shard-model keeps its checkpoint format (folders that load on any process count)
+        self.saver = checkpoints.RunCheckpoints(self.output, config.keep, self.reporter.print, config.shard_model)
         if context.is_main:
             with storage.writing(self.output):
                 self.output.mkdir(parents=True, exist_ok=True)
@@ -186,6 +196,8 @@ class Trainer:
             f"{' (the default, fitted to the run)' if 'warmup_epochs' in config.auto else ''}\n"
             + (f"process group: {torch.distributed.get_backend()}, {context.world_size} ranks, collectives time out "
                f"after {config.dist_timeout:g} min\n" if context.distributed else "")
+            + (f"{parallelize.describe_mesh(self.mesh)}: {parallelize.local_numel(self.parameters) / 1e6:.2f}M "
+               f"of the {count / 1e6:.2f}M trainable parameters on each\n" if self.sharded else "")
             + f"output: {self.output}"
         )
         slow = emulated_bf16_warning(self.precision, self.device)
@@ -206,7 +218,7 @@ class Trainer:
         would wait for), then compile and wrap for DDP."""
         model = self.task.model
         self.flops_per_image, unused = count_training_flops(
-            model, batch, lambda m, b: self.task.training_step(m, b)["loss"])
+            self.flops_model or model, batch, lambda m, b: self.task.training_step(m, b)["loss"])
         if unused:
             for name, parameter in model.named_parameters():
                 if name in unused:
@@ -219,25 +231,9 @@ class Trainer:
         self.train_model = self._wrap(model)
 
     def _wrap(self, model: nn.Module) -> nn.Module:
-        train_model = model
-        if self.config.compile:
-            train_model = torch.compile(train_model)
-        if self.context.distributed:
-            # The head's 1×1 conv gets gradients whose strides differ from the bucket's only on size-1 axes:
-            # the same memory layout, so DDP's warning about it is a false alarm.
-            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            # gradients live in the all-reduce buckets: no copy in and out, less memory; buffers (position
-            # tables, relative-position indices) are constants, so nothing to broadcast before each forward
-            constant_buffers = ({"forward_sync_buffers": False}  # newer torch's name for it
-                                if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-                                else {"broadcast_buffers": False})
-            train_model = DistributedDataParallel(train_model, device_ids=device_ids, gradient_as_bucket_view=True,
-                                                  **constant_buffers)
-            if self.config.bf16_grad_reduce:
-                from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
-
-                train_model.register_comm_hook(None, bf16_compress_hook)
+        train_model = torch.compile(model) if self.config.compile else model
+        if self.context.distributed and not self.sharded:
+            train_model = parallelize.replicate(train_model, self.device, self.config.bf16_grad_reduce)
         return train_model
 
     def _install_signal_handlers(self) -> dict:
@@ -287,7 +283,7 @@ class Trainer:
         if self.train_model is None:
             self.prepare_model(batch)
         sync = last_micro or not self.context.distributed
-        with contextlib.nullcontext() if sync else self.train_model.no_sync():
+        with contextlib.nullcontext() if sync else parallelize.accumulating(self.task.model, self.train_model):
             with autocast(self.precision, self.device):
                 loss = self.task.training_step(self.train_model, batch)["loss"]
             self.scaler.scale(loss / self.config.grad_accum).backward()
@@ -302,10 +298,12 @@ class Trainer:
         state = self.state
         self.scheduler.step_update(state.step)
         self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.config.clip_grad or math.inf)
+        grad_norm = parallelize.clip_grad_norm(self.parameters, self.config.clip_grad or math.inf)
         nonfinite = ~torch.isfinite(grad_norm)
-        if self.scaler.is_enabled():
+        if self.scaler.is_enabled() and not self.sharded:
             self.scaler.step(self.optimizer)  # skips steps with inf/NaN gradients itself
+        # sharded, the scaler's per-device inf flag cannot reach a fused step over DTensors; the norm of all shards'
+        # gradients says the same on every rank, after the scaler's all-reduced check in unscale_
         elif self.skips_on_device:
             self.optimizer.found_inf = nonfinite.float()
             self.optimizer.step()
@@ -332,9 +330,10 @@ class Trainer:
                 "--base-lr or a longer --warmup-epochs")
 
     def end_epoch(self) -> None:
-        """A whole epoch done: the task evaluates (all ranks) and its figures are logged."""
+        """A whole epoch done: the task evaluates (all ranks, each its share) and its figures are logged."""
         epoch = self.state.step // self.steps_per_epoch
-        figures = self.task.after_epoch(self.output, epoch, self.state.step)
+        with parallelize.gathered(self.sharded_modules):  # the ranks' shares differ: no forward may be a collective
+            figures = self.task.after_epoch(self.output, epoch, self.state.step)
         if figures:
             self.run_log.log({"step": self.state.step, "epoch": epoch, **figures})
             self.reporter.print(f"epoch {epoch}: " + "  ".join(f"{k} {v:.4g}" for k, v in figures.items()
@@ -394,9 +393,10 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------------------
 
     def save(self) -> Path:
-        """Every rank calls this at the same step (rank 0 writes, the others wait)."""
+        """Every rank calls this at the same step (rank 0 writes, the others wait; sharded, every rank writes its
+        shards)."""
         state = self.state
-        path = self.output / checkpoints.checkpoint_name(state.step)
+        path = self.output / checkpoints.checkpoint_name(state.step, self.config.shard_model)
         if state.last_saved_step == state.step:
             return path
         self._check_nonfinite()
@@ -404,22 +404,29 @@ class Trainer:
             return checkpoints.latest_checkpoint(self.output) or path
         rng_states = distributed.gather_objects(checkpoints.rng_state())
         failure: StorageError | None = None
-        if self.context.is_main:
+        if self.context.is_main or self.config.shard_model:
             try:
                 self.saver.save(self._checkpoint(rng_states), path)
-                figures = self.task.after_checkpoint(self.output, state.step) or {}
-                if figures:
-                    self.run_log.log({"step": state.step, "epoch": round(state.step / self.steps_per_epoch, 4),
-                                      **figures})
             except StorageError as error:
                 failure = error
+        with parallelize.gathered(self.sharded_modules):  # the previews' forward passes run on rank 0 alone
+            if self.context.is_main and failure is None:
+                try:
+                    figures = self.task.after_checkpoint(self.output, state.step) or {}
+                    if figures:
+                        self.run_log.log({"step": state.step, "epoch": round(state.step / self.steps_per_epoch, 4),
+                                          **figures})
+                except StorageError as error:
+                    failure = error
+        if self.context.is_main:
             failure = failure or self.run_log.failure
         # in place of a barrier: every rank learns whether rank 0 could write, and all stop together (none waits)
         if distributed.any_rank(failure is not None, self.context):
             hint = distributed.resume_hint(self.config)
-            if failure is None:  # rank 0's own error names the cause: let the launcher see rank 0 fail first
+            if not self.context.is_main:  # rank 0's own error names the cause: let the launcher see rank 0 fail first
                 time.sleep(FOLLOWER_GRACE_S)
-                raise StorageError(f"rank 0 could not write to {self.output} (its message says why); {hint}")
+                raise StorageError(f"{failure or f'rank 0 could not write to {self.output} (its message says why)'}"
+                                   f"; {hint}")
             raise StorageError(f"{failure}; {hint}")
         state.last_saved_step = state.step
         return path
@@ -430,11 +437,13 @@ class Trainer:
 
     def _checkpoint(self, rng_states: list[dict[str, Any]]) -> dict[str, Any]:
         state = self.state
+        model_state, optimizer_state = parallelize.training_state(self.task.model, self.optimizer,
+                                                                  by_name=self.config.shard_model)
         return {
             "kind": self.task.kind,
             "config": self.config.to_dict(),
-            "model": self.task.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optimizer_state,
             "scaler": self.scaler.state_dict(),
             "step": state.step,
             "epoch": state.step / self.steps_per_epoch,  # epochs done, fractional mid-epoch
@@ -455,16 +464,24 @@ class Trainer:
 
     def _restore(self, path: Path) -> None:
         state = self.state
-        checkpoint = checkpoints.load_checkpoint(path, map_location="cpu")
+        sharded_checkpoint = checkpoints.is_sharded_checkpoint(path)
+        checkpoint = (checkpoints.check_sharded(path)[0] if sharded_checkpoint
+                      else checkpoints.load_checkpoint(path, map_location="cpu"))
         if checkpoint.get("kind") != self.task.kind:
             raise SimmimError(f"{path} is a {checkpoint.get('kind', 'foreign')} checkpoint, "
                               f"it cannot resume a {self.task.kind} run")
-        try:
-            self.task.model.load_state_dict(checkpoint["model"])
-        except RuntimeError as error:
-            raise SimmimError(f"{path} does not fit this model (--model {self.config.model}, --img-size "
-                              f"{self.config.img_size}): {str(error).splitlines()[1].strip()}") from error
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        if sharded_checkpoint:  # read into this run's own tensors: its shards, on any process count
+            sections = {k: v for k, v in self.task.extra_state().items() if isinstance(v, dict)}  # a sharded EMA
+            checkpoint = parallelize.restore_sharded(path, self.task.model, self.optimizer, sections)
+        elif "optimizer" not in checkpoint:
+            raise SimmimError(f"{path} holds the weights only (a consolidated copy), not the optimizer's state a run "
+                              "resumes with; resume from the sharded checkpoint folder it was made from")
+        else:
+            try:
+                parallelize.restore(checkpoint, self.task.model, self.optimizer)
+            except RuntimeError as error:
+                raise SimmimError(f"{path} does not fit this model (--model {self.config.model}, --img-size "
+                                  f"{self.config.img_size}): {str(error).splitlines()[1].strip()}") from error
         self.task.load_extra_state(checkpoint)
         self.scaler.load_state_dict(checkpoint["scaler"])
         state.step = state.last_saved_step = checkpoint["step"]

@@ -73,13 +73,24 @@ def _untouched_random_state():
             np.random.set_state(saved[1])
 
 
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` on the meta device, made without copying its tensors (a big model is not doubled in
+    memory, not even for a moment)."""
+    memo: dict[int, Any] = {}
+    for parameter in model.parameters():
+        memo[id(parameter)] = nn.Parameter(torch.empty_like(parameter, device="meta"), parameter.requires_grad)
+    for buffer in model.buffers():
+        memo[id(buffer)] = torch.empty_like(buffer, device="meta")
+    return copy.deepcopy(model, memo)
+
+
 def count_training_flops(
     model: nn.Module, batch: dict[str, Any], step: Callable[[nn.Module, dict[str, Any]], torch.Tensor]
 ) -> tuple[float | None, list[str]]:
     """(training FLOPs per image, names of trainable parameters that get no gradient) for ``step(model, batch)``
     → loss, run forward and backward on a meta-device copy. (None, []) when the model cannot run on the meta
     device (some operation needs real values)."""
-    meta_model = copy.deepcopy(model).to("meta")
+    meta_model = meta_copy(model)
     meta_batch = {k: v.to("meta") if torch.is_tensor(v) else v for k, v in batch.items()}
     images = len(next(v for v in batch.values() if torch.is_tensor(v)))
     try:

@@ -147,6 +147,12 @@ Bf16GradReduce = Annotated[bool, typer.Option(
     help="All-reduce gradients in bf16 instead of fp32: half the network traffic between nodes, gradients "
          "rounded to 3 significant digits before averaging. Worth it on multi-node jobs with slow links; no "
          "gain within one NVLink node.", rich_help_panel=DIST)]
+ShardModel = Annotated[bool, typer.Option(
+    "--shard-model", help="Shard the weights, gradients and AdamW state over the processes (PyTorch FSDP2): each GPU "
+    "holds 1/N of them and gathers one block's weights just before it runs. For models that do not fit with "
+    "replicas (ViT-H, SwinV2-G); checkpoints become folders that load on any process count. Across nodes the "
+    "weights are sharded within each node and replicated across nodes (HSDP). See docs/big-models.md.",
+    rich_help_panel=DIST)]
 ParamGroups = Annotated[str, typer.Option(
     help="Whose parameter groups: timm (timm's layer ids and no-weight-decay list) | official (the authors' "
          "optimizer.py exactly, set by the paper's recipes: a Swin patch merging one layer lower for layer decay; "

@@ -382,6 +382,16 @@ def render(report: dict[str, Any]) -> str:
     if memory["grad_checkpointing_fits"] is not None:
         row("checkpointing", f"--grad-checkpointing {'lets' if memory['grad_checkpointing_fits'] else 'does not let'}"
             f" batch {run['batch_size']} fit")
+    plan = report.get("memory_plan")
+    if plan:
+        from .memory_plan import render as render_plan
+
+        section("Memory forecast (per GPU, replicated or sharded, each with and without --grad-checkpointing)")
+        lines.extend(render_plan(plan))
+        if plan.get("communication"):
+            comm = plan["communication"]
+            row("sharded comm", f"{comm['total_s'] * 1e3:.1f} ms of all-gathers, reduce-scatters (and all-reduces "
+                "across nodes) per step at the measured bandwidth")
     forecast = report["forecast"]
     if forecast is not None:
         section("Speed (measured: real steps after warm-up, each process)")

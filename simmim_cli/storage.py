@@ -207,18 +207,24 @@ def remove_stale_temporaries(directory: Path, patterns: Iterable[str] = TEMPORAR
     removed = freed = 0
     for pattern in patterns:
         for path in directory.glob(pattern):
-            if not path.is_file() or _written_by_live_process(path.name, host):
+            folder = path.is_dir() and _OWNER.search(path.name) is not None  # a sharded checkpoint's shards
+            if not (path.is_file() or folder) or _written_by_live_process(path.name, host):
                 continue
             try:
-                size = path.stat().st_size
-                path.unlink()
+                if folder:
+                    size = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+                    shutil.rmtree(path)
+                else:
+                    size = path.stat().st_size
+                    path.unlink()
             except OSError:
                 continue
             removed, freed = removed + 1, freed + size
     return removed, freed
 
 
-_OWNER = re.compile(r"\.pth\.(?P<host>.+)-(?P<pid>\d+)\.tmp$")  # a checkpoint's: .<name>.pth.<host>-<pid>.tmp
+# a checkpoint's: .<name>.pth.<host>-<pid>.tmp, or a sharded one's folder .<name>.dcp.<host of rank 0>-<its pid>.tmp
+_OWNER = re.compile(r"\.(?:pth|dcp)\.(?P<host>.+)-(?P<pid>\d+)\.tmp$")
 
 
 def _written_by_live_process(name: str, host: str) -> bool:

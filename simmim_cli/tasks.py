@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checkpoints, distributed, storage
+from . import checkpoints, distributed, parallelize, storage
 from .config import FinetuneConfig, PretrainConfig, TrainConfig
 from .evaluation import evaluate_classifier, image_logits, knn_classify
 from .features import extract_features
@@ -60,6 +60,11 @@ class Task:
     def set_grad_checkpointing(self) -> None:
         """Recompute activations in the backward pass to save memory."""
         self.model.set_grad_checkpointing(True)
+
+    def sharded_modules(self) -> list[nn.Module]:
+        """What ``--shard-model`` shards (each a root of its own), asked once, before the sharding: the model, and
+        any copy of it the task keeps (a sharded module cannot be copied)."""
+        return [self.model]
 
     def extra_state(self) -> dict[str, Any]:
         """More to save in checkpoints (plain values and tensors only)."""
@@ -154,10 +159,12 @@ class PretrainTask(Task):
         return {"val_loss": round(loss_sum / max(count, 1), 5)}
 
 
-def save_model_file(path: Path, kind: str, model: nn.Module, config: TrainConfig, classes: list[str],
-                    metrics: dict[str, Any]) -> None:
-    """A weights-only checkpoint for evaluate, export and predict: model, config, class names, metrics."""
-    checkpoints.save_checkpoint({"kind": kind, "model": model.state_dict(), "config": config.to_dict(),
+def save_model_file(path: Path, kind: str, model: nn.Module | dict[str, torch.Tensor], config: TrainConfig,
+                    classes: list[str], metrics: dict[str, Any]) -> None:
+    """A weights-only checkpoint for evaluate, export and predict: model (or its state dict), config, class names,
+    metrics."""
+    state = model.state_dict() if isinstance(model, nn.Module) else model
+    checkpoints.save_checkpoint({"kind": kind, "model": state, "config": config.to_dict(),
                                  "classes": classes, "metrics": metrics}, path)
 
 
@@ -192,13 +199,14 @@ class ClassifierTask(Task):
             model.train(was_training)
             figures = {k: result[k] for k in ("val_top1", "val_top5", "val_loss")}
         failure = None
+        state = parallelize.full_state_dict(self.evaluation_model())  # sharded: every rank, rank 0 gets it whole
         if distributed.is_main():
             try:
-                save_model_file(output / "last.pth", self.kind, self.evaluation_model(), self.config, self.classes,
+                save_model_file(output / "last.pth", self.kind, state, self.config, self.classes,
                                 {"epoch": epoch, "step": step, **figures})
                 if figures and (self.best_top1 is None or figures["val_top1"] > self.best_top1):
                     self.best_top1 = figures["val_top1"]
-                    save_model_file(output / "best.pth", self.kind, self.evaluation_model(), self.config,
+                    save_model_file(output / "best.pth", self.kind, state, self.config,
                                     self.classes, {"epoch": epoch, "step": step, **figures})
             except StorageError as error:
                 failure = str(error)
@@ -260,6 +268,10 @@ class FinetuneTask(ClassifierTask):
 
             self.ema = ModelEmaV3(self.model, decay=self.config.model_ema_decay)
 
+    def sharded_modules(self) -> list[nn.Module]:
+        self._ensure_ema()  # copied from the whole model, then sharded like it
+        return [self.model] + ([self.ema.module] if self.ema is not None else [])
+
     def after_optimizer_step(self, step: int) -> None:
         if self.config.model_ema:
             self._ensure_ema()
@@ -279,7 +291,7 @@ class FinetuneTask(ClassifierTask):
         super().load_extra_state(checkpoint)
         if "model_ema" in checkpoint:
             self._ensure_ema()
-            self.ema.module.load_state_dict(checkpoint["model_ema"])
+            parallelize.load_model_state(self.ema.module, checkpoint["model_ema"])
 
 
 

@@ -307,6 +307,7 @@ class ExportConfig:
     push_to_hub: str | None = None  # a Hugging Face Hub repository for the --timm or --hf folder
     img_size: int | None = None  # the --timm folder's model at another input size; the checkpoint's unless given
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # likewise, e.g. {"window_size": 7}
+    consolidate: str | None = None  # a sharded checkpoint folder written as one .pth file
 
     command = "export"
 
@@ -315,8 +316,9 @@ class ExportConfig:
             raise SimmimError(f"--what must be classifier, features or reconstruction, got '{self.what}'")
         if self.exporter not in ("auto", "dynamo", "torchscript"):
             raise SimmimError(f"--exporter must be auto, dynamo or torchscript, got '{self.exporter}'")
-        if not self.onnx and not self.torchscript and not self.timm and not self.hf:
-            raise SimmimError("nothing to export: give --onnx, --torchscript, --timm DIR and/or --hf DIR")
+        if not self.onnx and not self.torchscript and not self.timm and not self.hf and not self.consolidate:
+            raise SimmimError("nothing to export: give --onnx, --torchscript, --timm DIR, --hf DIR and/or "
+                              "--consolidate FILE")
         if self.push_to_hub and not (self.timm or self.hf):
             raise SimmimError("--push-to-hub uploads the --timm or --hf folder; give one of them too")
         if self.push_to_hub and self.timm and self.hf:

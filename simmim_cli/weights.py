@@ -43,7 +43,7 @@ class Weights:
 
 
 def read_weights(path: str | Path) -> Weights:
-    """Any supported checkpoint → :class:`Weights`."""
+    """Any supported checkpoint → :class:`Weights` (a sharded run's checkpoint folder reads as its ``.pth`` would)."""
     if hf.is_hf(path):
         found = hf.read_folder(path)
         return Weights(encoder=found.encoder, source=f"Hugging Face {found.architecture}", path=Path(str(path)),
@@ -51,9 +51,9 @@ def read_weights(path: str | Path) -> Weights:
                        config={"model": found.model, "model_kwargs": found.model_kwargs, "img_size": found.img_size,
                                "image_spec": found.image_spec})
     path = Path(path)
-    if path.is_dir():
-        raise SimmimError(f"{path} is a folder without config.json; give a checkpoint file, or a folder written by "
-                          "transformers' save_pretrained")
+    if path.is_dir() and not checkpoints.is_sharded_checkpoint(path):
+        raise SimmimError(f"{path} is a folder without config.json; give a checkpoint file, a sharded checkpoint "
+                          "folder (checkpoint-N.dcp), or a folder written by transformers' save_pretrained")
     checkpoint = checkpoints.load_checkpoint(path)
     if "format_version" in checkpoint and "kind" in checkpoint:  # this toolkit
         state = checkpoint["model"]

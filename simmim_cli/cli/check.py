@@ -43,11 +43,15 @@ def check_options(
     steps: Annotated[int | None, typer.Option(
         help="Timed optimizer steps per process, after 2 warm-up steps \\[default: as many as take about 5 s, at "
              "least 10].", show_default=False)] = None,
+    forecast_gpus: Annotated[list[int] | None, typer.Option(
+        help="Also forecast the per-GPU memory on this many GPUs (repeat for several; 8 a node, or the run's "
+             "GPUs a node), replicated and sharded, at the run's batch per GPU.", show_default=False)] = None,
 ) -> None:
     """Will this run work, how fast, and what holds it back?"""
     from ..commands.check import CheckOptions
 
-    ctx.obj = CheckOptions(json=json, output=output, find_batch=find_batch, steps=steps)
+    ctx.obj = CheckOptions(json=json, output=output, find_batch=find_batch, steps=steps,
+                           forecast_gpus=forecast_gpus or [])
 
 
 CHECK = "Check"  # help panel of the check's own options

@@ -243,6 +243,7 @@ def knn(
     "'{\"window_size\": 7}'\n\n"
     "  simmim export --hf swin-mim/ --checkpoint runs/pretrain-X/checkpoint-00012345.pth  # with the pixel head\n\n"
     "  simmim export --hf vit-cls/ --checkpoint runs/finetune-X/best.pth --push-to-hub me/vit-cls\n\n"
+    "  simmim export --consolidate vit-h.pth --checkpoint runs/pretrain-X/checkpoint-00012345.dcp   # one file\n\n"
     "A --timm folder loads with timm.create_model('local-dir:vit-simmim/', pretrained=True), also as a "
     "detection/segmentation backbone (features_only=True); an --hf folder with transformers' "
     "AutoModelForMaskedImageModeling / AutoModelForImageClassification.from_pretrained(DIR) "
@@ -301,14 +302,20 @@ def export(
         help="JSON of timm.create_model arguments that change the exported model, as for finetune: "
              "'{\"window_size\": 7}' for a Swin at another window, usually with --img-size (224 for window 7).",
         show_default=False)] = None,
+    consolidate: Annotated[str | None, typer.Option(
+        help="Write a sharded checkpoint folder (checkpoint-N.dcp of a --shard-model run) as this one .pth file: "
+             "the weights (and EMA) and the run's record, without the optimizer's state (resume from the folder). "
+             "Every command reads the folder as it is; this is for other tools. Without --onnx given too, no ONNX "
+             "file is written.", show_default=False)] = None,
 ) -> None:
     """Export a checkpoint to ONNX (dynamic batch, fixed image size, preprocessing in the metadata), verified;
     or as a timm model folder (--timm) for timm and the detection/segmentation frameworks built on it."""
     from ..commands.export import export as run
 
     config = config_from_context(ExportConfig, ctx)
-    if (config.timm or config.hf) and ctx.get_parameter_source("onnx").name in ("DEFAULT", "DEFAULT_MAP"):
-        config.onnx = False  # --timm/--hf alone write their folder only
+    if (config.timm or config.hf or config.consolidate) and ctx.get_parameter_source("onnx").name in (
+            "DEFAULT", "DEFAULT_MAP"):
+        config.onnx = False  # --timm/--hf/--consolidate alone write their folder or file only
     result = run(config)
     for note in result["notes"]:
         typer.echo(f"note: {note}", err=True)
@@ -328,6 +335,9 @@ def export(
                    f"check photos); load it with {hf_result['architecture']}.from_pretrained('{folder}')")
         if "pushed" in hf_result:
             typer.echo(f"pushed {folder}/ to the Hub: {hf_result['pushed']}")
+    if config.consolidate:
+        typer.echo(f"wrote {config.consolidate}: {result['checkpoint']} in one file (weights and the run's record; "
+                   "resume from the folder)")
     if "what" not in result:
         return
     check = result.get("verification")

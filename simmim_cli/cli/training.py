@@ -74,6 +74,7 @@ from ..options import (
     Seed,
     ShardCache,
     ShardCacheSize,
+    ShardModel,
     Std,
     ValData,
     WarmupEpochs,
@@ -158,6 +159,7 @@ PRETRAIN_EPILOG = (
     "Examples:\n\n"
     "  simmim pretrain --demo                                   # built-in images, a few CPU minutes\n\n"
     "  simmim pretrain --data shards/ --gpus 8                  # one 8-GPU machine\n\n"
+    "  simmim pretrain --data shards/ --gpus 8 --shard-model --model vit_huge_patch14_224   # too big for DDP\n\n"
     "  simmim pretrain --recipe recipes/pretrain_swin_base_192_w6_100ep.yaml --data shards/ --gpus 8\n\n"
     "  simmim pretrain --data shards/ --resume auto --output runs/my-run"
 )
@@ -238,6 +240,7 @@ def pretrain(
     master_port: MasterPort = D.master_port,
     dist_timeout: DistTimeout = D.dist_timeout,
     bf16_grad_reduce: Bf16GradReduce = D.bf16_grad_reduce,
+    shard_model: ShardModel = D.shard_model,
 ) -> None:
     """Pretrain an encoder with SimMIM on WebDataset shards; writes checkpoints and reconstruction previews."""
     from ..commands.pretrain import pretrain as run
@@ -337,6 +340,7 @@ def finetune(
     master_port: MasterPort = FT.master_port,
     dist_timeout: DistTimeout = FT.dist_timeout,
     bf16_grad_reduce: Bf16GradReduce = FT.bf16_grad_reduce,
+    shard_model: ShardModel = FT.shard_model,
 ) -> None:
     """Fine-tune a pretrained encoder on labelled shards; evaluates every epoch, keeps best.pth and last.pth.
 
@@ -432,6 +436,7 @@ def linear_probe(
     master_port: MasterPort = LP.master_port,
     dist_timeout: DistTimeout = LP.dist_timeout,
     bf16_grad_reduce: Bf16GradReduce = LP.bf16_grad_reduce,
+    shard_model: ShardModel = LP.shard_model,
 ) -> None:
     """Train a linear classifier (BatchNorm without affine + linear, MAE's protocol) on frozen features."""
     from ..commands.probe import linear_probe as run

@@ -10,6 +10,7 @@ and concludes is in ``preflight.py``; this module only runs things and times the
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import io
 import itertools
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from .. import checkpoints, distributed, mixture, preflight
+from .. import checkpoints, distributed, memory_plan, mixture, preflight
 from ..config import TrainConfig
 from ..data_sources import is_image_folder
 from ..engine import Trainer
@@ -63,6 +64,7 @@ class CheckOptions:
     output: str | None = None  # a folder for check.json and check.txt
     find_batch: bool = False
     steps: int | None = None  # timed optimizer steps per process after WARMUP_STEPS; None: TIMED_SECONDS' worth
+    forecast_gpus: list[int] = dataclasses.field(default_factory=list)  # more GPU counts for the memory forecast
 
 
 def check(command: str, config: TrainConfig, options: CheckOptions) -> int:
@@ -112,7 +114,8 @@ def _report_folder(output: str | None, config: TrainConfig) -> Path | None:
 
 def _run_folder_problems(config: TrainConfig) -> list[str]:
     """What the real command would refuse about its run folder, found by reading it only."""
-    if config.resume and config.resume != "auto" and not Path(config.resume).is_file():
+    if config.resume and config.resume != "auto" and not (Path(config.resume).is_file()
+                                                          or checkpoints.is_sharded_checkpoint(config.resume)):
         raise SimmimError(f"--resume {config.resume}: no such checkpoint; use --resume auto to take the newest")
     if not config.output or config.resume or config.force:
         return []
@@ -183,7 +186,8 @@ def _check_process(config: TrainConfig, command: str, options: CheckOptions, pre
         env = preflight.environment(config, context.local_world_size, config.workers) if context.is_main else None
         figures.update(rank=context.rank, cores=preflight.usable_cores())
         per_rank = distributed.gather_objects(figures)
-        report = _report(command, config, context, trainer, dataset, env, data, per_rank) if context.is_main else None
+        report = (_report(command, config, context, trainer, dataset, env, data, per_rank, options.forecast_gpus)
+                  if context.is_main else None)
         report = distributed.broadcast_object(report)
         return report if context.local_rank == 0 else None
     finally:
@@ -259,6 +263,7 @@ def _measure(trainer: Trainer, dataset: Any, config: TrainConfig, options: Check
             trainer.save()  # the engine's own checkpoint and previews, into the temporary folder
             figures["save_s"] = time.perf_counter() - started
         figures["epoch_start_s"] = statistics.median(batches.starts)
+        figures.update(memory_plan.process_figures(trainer, first))
         if options.find_batch or not fits:
             figures["find_batch"] = _find_batch(trainer, first, memory, cap, context, config.batch_size)
         if not fits and not config.grad_checkpointing and trainer.task.kind != "linear-probe":
@@ -298,7 +303,7 @@ def _probe(trainer: Trainer, batch: dict[str, Any], memory: preflight.PeakMemory
     if out_of_memory:  # outside the except block: its traceback no longer holds the step's tensors
         trainer.optimizer.zero_grad(set_to_none=True)
         if trainer.scaler.is_enabled():  # an interrupted step may have left the scaler half-way (unscaled)
-            trainer.scaler = torch.amp.GradScaler(trainer.device.type, init_scale=trainer.scaler.get_scale())
+            trainer.scaler = type(trainer.scaler)(trainer.device.type, init_scale=trainer.scaler.get_scale())
         preflight.free_memory(trainer.device)
         return False, None
     return (cap is None or peak <= cap), peak
@@ -395,7 +400,8 @@ def _find_batch(trainer: Trainer, batch: dict[str, Any], memory: preflight.PeakM
 
 
 def _report(command: str, config: TrainConfig, context: distributed.Context, trainer: Trainer, dataset: Any,
-            env: tuple[dict[str, Any], list[str]], data: dict[str, Any], per_rank: list[dict[str, Any]]) -> dict:
+            env: tuple[dict[str, Any], list[str]], data: dict[str, Any], per_rank: list[dict[str, Any]],
+            forecast_gpus: list[int]) -> dict:
     """Rank 0: the figures of every process, the forecast and the verdict, as one JSON-able object."""
     facts, problems = env
     problems = list(problems)
@@ -437,6 +443,11 @@ def _report(command: str, config: TrainConfig, context: distributed.Context, tra
               "largest_batch": find["largest"] if find else None,
               "first_failing_batch": find["first_failing"] if find else None,
               "grad_checkpointing_fits": first.get("grad_checkpointing", {}).get("fits"), "cap": preflight.memory_cap()}
+    plan = memory_plan.from_check(per_rank, run["parameters"], context.world_size, context.local_world_size,
+                                  trainer.sharded, config.grad_checkpointing, config.grad_accum, trainer.precision,
+                                  config.bf16_grad_reduce,
+                                  allreduce["busbw_gbps"] if allreduce else None, forecast_gpus)
+    comm_s = plan["communication"]["total_s"] if trainer.sharded and "communication" in plan else None
     forecast = None
     if fits:
         loader_rate = data.get("img_per_s_per_loader")
@@ -447,7 +458,7 @@ def _report(command: str, config: TrainConfig, context: distributed.Context, tra
             compute_step_s=max(r["compute_step_s"] for r in per_rank),
             loop_step_s=max(r["loop_step_s"] for r in per_rank),
             data_wait=statistics.fmean(r["data_wait"] for r in per_rank), loader_img_s=loader_rate,
-            allreduce_s=allreduce["seconds"] if allreduce else None,
+            allreduce_s=comm_s or (allreduce["seconds"] if allreduce else None),
             epoch_start_s=max(r["epoch_start_s"] for r in per_rank), save_s=max(r["save_s"] for r in per_rank),
             saves_per_epoch=1 + (trainer.steps_per_epoch // config.save_every if config.save_every else 0),
             steps_per_epoch=trainer.steps_per_epoch, total_steps=total_steps, epochs=config.epochs)
@@ -458,7 +469,8 @@ def _report(command: str, config: TrainConfig, context: distributed.Context, tra
         bound = "memory"
     hints = {**memory, "cores_per_process": facts["cores_per_process"], "device": first["device"],
              "shards": shards or 0, "consumers": consumers or 0}
-    verdict = {"ok": fits, "bound": bound, "advice": preflight.advice(bound, config, hints)}
+    verdict = {"ok": fits, "bound": bound, "advice": [plan["advice"]] * bool(plan["advice"])
+               + preflight.advice(bound, config, hints)}
     return {"command": command, "run": run, "environment": facts, "data": data, "processes": processes,
-            "allreduce": allreduce, "memory": memory, "find_batch": find, "forecast": forecast,
+            "allreduce": allreduce, "memory": memory, "memory_plan": plan, "find_batch": find, "forecast": forecast,
             "verdict": verdict, "problems": problems}

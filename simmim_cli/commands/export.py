@@ -27,6 +27,8 @@ def export(config: ExportConfig) -> dict[str, Any]:
             raise SimmimError("no --checkpoint given and no finetune, linear-probe or pretrain run under runs/")
         config.checkpoint = str(found)
     report: dict[str, Any] = {"checkpoint": config.checkpoint, "files": [], "notes": []}
+    if config.consolidate:
+        report["files"].append(export_consolidated(config))
     if config.timm:
         report.update(export_timm(config))
     if config.hf:
@@ -37,6 +39,21 @@ def export(config: ExportConfig) -> dict[str, Any]:
     if config.onnx or config.torchscript:
         report.update(export_onnx(config, report["files"]))
     return report
+
+
+def export_consolidated(config: ExportConfig) -> Path:
+    """``--consolidate FILE``: a sharded checkpoint folder as one ``.pth``, for tools that want a single file."""
+    source, target = Path(config.checkpoint), Path(config.consolidate)
+    if not checkpoints.is_sharded_checkpoint(source):
+        raise SimmimError(f"--consolidate writes a sharded checkpoint folder (checkpoint-N.dcp) as one file; "
+                          f"{source} is not one")
+    if target.exists() and not config.force:
+        raise SimmimError(f"{target} exists; pass --force to replace it or choose another file")
+    # the weights (and EMA) and the run's record; not the optimizer's moments, which only a resume uses
+    checkpoint = checkpoints.read_sharded(source, skip=("optimizer",))
+    checkpoint.pop("format_version", None)
+    checkpoints.save_checkpoint(checkpoint, target)
+    return target
 
 
 def export_timm(config: ExportConfig) -> dict[str, Any]:

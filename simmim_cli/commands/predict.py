@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import checkpoints
 from ..errors import SimmimError
 from ..image_inputs import PredictStream, image_sources
 from ..image_spec import ImageSpec
@@ -21,7 +22,7 @@ def predict(config: PredictConfig) -> dict[str, Any]:
     """``simmim predict``: top-k classes per image with an ONNX model (onnxruntime) or a checkpoint (PyTorch).
     Loader workers decode and crop the images; the results keep the input order."""
     path = Path(config.model)
-    if not path.is_file():
+    if not (path.is_file() or checkpoints.is_sharded_checkpoint(path)):
         raise SimmimError(f"model {path} not found; give an .onnx file from simmim export or a best.pth")
     notes: list[str] = []
     if path.suffix == ".onnx":

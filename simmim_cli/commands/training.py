@@ -35,7 +35,7 @@ def resolve_run_paths(config: TrainConfig, runs_root: Path = Path("runs")) -> No
             config.resume = str(found)
             config.output = config.output or str(found.parent)
     elif config.resume:
-        if not Path(config.resume).is_file():
+        if not (Path(config.resume).is_file() or checkpoints.is_sharded_checkpoint(config.resume)):
             raise SimmimError(f"--resume {config.resume}: no such checkpoint; use --resume auto to take the newest")
         config.output = config.output or str(Path(config.resume).parent)
     if config.resume:
@@ -61,7 +61,7 @@ def resolve_run_paths(config: TrainConfig, runs_root: Path = Path("runs")) -> No
                               "write the run into it (its config.yaml and metrics.jsonl would be replaced)")
         with storage.writing(output):
             for path in previous + list(output.glob("preview-*.png")):
-                path.unlink()
+                checkpoints.remove_checkpoint(path)
 
 
 def foreign_files(folder: Path) -> list[str]:
