@@ -29,8 +29,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-from webdataset import tariterators
-
 from .errors import RemoteError, SimmimError
 
 DEFAULT_IO_RETRIES = 10  # backoff 0, 0.5, 1, 2, ... 60 s: about 3 minutes of a store not answering
@@ -383,6 +381,8 @@ def _evict(cache: Path, limit: int, keep: Path) -> None:
 
 def _tar_samples(url: str, stream) -> Iterator[dict]:
     """The samples of one tar stream: consecutive members sharing a key (up to the first dot) make a sample."""
+    from webdataset import tariterators  # imports torch: not at import time (`simmim --help` stays instant)
+
     sample: dict | None = None
     for member in tariterators.tar_file_iterator(stream):
         key, extension = tariterators.base_plus_ext(member["fname"])
