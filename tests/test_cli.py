@@ -193,3 +193,20 @@ def test_help_and_version_import_no_heavy_library():
     assert "Usage: simmim knn" in done.stdout and "simmim-cli " in done.stdout
     assert json.loads(done.stderr.strip().splitlines()[-1]) == []
 
+
+def test_every_help_shows_the_defaults_its_text_names():
+    """A `[default: ...]` written in a help text is shown, not taken for Rich markup and dropped (it was, leaving
+    make-shards' `--workers` help with a stray " ; ")."""
+    import re
+
+    import typer
+
+    group = typer.main.get_command(app)
+    commands = [(name, command) for name, command in group.commands.items() if name != "check"]
+    for name, command in commands:
+        output = runner.invoke(app, [name, "--help"], env={"COLUMNS": "2000"}).output
+        for param in command.params:
+            for default in re.findall(r"\\(\[default: [^]]*\])", getattr(param, "help", None) or ""):
+                assert default in output, (name, param.name)
+    workers = runner.invoke(app, ["make-shards", "--help"], env={"COLUMNS": "200"}).output
+    assert "[default: the cores]" in workers and " ; " not in workers

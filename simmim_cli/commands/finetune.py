@@ -24,7 +24,7 @@ def prepare_finetune(config: FinetuneConfig) -> None:
     model = resolve_classifier(config, keep_pretrain_architecture=False)
     summary = choose_finetune(config, labelled_shards(config.data, config.epoch_size).num_samples,
                               encoder_depth(model))
-    if config.node_rank == 0:  # every node makes the same choices; node 0 reports them
+    if config.node_rank == 0 and summary:  # every node makes the same choices; node 0 reports them
         print(summary, flush=True)
     if config.decode == "gpu":
         dali.classifier_augment(config.img_size, config.auto_augment)  # a policy DALI has, or a one-line error

@@ -66,7 +66,7 @@ def prepare_pretrain(config: PretrainConfig) -> None:
     patch_size = check_model(config)
     summary = choose_pretrain(config, shards.num_samples, patch_size)
     check_masks(config, patch_size)
-    if config.node_rank == 0:  # every node makes the same choices; node 0 reports them
+    if config.node_rank == 0 and summary:  # every node makes the same choices; node 0 reports them
         print(summary, flush=True)  # after the checks, so that a mistake stays a one-line error
     if config.decode == "gpu":
         dali.ensure_indexes(shards)
