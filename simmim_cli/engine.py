@@ -36,7 +36,7 @@ from .precision import autocast, emulated_bf16_warning, resolve_precision
 from .prefetch import DevicePrefetcher
 from .progress import Reporter
 from .storage import StorageError
-from .summary import training_summary
+from .summary import seconds_since_start, training_summary
 from .tasks import Task
 from .tracking import RunLog
 
@@ -94,7 +94,7 @@ class Trainer:
 
     def fit(self, dataset: Any, max_steps: int | None = None) -> TrainState:
         """Trains until ``config.epochs`` are done (or ``max_steps`` optimizer steps, schedule unchanged)."""
-        started = time.perf_counter()
+        started = time.time()
         self.setup(dataset, max_steps)
         state, stop_at = self.state, self.stop_at
         # One pass over the loader spans every epoch still to run, so its worker processes start once and keep
@@ -133,7 +133,7 @@ class Trainer:
             for sig, handler in previous_handlers.items():
                 signal.signal(sig, handler)
         if self.context.is_main:  # what the run did and wrote, and what to run next
-            summary = training_summary(self.config, self.output, time.perf_counter() - started, state.step,
+            summary = training_summary(self.config, self.output, seconds_since_start(started), state.step,
                                        self.total_steps)
             self.run_log.log_summary(summary.row())
             self.reporter.print(summary.text())

@@ -6,7 +6,11 @@ Nothing here imports torch: the command line builds the summaries of the command
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shlex
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +38,31 @@ class Summary:
     def row(self) -> dict[str, Any]:
         return {"command": self.command, "seconds": round(self.seconds, 1), **self.figures,
                 "files": {what: path for what, path in self.files}, "next": self.next}
+
+
+STARTED_ENV = "SIMMIM_STARTED"  # when the command started (epoch seconds), inherited by the processes it launches
+
+
+@contextlib.contextmanager
+def command_clock() -> Iterator[None]:
+    """Around a command: its start time, for the summary of a run it launches in other processes too."""
+    previous = os.environ.get(STARTED_ENV)
+    os.environ[STARTED_ENV] = f"{time.time():.3f}"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(STARTED_ENV, None)
+        else:
+            os.environ[STARTED_ENV] = previous
+
+
+def seconds_since_start(fallback: float) -> float:
+    """Seconds since the command started (:func:`command_clock`), else since ``fallback`` (a ``time.time()``)."""
+    try:
+        return time.time() - float(os.environ.get(STARTED_ENV, fallback))
+    except ValueError:
+        return time.time() - fallback
 
 
 def duration(seconds: float) -> str:

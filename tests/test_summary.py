@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from simmim_cli import flops
 from simmim_cli.cli import app
 from simmim_cli.shards import write_shards
-from simmim_cli.summary import Summary, duration
+from simmim_cli.summary import STARTED_ENV, Summary, command_clock, duration, seconds_since_start
 from simmim_cli.tracking import read_rows
 
 runner = CliRunner()
@@ -38,6 +38,18 @@ def test_duration_and_text():
                    ["simmim export --onnx"]).text()
     assert text.splitlines() == ["done: evaluate in 3 s; top-1 90%", "  metrics  r/m.json", "  picture  r/c.png",
                                  "next:", "  simmim export --onnx"]
+
+
+def test_the_time_counts_from_the_command_start(monkeypatch):
+    import os
+    import time
+
+    monkeypatch.delenv(STARTED_ENV, raising=False)
+    with command_clock():
+        os.environ[STARTED_ENV] = str(time.time() - 100)  # as a launched worker finds its command's start
+        assert seconds_since_start(time.time()) >= 100
+    assert STARTED_ENV not in os.environ  # a library call after it counts from its own start
+    assert seconds_since_start(time.time() - 5) == pytest.approx(5, abs=1)
 
 
 @pytest.mark.slow
