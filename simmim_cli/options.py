@@ -41,8 +41,9 @@ ShardCacheSize = Annotated[str, typer.Option(
     rich_help_panel=DATA)]
 Workers = Annotated[int | None, typer.Option(
     help="Data loader processes per training process \\[default: the cores this process may use ÷ training "
-         "processes on the node, minus one, at most 12]. One process decodes and crops about 500 images/s; an "
-         "H100 trains ViT-B/16 SimMIM on about 4,000/s. With --decode gpu: DALI threads.", rich_help_panel=DATA,
+         "processes on the node, minus one, at most 12]. One process decodes and crops about 500 images/s (a core "
+         "of a 2-core AMD EPYC); an H100 would train ViT-B/16 SimMIM on about 4,000/s (an estimate). With --decode "
+         "gpu: DALI threads.", rich_help_panel=DATA,
     show_default=False)]
 Decode = Annotated[str, typer.Option(
     help="cpu: decode and augment in loader processes. gpu: NVIDIA DALI decodes JPEGs on the GPU and augments "
