@@ -124,16 +124,20 @@ def draw_metrics(rows: list[dict[str, Any]], title: str = ""):
         styles = {"val_top1": ("o-", "tab:red", "validation top-1"), "val_top5": ("s--", "tab:purple",
                                                                                   "validation top-5"),
                   "knn_top1": ("^-", "tab:brown", "k-NN top-1")}
+        headline = "val_top1" if scores["val_top1"] else "knn_top1"
+        best = max(scores[headline], key=lambda r: r[headline]) if scores[headline] else None
         for name, found in scores.items():
             if found:
                 marker, colour, label = styles[name]
+                if name == headline and best is not None:  # in the legend: never cut off at the plot's edge
+                    label += f" (best {best[name]:.2f}%, epoch {best['epoch']:g})"
                 top.plot([r["epoch"] for r in found], [r[name] for r in found], marker, color=colour, markersize=4,
                          label=label)
-        best = max(scores["val_top1"] or scores["knn_top1"], key=lambda r: r.get("val_top1", r.get("knn_top1")))
-        value = best.get("val_top1", best.get("knn_top1"))
-        top.plot([best["epoch"]], [value], "*", color="gold", markeredgecolor="black", markersize=12, zorder=3)
-        top.annotate(f"best {value:.2f}% (epoch {best['epoch']:g})", (best["epoch"], value), fontsize="small",
-                     xytext=(0, -14), textcoords="offset points", ha="center")
+        if best is not None:
+            top.plot([best["epoch"]], [best[headline]], "*", color="gold", markeredgecolor="black", markersize=12,
+                     zorder=3)
+        lowest = min(r[name] for name, found in scores.items() for r in found)
+        top.set_ylim(max(0.0, lowest - 5), 100.5)  # accuracy: never above 100
         top.set_ylabel("accuracy (%)")
         top.legend(loc="lower right", fontsize="small")
     axes[-1].set_xlabel("epoch")

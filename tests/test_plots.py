@@ -28,7 +28,7 @@ def test_the_plot_draws_the_runs_own_rows():
     assert list(loss.lines[1].get_ydata()) == [1.0, 0.5, 1 / 3]  # the held-out loss, per epoch
     assert list(lr.lines[0].get_ydata()) == [r["lr"] for r in train]
     assert list(top.lines[0].get_ydata()) == [40.0, 75.0, 70.0] and list(top.lines[0].get_xdata()) == [1, 2, 3]
-    assert "best 75.00% (epoch 2)" in [text.get_text() for text in top.texts]
+    assert top.get_legend().get_texts()[0].get_text() == "validation top-1 (best 75.00%, epoch 2)"
     assert figure.get_suptitle() == "run: 12 steps, epoch 3"
 
 
