@@ -189,6 +189,7 @@ class PretrainConfig(TrainConfig):
     knn_data: str | None = None  # labelled shards: the k-NN memory bank, scored at every checkpoint
     knn_val_data: str | None = None  # labelled shards: the k-NN queries (knn_top1, knn_top5)
     param_groups: str = "timm"  # timm | official: whose weight-decay rules (optim.py)
+    keep_previews: int = 6  # reconstruction previews kept: the first, the newest, spread between; 0 keeps all
 
     command = "pretrain"
     data_defaults = ("batch_size", "base_lr", "mask_patch_size")
@@ -204,6 +205,9 @@ class PretrainConfig(TrainConfig):
             raise SimmimError("--demo runs on one machine; drop --nnodes")
         check_param_groups(self.param_groups)
         check_mask_patch_size(self.mask_patch_size)
+        if self.keep_previews < 0 or self.keep_previews == 1:
+            raise SimmimError(f"--keep-previews must be 0 (keep all) or at least 2 (the first and the newest), got "
+                              f"{self.keep_previews}")
         if (self.knn_data is None) != (self.knn_val_data is None):
             raise SimmimError("the k-NN score needs both --knn-data (labelled memory bank) and --knn-val-data "
                               "(labelled queries)")

@@ -5,7 +5,8 @@ steps at a batch of 2048). On a few thousand images they barely move the weights
 lr with the batch, layer decay 0.65 all but freezes the lower blocks, and Mixup/CutMix, RandAugment m9 and 8%
 crops hide what little signal a short run sees. So for every option not given on the command line or in a
 recipe (``config.auto``), the functions below pick a value from the data set size, the image size and the number
-of optimizer steps, and return one paragraph saying what they chose and why. A recipe keeps the paper's values.
+of optimizer steps, and return one paragraph saying what they chose and why (nothing when they chose nothing). A
+recipe keeps the paper's values.
 """
 
 from __future__ import annotations
@@ -131,8 +132,10 @@ def choose_pretrain(config: PretrainConfig, num_images: int, patch_size: int) ->
 
 
 def _summary(what: str, num_images: int, steps: int, config: TrainConfig, notes: list[str]) -> str:
-    head = f"{what} defaults for {num_images:,} images of {config.img_size} px, {steps:,} steps"
+    """What was chosen and why, in one paragraph; empty when nothing was (nothing to say)."""
     if not notes:
-        return f"{head}: nothing to fit (the options given, else the paper's settings)"
-    return (f"{head} (the paper's settings are for ImageNet; a recipe from recipes/ restores them): "
-            + "; ".join(notes) + ". Any option given on the command line wins.")
+        return ""
+    stop = f", stopping after {config.max_steps:,} (--max-steps)" if 0 < config.max_steps < steps else ""
+    return (f"{what} settings fitted to {num_images:,} images of {config.img_size} px and a schedule of {steps:,} "
+            f"steps{stop}, for the options not given (the paper's are for ImageNet: recipes/ has them): "
+            + "; ".join(notes) + ".")

@@ -24,15 +24,17 @@ from torch import nn
 from . import checkpoints, distributed, parallelize, storage
 from .config import TrainConfig
 from .errors import Interrupted, SimmimError, TrainingDiverged
-from .flops import count_training_flops, device_peak_flops, meta_copy
+from .flops import count_training_flops, device_peak_flops, meta_copy, raised_peak
 from .log_window import LogWindow
-from .models import set_fused_attention
+from .models import describe_architecture, set_fused_attention
 from .optim import build_scheduler, lr_scale_for_batch
-from .pipeline import make_loader
+from .pipeline import make_loader, too_few_shards
+from .plots import BackgroundPlot
 from .precision import autocast, emulated_bf16_warning, resolve_precision
 from .prefetch import DevicePrefetcher
 from .progress import Reporter
 from .storage import StorageError
+from .summary import seconds_since_start, training_summary
 from .tasks import Task
 from .tracking import RunLog
 
@@ -91,9 +93,9 @@ class Trainer:
 
     def fit(self, dataset: Any, max_steps: int | None = None) -> TrainState:
         """Trains until ``config.epochs`` are done (or ``max_steps`` optimizer steps, schedule unchanged)."""
-        self.setup(dataset)
-        state = self.state
-        stop_at = min(self.total_steps, max_steps) if max_steps else self.total_steps
+        started = time.time()
+        self.setup(dataset, max_steps)
+        state, stop_at = self.state, self.stop_at
         # One pass over the loader spans every epoch still to run, so its worker processes start once and keep
         # decoding across each epoch's end (while the task evaluates and the checkpoint is written).
         first_epoch, offset = divmod(state.step, self.steps_per_epoch)
@@ -124,15 +126,23 @@ class Trainer:
                 batches.close()
             self.reporter.close()
             self.run_log.close()
+            if self.context.is_main and (state.step >= stop_at or self.stop_requested):
+                self.plot.request(final=True)  # the whole run's curves, also where a stop request ended it
+            self.plot.wait()  # metrics.png complete (and no temporary file) before the process ends
             for sig, handler in previous_handlers.items():
                 signal.signal(sig, handler)
+        if self.context.is_main:  # what the run did and wrote, and what to run next
+            summary = training_summary(self.config, self.output, seconds_since_start(started), state.step,
+                                       self.total_steps)
+            self.run_log.log_summary(summary.row())
+            self.reporter.print(summary.text())
         return state
 
     # -- setup -------------------------------------------------------------------------------------
 
-    def setup(self, dataset: Any) -> None:
+    def setup(self, dataset: Any, max_steps: int | None = None) -> None:
         """Model on the device (sharded: its shards), optimizer and schedule for the global batch, the run folder,
-        resume."""
+        resume; the run stops at ``max_steps`` optimizer steps when given (the schedule unchanged)."""
         config, context = self.config, self.context
         if self.device.type == "cpu":
             keep_freed_cpu_memory()
@@ -159,6 +169,7 @@ class Trainer:
             raise SimmimError(f"an epoch has {dataset.batches_per_epoch} batches per process, fewer than "
                               f"--grad-accum {config.grad_accum}; lower --grad-accum or --batch-size")
         self.total_steps = self.steps_per_epoch * config.epochs
+        self.stop_at = min(self.total_steps, max_steps) if max_steps else self.total_steps
         self.scheduler = build_scheduler(
             self.optimizer, config.schedule, self.total_steps, int(config.warmup_epochs * self.steps_per_epoch),
             config.warmup_lr * lr_factor, config.min_lr * lr_factor,
@@ -172,11 +183,12 @@ class Trainer:
         self.flops_per_image: float | None = None
         self.peak_flops = device_peak_flops(self.device, self.precision) if context.is_main else None
         self.starved_windows = 0
-        self.reporter = Reporter(context.is_main, self.total_steps, 0)
+        self.reporter = Reporter(context.is_main, self.stop_at, 0)
         # a run whose metrics.jsonl cannot be written stops at the next step, on every rank, with a checkpoint
         self.run_log = RunLog(self.output, context.is_main, config, on_failure=self._stop_for_storage)
-        # ... but --shard-model keeps its checkpoint format (folders that load on any process count)
+        # sharded (--shard-model), checkpoints are folders of every rank's shards that load on any process count
         self.saver = checkpoints.RunCheckpoints(self.output, config.keep, self.reporter.print, config.shard_model)
+        self.plot = BackgroundPlot(self.output, self.reporter.print)
         if context.is_main:
             with storage.writing(self.output):
                 self.output.mkdir(parents=True, exist_ok=True)
@@ -187,12 +199,14 @@ class Trainer:
         self.reporter.update(self.state.step, "")
         count = sum(p.numel() for p in self.parameters)
         self.reporter.print(
-            f"{self.task.kind}: {config.model} ({f'{count / 1e6:.1f}M' if count >= 1e5 else f'{count:,}'} trainable "
-            f"parameters) on {context.world_size}× {self.device.type}, precision {self.precision}\n"
+            f"{self.task.kind}: {config.model} ({describe_architecture(model, config.img_size)}; "
+            f"{f'{count / 1e6:.1f}M' if count >= 1e5 else f'{count:,}'} trainable parameters) on "
+            f"{context.world_size}× {self.device.type}, precision {self.precision}\n"
             f"batch {dataset.batch_size} per process × {context.world_size} process(es) × {config.grad_accum} "
             f"accumulation = {global_batch} images per step; lr = {config.base_lr:g} × {global_batch}/512 = "
-            f"{config.base_lr * lr_factor:.3g}; {self.steps_per_epoch} steps per epoch, {self.total_steps} in all; "
-            f"warmup {config.warmup_epochs:g} epoch(s)"
+            f"{config.base_lr * lr_factor:.3g}; {self.steps_per_epoch} steps per epoch, {self.total_steps} in all"
+            + (f", stopping after {self.stop_at} (--max-steps)" if self.stop_at < self.total_steps else "")
+            + f"; warmup {config.warmup_epochs:g} epoch(s)"
             f"{' (the default, fitted to the run)' if 'warmup_epochs' in config.auto else ''}\n"
             + (f"process group: {torch.distributed.get_backend()}, {context.world_size} ranks, collectives time out "
                f"after {config.dist_timeout:g} min\n" if context.distributed else "")
@@ -203,13 +217,11 @@ class Trainer:
         slow = emulated_bf16_warning(self.precision, self.device)
         if context.is_main and slow:
             self.reporter.print(slow)
-        consumers = getattr(dataset, "num_consumers", 0)  # loader processes of the CPU stream, over all ranks
-        if context.is_main and consumers and len(dataset.shards.urls) < consumers:
-            self.reporter.print(
-                f"warning: {len(dataset.shards.urls)} shard(s) for {consumers} loader processes "
-                f"({context.world_size} process(es) × {max(dataset.workers, 1)} worker(s)): processes share shards "
-                f"and read past each other's samples; write at least {consumers} shards "
-                "(simmim make-shards --max-size)")
+        shortage = (too_few_shards(len(dataset.shards.urls), context.world_size, dataset.workers,
+                                   dataset.shards.num_samples)
+                    if getattr(dataset, "num_consumers", 0) else None)  # the CPU stream's loader processes
+        if context.is_main and shortage:
+            self.reporter.print(f"warning: {shortage}")
         self.window = LogWindow(self.device)
 
     def prepare_model(self, batch: dict[str, Any]) -> None:
@@ -336,7 +348,8 @@ class Trainer:
             figures = self.task.after_epoch(self.output, epoch, self.state.step)
         if figures:
             self.run_log.log({"step": self.state.step, "epoch": epoch, **figures})
-            self.reporter.print(f"epoch {epoch}: " + "  ".join(f"{k} {v:.4g}" for k, v in figures.items()
+            self.reporter.print(f"epoch {epoch}: " + "  ".join(f"{k} {v:.2f}%" if "top" in k else f"{k} {v:.4g}"
+                                                               for k, v in figures.items()
                                                                if isinstance(v, (int, float))))
 
     # -- logging -----------------------------------------------------------------------------------
@@ -366,15 +379,20 @@ class Trainer:
             "skipped_samples": int(totals[3]), "nonfinite_steps": state.nonfinite_steps,
         }
         if self.flops_per_image and self.peak_flops:
-            row["mfu"] = round(self.flops_per_image * images_per_second / world / self.peak_flops, 4)
+            achieved = self.flops_per_image * images_per_second / world
+            if achieved > self.peak_flops:  # MFU never above 1: the peak is timed again, and at least this
+                with self.window.paused():
+                    self.peak_flops = raised_peak(self.peak_flops, achieved, self.device, self.precision)
+            row["mfu"] = round(achieved / self.peak_flops, 4)
         # a mixture's samples of each source in this epoch so far (from the epoch order: the same on every rank)
         by_source = getattr(self.dataset, "source_samples", lambda *_: None)(
             epoch, (state.step - epoch * self.steps_per_epoch) * self.config.grad_accum)
         if by_source:
             row["source_samples"] = by_source
         self.run_log.log(row)
+        # a CPU's "peak" is a matmul timed on a machine other jobs may share: its MFU stays in metrics.jsonl only
         stats = f"loss {loss:.4f}  lr {lr:.2e}  {images_per_second:.1f} img/s  data wait {data_wait:.0%}" + (
-            f"  MFU {row['mfu']:.0%}" if "mfu" in row else "")
+            f"  MFU {row['mfu']:.0%}" if "mfu" in row and self.device.type != "cpu" else "")
         mix = "  by source " + " · ".join(f"{name} {count:,}" for name, count in by_source.items()) if by_source else ""
         self.reporter.update(state.step, stats + mix, f"epoch {epoch + 1}/{self.config.epochs}  step {state.step}  "
                              f"{stats}{mix}"
@@ -416,6 +434,7 @@ class Trainer:
                     if figures:
                         self.run_log.log({"step": state.step, "epoch": round(state.step / self.steps_per_epoch, 4),
                                           **figures})
+                    self.plot.request()  # metrics.png, redrawn beside the training (a failure: one warning)
                 except StorageError as error:
                     failure = error
         if self.context.is_main:

@@ -52,13 +52,23 @@ def matmul_peak(dtype: torch.dtype = torch.bfloat16, size: int = 1024, seconds: 
     return best
 
 
-def device_peak_flops(device: torch.device, precision: str) -> float | None:
+def device_peak_flops(device: torch.device, precision: str, seconds: float = 0.5) -> float | None:
     """The table's peak for a known GPU; on a CPU a measured matmul peak in the training precision."""
     if device.type == "cuda":
         return gpu_peak_flops(torch.cuda.get_device_name(device), precision)
     if device.type == "cpu":
-        return matmul_peak(torch.bfloat16 if precision == "bf16" else torch.float32)
+        return matmul_peak(torch.bfloat16 if precision == "bf16" else torch.float32, seconds=seconds)
     return None
+
+
+def raised_peak(peak: float, achieved: float, device: torch.device, precision: str) -> float:
+    """The peak to divide by once a run has achieved more FLOP/s than ``peak``: on a CPU the matmul is timed
+    again (the first timing may have run while other jobs loaded the machine), and the peak is never below what
+    the run achieved, so MFU cannot exceed 1. A GPU's table peak is a data sheet's; exceeding it means the table
+    named the wrong part (e.g. a PCIe card as its SXM sibling), and the achieved rate stands in for it."""
+    if device.type == "cpu":
+        peak = max(peak, device_peak_flops(device, precision, seconds=0.2) or 0.0)
+    return max(peak, achieved)
 
 
 @contextlib.contextmanager

@@ -286,6 +286,19 @@ def check_img_size(model: nn.Module, img_size: int, model_name: str) -> None:
                           f"{str(error).splitlines()[0]}; choose a size the model takes") from error
 
 
+def describe_architecture(model: nn.Module, img_size: int) -> str:
+    """What the model is, whatever its timm name says: ``patch 8, 96 px, width 192, depth 6`` (the timm encoder
+    inside a SimMIM model, a classifier or a probe; Swin's width is its first stage's)."""
+    encoder = next((m for m in model.modules() if hasattr(m, "patch_embed")), None)
+    if encoder is None:
+        return f"{img_size} px"
+    patch = encoder.patch_embed.patch_size
+    stages = getattr(encoder, "layers", None)
+    depth = sum(len(stage.blocks) for stage in stages) if stages is not None else len(getattr(encoder, "blocks", []))
+    width = getattr(encoder, "embed_dim", None) or encoder.num_features
+    return f"patch {patch[0] if isinstance(patch, tuple) else patch}, {img_size} px, width {width}, depth {depth}"
+
+
 class ProbeModel(nn.Module):
     """A frozen encoder (always in eval mode) and a trainable BatchNorm (no affine) + linear head."""
 

@@ -44,9 +44,10 @@ ShardCacheSize = Annotated[str, typer.Option(
     help="Most the --shard-cache folder may hold, e.g. 200GB or 1.5TB; the least recently used shards make room.",
     rich_help_panel=DATA)]
 Workers = Annotated[int | None, typer.Option(
-    help="Data loader processes per training process [default: the cores this process may use ÷ training "
-         "processes on the node, minus one, at most 12]. One process decodes and crops about 500 images/s; an "
-         "H100 trains ViT-B/16 SimMIM on about 4,000/s. With --decode gpu: DALI threads.", rich_help_panel=DATA,
+    help="Data loader processes per training process \\[default: the cores this process may use ÷ training "
+         "processes on the node, minus one, at most 12]. One process decodes and crops about 500 images/s (a core "
+         "of a 2-core AMD EPYC); an H100 would train ViT-B/16 SimMIM on about 4,000/s (an estimate). With --decode "
+         "gpu: DALI threads.", rich_help_panel=DATA,
     show_default=False)]
 MaxSampleMb = Annotated[float, typer.Option(
     help="Largest shard member (one image file) read, in MB: a larger one is skipped without being read and named "
@@ -112,7 +113,7 @@ Compile = Annotated[bool, typer.Option(help="torch.compile the model (slow first
                                        rich_help_panel=OPTIM)]
 Seed = Annotated[int, typer.Option(help="Seed for weights, data order, augmentation and masks.", rich_help_panel=RUN)]
 Output = Annotated[str | None, typer.Option(
-    help="Run folder for config.yaml, metrics.jsonl, checkpoints and previews [default: runs/<command>-<time>].",
+    help="Run folder for config.yaml, metrics.jsonl, checkpoints and previews \\[default: runs/<command>-<time>].",
     rich_help_panel=RUN, show_default=False)]
 Resume = Annotated[str | None, typer.Option(
     help="Continue from a checkpoint file, or 'auto' for the newest one in --output (or in the newest run).",
@@ -178,10 +179,10 @@ LabelledData = Annotated[list[str] | None, typer.Option(
          "reused until the folder changes (for large sets, run make-shards once)." + MIXING_HELP
          + " Mixed sources must have the same classes.", rich_help_panel=DATA, show_default=False)]
 ClassifierModel = Annotated[str | None, typer.Option(
-    "--model", help="timm model name [default: the --pretrained checkpoint's].", rich_help_panel=MODEL,
+    "--model", help="timm model name \\[default: the --pretrained checkpoint's].", rich_help_panel=MODEL,
     show_default=False)]
 ClassifierImgSize = Annotated[int | None, typer.Option(
-    "--img-size", help="Input size [default: the --pretrained checkpoint's, else 224]; position tables are resized.",
+    "--img-size", help="Input size \\[default: the --pretrained checkpoint's, else 224]; position tables are resized.",
     rich_help_panel=MODEL, show_default=False)]
 CropPct = Annotated[float, typer.Option(
     help="Evaluation crop: resize to img-size / crop-pct, then centre-crop.", rich_help_panel=DATA)]

@@ -321,6 +321,19 @@ def default_workers(local_processes: int) -> int:
     return max(1, min(MAX_DEFAULT_WORKERS, share - 1))
 
 
+def too_few_shards(shards: int, processes: int, workers: int, samples: int | None) -> str | None:
+    """What goes wrong with fewer shards than loader processes (``processes`` × ``workers``), and the fix; None
+    when there are enough."""
+    consumers = processes * max(workers, 1)
+    if shards >= consumers:
+        return None
+    per_shard = f" --maxcount {max(1, samples // consumers)}" if samples else ""
+    return (f"{shards} shard(s) for {consumers} loader processes ({processes} process(es) × {max(workers, 1)} "
+            f"worker(s)): each loader process reads a shard from its start to get to its own samples, so the data "
+            f"is read up to {consumers} times over and loading slows down (remote shards: downloaded as often); "
+            f"write at least {consumers} shards, e.g. simmim make-shards IMAGES SHARDS{per_shard}")
+
+
 def make_loader(dataset: ShardStream, pin_memory: bool = False) -> DataLoader:
     """A DataLoader over the stream (batches are made in the workers); a stream that is no torch dataset, such
     as ``dali.DaliStream`` (batches already on the GPU), is iterated as it is."""

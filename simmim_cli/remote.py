@@ -33,8 +33,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-from webdataset import tariterators
-
 from . import tars
 from .errors import RemoteError, SimmimError
 from .redact import redact, without_credentials
@@ -362,6 +360,8 @@ def _tar_samples(url: str, stream) -> Iterator[dict]:
     """The samples of one tar stream: consecutive members sharing a key (up to the first dot) make a sample. Its
     ``__url__`` is the redacted URL (what messages and predict rows show); a member over ``--max-sample-mb`` is
     not read, and its sample carries why in ``__skipped__`` (``pipeline.sample_image_bytes`` raises it)."""
+    from webdataset import tariterators  # imports torch: not at import time (`simmim --help` stays instant)
+
     shown_url = redact(url)
     sample: dict | None = None
     for name, data, too_large in tars.members(stream):

@@ -23,7 +23,7 @@ from .optim import build_optimizer
 from .pipeline import EvalStream, TensorStream, make_loader
 from .precision import autocast, resolve_precision
 from .storage import StorageError
-from .visualize import confusion_png, recon_panel, save_png
+from .visualize import confusion_png, prune_previews, recon_panel, save_png
 
 MAX_NONFINITE_IN_A_ROW = 25  # fp16 loss scaling may skip a few steps at the start; 25 in a row is divergence
 
@@ -122,6 +122,7 @@ class PretrainTask(Task):
             panel = recon_panel(images, mask, reconstruction, self.model.patch_size, captions, self.spec)
             with storage.best_effort("preview pictures", output / f"preview-{step:08d}.png"):
                 save_png(panel, output / f"preview-{step:08d}.png")
+                prune_previews(output, self.config.keep_previews)
             figures.update(preview_loss=round(float(losses.mean()), 5), preview=panel)
         if self.knn is not None:
             bank, queries, num_classes = self.knn

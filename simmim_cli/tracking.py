@@ -70,14 +70,7 @@ class RunLog:
         if not self.enabled or self.failure is not None:
             return
         numbers = {k: v for k, v in row.items() if not _is_image(v)}
-        try:
-            with storage.writing(self.path), self.path.open("a") as file:
-                file.write(json.dumps({**numbers, "time": round(time.time(), 3)}) + "\n")
-        except StorageError as error:
-            if self.on_failure is None:
-                raise
-            self.failure = error
-            self.on_failure(error)
+        if not self._append(numbers):
             return
         if self.trackers is None:
             self.trackers = open_trackers(self.config.get("log_to") or [], self.output, self.config,
@@ -93,13 +86,33 @@ class RunLog:
                     if _is_image(value):
                         tracker.log_image(key, value, step)
 
+    def log_summary(self, summary: dict[str, Any]) -> None:
+        """The run's summary as the last row of ``metrics.jsonl``, ``{"summary": {...}, "step": N, "time": T}``
+        (readers that look for a figure's key pass over it; the trackers do not get it)."""
+        if self.enabled and self.failure is None:
+            self._append({"summary": summary, "step": summary.get("step", 0)})
+
+    def _append(self, row: dict[str, Any]) -> bool:
+        try:
+            with storage.writing(self.path), self.path.open("a") as file:
+                file.write(json.dumps({**row, "time": round(time.time(), 3)}) + "\n")
+        except StorageError as error:
+            if self.on_failure is None:
+                raise
+            self.failure = error
+            self.on_failure(error)
+            return False
+        return True
+
     def truncate_after(self, step: int) -> None:
         """Drops rows a crashed run logged after its last checkpoint, so the resumed run does not repeat them
-        (TensorBoard drops its events after ``step`` too)."""
+        (TensorBoard drops its events after ``step`` too), and an earlier summary (the resumed run ends with its
+        own)."""
         self.resume_step = step
         if not (self.enabled and self.path.is_file()):
             return
-        rows = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+        rows = [line for line in self.path.read_text().splitlines()
+                if line and (row := json.loads(line)).get("step", 0) <= step and "summary" not in row]
         storage.write_text(self.path, "".join(row + "\n" for row in rows))
 
     def close(self) -> None:
@@ -107,6 +120,20 @@ class RunLog:
             with storage.best_effort(f"{tracker.name} log", None):
                 tracker.close()
         self.trackers = []
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The figures rows of a ``metrics.jsonl``, oldest first: summary rows and a last line cut short by a crash
+    are left out."""
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "summary" not in row:
+            rows.append(row)
+    return rows
 
 
 def _is_image(value: Any) -> bool:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
@@ -91,6 +93,19 @@ def picture_of(data: bytes) -> Image.Image:
     return Image.fromarray((shown[0].permute(1, 2, 0).numpy() * 255 + 0.5).astype("uint8"))
 
 
+def prune_previews(output: Path, keep: int) -> None:
+    """Leaves ``keep`` of the run's ``preview-<step>.png`` (0: all): the first, the newest, and between them the
+    most evenly spread: while there are too many, the one whose neighbours are closest together goes."""
+    if keep <= 0:
+        return
+    found = sorted((int(match.group(1)), path) for path in Path(output).glob("preview-*.png")
+                   if (match := re.fullmatch(r"preview-(\d+)\.png", path.name)))
+    while len(found) > max(keep, 2):
+        steps = [step for step, _ in found]
+        drop = min(range(1, len(found) - 1), key=lambda i: steps[i + 1] - steps[i - 1])
+        found.pop(drop)[1].unlink(missing_ok=True)
+
+
 def save_png(image: Image.Image, path: Path) -> None:
     """Atomic PNG write."""
     path = Path(path)
@@ -102,37 +117,43 @@ def save_png(image: Image.Image, path: Path) -> None:
 
 def confusion_png(confusion: torch.Tensor, classes: list[str]) -> Image.Image:
     """A confusion matrix as a picture: rows are true classes, columns predictions, each row normalised (its
-    diagonal cell is the class's accuracy). Names and percentages are drawn when there are few classes."""
+    diagonal cell is the class's accuracy). Cells shrink with the class count (40 px for a few classes, 1 px from
+    1,200 on); names and percentages are drawn while cells are large enough to hold them, and the picture is
+    always wide enough for its title."""
     counts = confusion.double()
-    rates = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
+    rates = (counts / counts.sum(dim=1, keepdim=True).clamp(min=1)).numpy()
     n = len(classes)
-    cell = max(2, min(40, 900 // max(n, 1)))
+    cell = max(1, min(40, 1200 // max(n, 1)))
     labelled = cell >= 24
-    font = ImageFont.load_default(size=max(9, min(14, cell // 3)))
-    margin = (max(len(f"{i} {c}") for i, c in enumerate(classes)) * 7 + 10 if labelled else 10)
-    size = margin + n * cell + 10
-    image = Image.new("RGB", (size, size + 24), "white")
+    font = ImageFont.load_default(size=14 if labelled else 13)
+    line, pad = 18, 8
+    title = ["rows: true class, columns: predicted class",
+             "% of the row: the diagonal is each class's accuracy" + ("" if labelled else
+                                                                     f" (classes 0-{n - 1} in confusion.json)")]
+    names = [f"{i} {name}" for i, name in enumerate(classes)]
+    left = pad + (int(max(font.getlength(text) for text in names)) + pad if labelled else 0)
+    top = pad + len(title) * line + (line if labelled else 4)
+    width = max(left + n * cell, pad + int(max(font.getlength(text) for text in title))) + pad
+    image = Image.new("RGB", (width, top + n * cell + pad), "white")
+    # the cells as one array, enlarged: a white-to-green diagonal, white-to-blue elsewhere
+    shade = (255 * (1 - rates)).round().astype("uint8")
+    full = np.full_like(shade, 255)
+    diagonal = np.eye(n, dtype=bool)
+    grid = np.stack([shade, np.where(diagonal, full, shade), np.where(diagonal, shade, full)], axis=-1)
+    image.paste(Image.fromarray(grid, "RGB").resize((n * cell, n * cell), Image.NEAREST), (left, top))
     draw = ImageDraw.Draw(image)
-    draw.text((4, 4), "rows: true class, columns: predicted class (% of the row)", fill="black", font=font)
-    top = 24 + (margin if labelled else 10) - 10
-    for i in range(n):
-        for j in range(n):
-            value = float(rates[i, j])
-            shade = int(255 * (1 - value))
-            colour = (shade, shade, 255) if i != j else (shade, 255, shade)
-            x, y = margin + j * cell, top + i * cell
-            draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill=colour)
-            if labelled and counts[i, j] > 0:
-                draw.text((x + 2, y + cell // 3), f"{100 * value:.0f}", fill="black" if value < 0.6 else "white",
-                          font=font)
-        if labelled:
-            draw.text((4, top + i * cell + cell // 3), f"{i} {classes[i]}", fill="black", font=font)
-    if labelled:  # columns by index: names rarely fit above a cell
-        for j in range(n):
-            draw.text((margin + j * cell + 2, top - 14), str(j), fill="black", font=font)
-    return image.crop((0, 0, size, top + n * cell + 10))
-
-
+    draw.rectangle((left - 1, top - 1, left + n * cell, top + n * cell), outline="grey")
+    for k, text in enumerate(title):
+        draw.text((pad, pad + k * line), text, fill="black", font=font)
+    if labelled:
+        for i in range(n):
+            draw.text((pad, top + i * cell + cell // 2), names[i], fill="black", font=font, anchor="lm")
+            draw.text((left + i * cell + cell // 2, top - 4), str(i), fill="black", font=font, anchor="mb")
+            for j in range(n):
+                if counts[i, j] > 0:
+                    draw.text((left + j * cell + cell // 2, top + i * cell + cell // 2), f"{100 * rates[i, j]:.0f}",
+                              fill="white" if rates[i, j] >= 0.6 and i != j else "black", font=font, anchor="mm")
+    return image
 
 
 SHEET_TILE = 128

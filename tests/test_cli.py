@@ -157,3 +157,56 @@ def test_make_shards_reports_what_it_wrote(photo_folder, tmp_path):
 def test_debug_shows_the_traceback(captured):
     result = runner.invoke(app, ["--debug", "pretrain"])
     assert result.exit_code != 0 and result.exception is not None
+
+
+HEAVY = ("torch", "timm", "torchvision", "onnx", "onnxruntime", "numpy", "PIL", "webdataset", "matplotlib")
+HELP_SCRIPT = """
+import json, sys
+from simmim_cli.cli import app
+for arguments in json.loads(sys.argv[1]):
+    try:
+        app(arguments, prog_name="simmim")
+    except SystemExit:
+        pass
+print(json.dumps(sorted({name.split(".")[0] for name in sys.modules} & set(json.loads(sys.argv[2])))),
+      file=sys.stderr)
+"""
+
+
+def test_help_and_version_import_no_heavy_library():
+    """`simmim --help`, `--version` and every `simmim COMMAND --help` answer at once: nothing imports torch, timm,
+    onnx or numpy before a command runs."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    commands = [name for name in ("make-shards", "pretrain", "finetune", "linear-probe", "evaluate",
+                                  "visualize-recon", "knn", "export", "predict")]
+    arguments = [["--help"], ["--version"], *([name, "--help"] for name in commands), ["check", "--help"],
+                 ["check", "pretrain", "--help"]]
+    done = subprocess.run([sys.executable, "-c", HELP_SCRIPT, json.dumps(arguments), json.dumps(HEAVY)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT, env={"PYTHONPATH": str(ROOT),
+                                                                                     "COLUMNS": "200"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Usage: simmim knn" in done.stdout and "simmim-cli " in done.stdout
+    assert json.loads(done.stderr.strip().splitlines()[-1]) == []
+
+
+def test_every_help_shows_the_defaults_its_text_names():
+    """A `[default: ...]` written in a help text is shown, not taken for Rich markup and dropped (it was, leaving
+    make-shards' `--workers` help with a stray " ; ")."""
+    import re
+
+    import typer
+
+    group = typer.main.get_command(app)
+    commands = [(name, command) for name, command in group.commands.items() if name != "check"]
+    for name, command in commands:
+        output = runner.invoke(app, [name, "--help"], env={"COLUMNS": "2000"}).output
+        for param in command.params:
+            for default in re.findall(r"\\(\[default: [^]]*\])", getattr(param, "help", None) or ""):
+                assert default in output, (name, param.name)
+    workers = runner.invoke(app, ["make-shards", "--help"], env={"COLUMNS": "200"}).output
+    assert "[default: the cores]" in workers and " ; " not in workers

@@ -15,7 +15,7 @@ from simmim_cli import data_sources, epoch_order
 from simmim_cli.data_sources import data_shards
 from simmim_cli.errors import SimmimError
 from simmim_cli.masking import MaskGenerator
-from simmim_cli.pipeline import ShardStream, make_loader
+from simmim_cli.pipeline import ShardStream, make_loader, too_few_shards
 from simmim_cli.shards import resolve_shards, write_shards
 from simmim_cli.transforms import PretrainTransform, decode_image, decode_tensor, to_rgb
 
@@ -437,3 +437,11 @@ def test_labels_come_with_the_images(tmp_path):
     dataset.set_epoch(0)
     for batch in make_loader(dataset):
         assert batch["label"].tolist() == [n % 3 for n in numbers(batch)]
+
+
+def test_too_few_shards_says_what_goes_wrong_and_offers_a_count():
+    assert too_few_shards(8, 2, 4, 640) is None and too_few_shards(1, 1, 0, 640) is None
+    warning = too_few_shards(1, 2, 2, 640)
+    assert warning.startswith("1 shard(s) for 4 loader processes (2 process(es) × 2 worker(s)): each loader process "
+                              "reads a shard from its start")
+    assert "read up to 4 times over" in warning and warning.endswith("simmim make-shards IMAGES SHARDS --maxcount 160")

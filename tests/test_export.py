@@ -245,8 +245,9 @@ def test_predict_agrees_with_pytorch_with_onnx_and_with_the_checkpoint(photo_fol
         assert [p["top1"] for p in predictions] == expected
         assert all(len(p["topk"]) == 2 and set(p["topk"][0]) == {"label", "index", "prob"} for p in predictions)
         assert all(p["topk"][0]["prob"] >= p["topk"][1]["prob"] for p in predictions)
-    table = ok(runner.invoke(app, ["predict", str(tmp_path / "m.onnx"), str(paths[0])]))
+    table = ok(runner.invoke(app, ["predict", str(tmp_path / "m.onnx"), str(paths[0])], env={"COLUMNS": "200"}))
     assert "images/s" in table.output and expected[0] in table.output
+    assert "top-2 to top-5" in table.output  # the header says what the column lists: the top-1 has its own
 
 
 def test_predict_errors(photo_folder, tmp_path):

@@ -10,6 +10,7 @@ import pytest
 import torch
 import webdataset as wds
 from conftest import TINY_MODELS, digit_images, digit_labels, free_port
+from PIL import Image
 from typer.testing import CliRunner
 
 from simmim_cli import checkpoints
@@ -61,6 +62,16 @@ def test_finetune_from_a_pretrain_checkpoint_evaluates_and_keeps_best_and_last(d
     val_rows = [r for r in rows(run) if "val_top1" in r]
     assert [r["epoch"] for r in val_rows] == [1, 2, 3]
     assert all(0 <= r["val_top1"] <= r["val_top5"] <= 100 for r in val_rows)
+    assert f"epoch 3: val_top1 {val_rows[-1]['val_top1']:.2f}%  val_top5 {val_rows[-1]['val_top5']:.2f}%" \
+        in result.output  # in % as evaluate prints it
+    # the summary: the best epoch, the files, what to run next; metrics.png with the validation panel
+    best_row = max(val_rows, key=lambda r: r["val_top1"])
+    assert f"best val_top1 {best_row['val_top1']:.2f}% at epoch {best_row['epoch']}" in result.output
+    assert f"  best        {run / 'best.pth'}" in result.output
+    assert f"simmim evaluate --checkpoint {run / 'best.pth'} --data {digits['val']}" in result.output
+    summary = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["summary"]
+    assert (summary["best_val_top1"], summary["best_epoch"]) == (best_row["val_top1"], best_row["epoch"])
+    assert Image.open(run / "metrics.png").size == (800, 780)  # loss, lr and the validation panel
     best, last = (checkpoints.load_checkpoint(run / name) for name in ("best.pth", "last.pth"))
     assert best["kind"] == last["kind"] == "finetune" and best["classes"] == ["digit0", "digit1", "digit2"]
     assert best["metrics"]["val_top1"] == max(r["val_top1"] for r in val_rows)
@@ -102,7 +113,7 @@ def test_evaluate_reads_a_class_folder(digits, pretrained, tmp_path):
                            capture_output=True, text=True, timeout=240, cwd=Path(__file__).parent.parent,
                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
     assert split.returncode == 0, split.stderr
-    assert "top-1" in split.stdout and "wrote" in split.stdout
+    assert "top-1" in split.stdout and "confusion.png" in split.stdout
     split_metrics = json.loads((tmp_path / "report2" / "metrics.json").read_text())
     assert {k: split_metrics[k] for k in ("count", "top1", "top5", "per_class")} == {
         k: metrics[k] for k in ("count", "top1", "top5", "per_class")}

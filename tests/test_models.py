@@ -4,7 +4,13 @@ from conftest import TINY_MODELS
 
 from simmim_cli.errors import SimmimError
 from simmim_cli.masking import MaskGenerator
-from simmim_cli.models import build_simmim, masked_l1_loss, masked_l1_per_image, model_family
+from simmim_cli.models import (
+    build_simmim,
+    describe_architecture,
+    masked_l1_loss,
+    masked_l1_per_image,
+    model_family,
+)
 
 
 @pytest.fixture(params=sorted(TINY_MODELS))
@@ -120,3 +126,12 @@ def test_no_weight_decay_names_real_parameters(tiny):
     excluded = model.no_weight_decay()
     assert "encoder.mask_token" in excluded
     assert any(name in names for name in excluded - {"encoder.mask_token"}) or model.encoder.family == "vit"
+
+
+@pytest.mark.parametrize("family, expected", [("vit", "patch 8, 32 px, width 32, depth 2"),
+                                              ("swin", "patch 4, 32 px, width 16, depth 2")])
+def test_the_architecture_is_described_as_built(family, expected):
+    name, kwargs, size = TINY_MODELS[family]
+    with torch.device("meta"):
+        model = build_simmim(name, size, kwargs, 0.0)
+    assert describe_architecture(model, size) == expected  # not what vit_tiny_patch16_224 / swin_tiny_... say

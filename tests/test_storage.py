@@ -242,7 +242,8 @@ def test_previews_that_cannot_be_written_give_one_warning_and_the_run_goes_on(sh
     assert result.exit_code == 0, result.output
     warnings = [line for line in result.output.splitlines() if "going on without the preview pictures" in line]
     assert len(warnings) == 1 and warnings[0].startswith("warning: cannot write") and "no space left" in warnings[0]
-    assert len(checkpoints.list_checkpoints(run)) == 3 and not list(run.glob("*.png")) and temporaries(run) == []
+    assert len(checkpoints.list_checkpoints(run)) == 3 and not list(run.glob("preview-*.png"))
+    assert temporaries(run) == []
 
 
 def test_a_tracker_that_cannot_write_gives_one_warning_and_the_run_goes_on(shards, tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ from ..config import resolve_config
 from ..errors import SimmimError, debug_enabled, set_debug
 from ..redact import terminal
 from ..storage import unexpected
+from ..summary import command_clock
 
 app = typer.Typer(
     name="simmim",
@@ -32,7 +33,8 @@ def handle_errors(command):
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            with command_clock():  # a run's summary counts its time from here, preparation and launch included
+                return command(*args, **kwargs)
         except SimmimError as error:
             if debug_enabled():
                 raise

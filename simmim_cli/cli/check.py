@@ -48,10 +48,9 @@ def check_options(
              "GPUs a node), replicated and sharded, at the run's batch per GPU.", show_default=False)] = None,
 ) -> None:
     """Will this run work, how fast, and what holds it back?"""
-    from ..commands.check import CheckOptions
-
-    ctx.obj = CheckOptions(json=json, output=output, find_batch=find_batch, steps=steps,
-                           forecast_gpus=forecast_gpus or [])
+    # a plain dict: this runs before `simmim check pretrain --help` too, which must not import torch
+    ctx.obj = {"json": json, "output": output, "find_batch": find_batch, "steps": steps,
+               "forecast_gpus": forecast_gpus or []}
 
 
 CHECK = "Check"  # help panel of the check's own options
@@ -77,7 +76,7 @@ def _checking(name: str, command, make_config) -> None:
                       **_options) -> None:
         from ..commands.check import CheckOptions, check
 
-        given: CheckOptions = ctx.obj or CheckOptions()
+        given = CheckOptions(**(ctx.obj or {}))
         options = dataclasses.replace(given, json=given.json or check_json,
                                       find_batch=given.find_batch or check_find_batch,
                                       steps=check_steps if check_steps is not None else given.steps)

@@ -45,12 +45,12 @@ def evaluate(
     ctx: typer.Context,
     checkpoint: Annotated[str | None, typer.Option(
         help="best.pth or last.pth of a finetune or linear-probe run, or an .onnx classifier from simmim export "
-        "(onnxruntime; --device picks its provider) [default: the newest under runs/].",
+        "(onnxruntime; --device picks its provider) \\[default: the newest under runs/].",
         show_default=False)] = None,
     data: Annotated[str | None, typer.Option(
         help="Labelled shards, or a folder with one sub-folder per class.", show_default=False)] = None,
     output: Annotated[str | None, typer.Option(
-        help="Folder for metrics.json, confusion.json and confusion.png [default: runs/evaluate-<time>].",
+        help="Folder for metrics.json, confusion.json and confusion.png \\[default: runs/evaluate-<time>].",
         show_default=False)] = None,
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = EV.batch_size,
     workers: Annotated[int, typer.Option(help="Data loader processes.")] = EV.workers,
@@ -61,7 +61,7 @@ def evaluate(
     shard_cache: ShardCache = None,
     shard_cache_size: ShardCacheSize = EV.shard_cache_size,
     crop_pct: Annotated[float | None, typer.Option(
-        help="Centre-crop fraction [default: the checkpoint's].", show_default=False)] = None,
+        help="Centre-crop fraction \\[default: the checkpoint's].", show_default=False)] = None,
     device: Device = EV.device,
     precision: Precision = EV.precision,
     force: Annotated[bool, typer.Option("--force", help="Replace an evaluation in --output.")] = False,
@@ -71,11 +71,15 @@ def evaluate(
     master_port: MasterPort = EV.master_port,
 ) -> None:
     """Top-1/top-5 of a classifier checkpoint, with per-class accuracy and a confusion matrix (JSON and PNG)."""
+    import time
+
     from rich.console import Console
     from rich.table import Table
 
     from ..commands.evaluate import evaluate as run
+    from ..summary import Summary, command
 
+    started = time.perf_counter()
     result = run(config_from_context(EvaluateConfig, ctx))
     console = Console()
     console.print(f"{result['checkpoint']}: top-1 {result['val_top1']:.2f}%  top-5 {result['val_top5']:.2f}%  "
@@ -88,8 +92,13 @@ def evaluate(
             support = int(confusion[i].sum())
             table.add_row(name, str(support), f"{100 * int(confusion[i, i]) / support:.1f}%" if support else "-")
         console.print(table)
-    console.print(f"wrote {result['paths']['metrics']}, {result['paths']['confusion']} and "
-                  f"{result['paths']['confusion_png']}")
+    model = result["checkpoint"]
+    next_step = (command("simmim", "predict", model, "IMAGES") if str(model).endswith(".onnx")
+                 else command("simmim", "export", "--onnx", "--checkpoint", model))
+    typer.echo(Summary("evaluate", time.perf_counter() - started, "",
+                       [(what, str(result["paths"][key])) for what, key in (
+                           ("metrics", "metrics"), ("confusion", "confusion"), ("picture", "confusion_png"))],
+                       [next_step]).text())
 
 
 @app.command("visualize-recon", epilog=(
@@ -104,14 +113,14 @@ def visualize_recon(
     checkpoint: Annotated[str | None, typer.Option(
         help="Pretrain checkpoint: this toolkit's, an official SimMIM release, a transformers "
              "Swin/ViTForMaskedImageModeling folder or Hub id (hf-hub:microsoft/swin-base-simmim-window6-192) "
-             "[default: the newest under runs/].",
+             "\\[default: the newest under runs/].",
         show_default=False)] = None,
     output: Annotated[str, typer.Option(help="PNG panel to write.")] = "recon.png",
     force: Annotated[bool, typer.Option("--force", help="Replace --output and --save-arrays files.")] = False,
     mask_ratio: Annotated[float | None, typer.Option(
-        help="Fraction of cells masked [default: the checkpoint's, else 0.6].", show_default=False)] = None,
+        help="Fraction of cells masked \\[default: the checkpoint's, else 0.6].", show_default=False)] = None,
     mask_patch_size: Annotated[int | None, typer.Option(
-        help="Masked cell size in pixels [default: the checkpoint's, else 32].", show_default=False)] = None,
+        help="Masked cell size in pixels \\[default: the checkpoint's, else 32].", show_default=False)] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random masks: same seed, same masks.")] = 0,
     mask: Annotated[str | None, typer.Option(
         help="A .npy 0/1 array on the mask-patch or model-patch grid (1 = masked), used for every image.",
@@ -216,20 +225,27 @@ def knn(
     """Weighted k-NN accuracy of frozen features (DINO's protocol: cosine similarity, k 20, temperature 0.07):
     no training, a quick measure of what pretraining learned."""
     import json
+    import time
 
     from ..commands.knn import knn as run
+    from ..summary import Summary, command
 
+    started = time.perf_counter()
     values = dict(ctx.params)
     values["json"] = values.pop("json_output")
     config = resolve_config(KnnConfig, values, set())
     apply_process_settings(config)
     result = run(config)
-    if values["json"]:
+    if values["json"]:  # one object, nothing else (it says its seconds)
         typer.echo(json.dumps(result))
-    else:
-        typer.echo(f"k-NN (k {result['k']}, temperature {result['temperature']:g}, layer {result['layer']}, "
-                   f"{result['pool']} pooling): top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  on "
-                   f"{result['count']} images against a memory bank of {result['bank']}")
+        return
+    typer.echo(f"k-NN (k {result['k']}, temperature {result['temperature']:g}, layer {result['layer']}, "
+               f"{result['pool']} pooling): top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  on "
+               f"{result['count']} images against a memory bank of {result['bank']}")
+    encoder = ["--pretrained", values["pretrained"]] if values["pretrained"] else ["--model", result["model"]]
+    data = ["--data", values["data"], "--val-data", values["val_data"]]
+    typer.echo(Summary("knn", time.perf_counter() - started, "", next=[
+        command("simmim", "linear-probe", *encoder, *data), command("simmim", "finetune", *encoder, *data)]).text())
 
 
 @app.command(epilog=(
@@ -253,13 +269,13 @@ def export(
     ctx: typer.Context,
     onnx: Annotated[bool, typer.Option("--onnx/--no-onnx", help="Write an ONNX file.")] = True,
     checkpoint: Annotated[str | None, typer.Option(
-        help="Checkpoint to export [default: the newest finetune/linear-probe run's best.pth, else the newest "
+        help="Checkpoint to export \\[default: the newest finetune/linear-probe run's best.pth, else the newest "
              "pretrain checkpoint].", show_default=False)] = None,
     what: Annotated[str | None, typer.Option(
         help="classifier (logits) | features (pooled) | reconstruction (images + mask → pixels) "
-             "[default: classifier for classifier checkpoints, features for pretrain ones].",
+             "\\[default: classifier for classifier checkpoints, features for pretrain ones].",
         show_default=False)] = None,
-    output: Annotated[str | None, typer.Option(help="ONNX file [default: <what>.onnx].", show_default=False)] = None,
+    output: Annotated[str | None, typer.Option(help="ONNX file \\[default: <what>.onnx].", show_default=False)] = None,
     opset: Annotated[int, typer.Option(help="ONNX opset.")] = 18,
     exporter: Annotated[str, typer.Option(
         help="auto (dynamo, falling back to TorchScript with a note) | dynamo | torchscript.")] = "auto",
@@ -310,8 +326,12 @@ def export(
 ) -> None:
     """Export a checkpoint to ONNX (dynamic batch, fixed image size, preprocessing in the metadata), verified;
     or as a timm model folder (--timm) for timm and the detection/segmentation frameworks built on it."""
-    from ..commands.export import export as run
+    import time
 
+    from ..commands.export import export as run
+    from ..summary import Summary, command
+
+    started = time.perf_counter()
     config = config_from_context(ExportConfig, ctx)
     if (config.timm or config.hf or config.consolidate) and ctx.get_parameter_source("onnx").name in (
             "DEFAULT", "DEFAULT_MAP"):
@@ -338,7 +358,12 @@ def export(
     if config.consolidate:
         typer.echo(f"wrote {config.consolidate}: {result['checkpoint']} in one file (weights and the run's record; "
                    "resume from the folder)")
+    next_steps = [] if "what" not in result or result["what"] != "classifier" else [
+        command("simmim", "predict", path, "IMAGES") for path in result["files"] if path.suffix == ".onnx"][:1]
+    done = Summary("export", time.perf_counter() - started, "", [("file", str(path)) for path in result["files"]],
+                   next_steps)
     if "what" not in result:
+        typer.echo(done.text())
         return
     check = result.get("verification")
     if check:
@@ -350,6 +375,7 @@ def export(
     onnx_files = [path for path in result["files"] if path.suffix in (".onnx", ".pt")]
     typer.echo(f"wrote {', '.join(map(str, onnx_files))}: {result['what']} of {result['checkpoint']}"
                + exporter_note)
+    typer.echo(done.text())
 
 
 @app.command(epilog=(
@@ -399,13 +425,13 @@ def predict(
     if config.json:
         typer.echo(json.dumps(result["results"], indent=2))
     else:
-        table = Table("image", "top-1", "probability", f"top-{config.top_k}")
+        runners_up = {1: [], 2: ["top-2"]}.get(config.top_k, [f"top-2 to top-{config.top_k}"])  # what it lists
+        table = Table("image", "top-1", "probability", *runners_up)
         for entry in result["results"]:
             # file and class names may hold control characters (ANSI escapes): shown escaped, never interpreted
+            others = terminal(", ".join(f"{e['label']} {e['prob']:.2f}" for e in entry["topk"][1:]), newlines=False)
             table.add_row(terminal(entry["image"], newlines=False), terminal(entry["top1"], newlines=False),
-                          f"{entry['topk'][0]['prob']:.3f}",
-                          terminal(", ".join(f"{e['label']} {e['prob']:.2f}" for e in entry["topk"][1:]),
-                                   newlines=False))
+                          f"{entry['topk'][0]['prob']:.3f}", *([others] if runners_up else []))
         Console().print(table)
     errors.print(f"{len(result['results'])} image(s) with {result['runtime']}: "
                  f"{result['images_per_second']:.1f} images/s", markup=False, highlight=False)

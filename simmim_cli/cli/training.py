@@ -21,6 +21,7 @@ from ..options import (
     MASKING,
     MODEL,
     OPTIM,
+    RUN,
     AllowMissing,
     Bands,
     BaseLr,
@@ -97,13 +98,14 @@ def make_shards(
     maxcount: Annotated[int, typer.Option(help="Most samples per shard.")] = 10000,
     max_size: Annotated[float, typer.Option(
         help="Most megabytes of images per shard. Training deals shards out to every loader process of every GPU "
-             "(nodes × GPUs × --workers); write at least that many shards, better a few times more.")] = 100.0,
+             "(nodes × GPUs × --workers); write at least that many shards, better a few times more (for a small "
+             "set, --maxcount is the easier knob: images ÷ loader processes).")] = 100.0,
     shuffle: Annotated[bool, typer.Option(help="Shuffle samples across shards (class folders are sorted).")] = True,
     seed: Annotated[int, typer.Option(help="Seed of the shuffle.")] = 0,
     split: Annotated[str, typer.Option(help="Split name: shard file prefix and key in _info.json.")] = "train",
     force: Annotated[bool, typer.Option("--force", help="Replace shards of the same split in OUTPUT.")] = False,
     workers: Annotated[int | None, typer.Option(
-        help="Processes reading and checking the images [default: the cores]; the output is the same for any "
+        help="Processes reading and checking the images \\[default: the cores]; the output is the same for any "
              "number.", show_default=False)] = None,
     stats_images: Annotated[int | None, typer.Option(
         help="Measure the per-channel mean and std of images that are not 8-bit photos (TIFF, DICOM, .npy, 16-bit "
@@ -116,12 +118,16 @@ def make_shards(
     """Write WebDataset tar shards from a folder of images: the original bytes of JPEG, PNG, WebP, TIFF/GeoTIFF,
     DICOM and .npy files, other 8-bit pictures as lossless PNG; _info.json records the images' channels, type and,
     beyond 8-bit photos, their per-channel statistics."""
+    import time
+
     from rich.console import Console
     from rich.progress import Progress
 
     from .. import limits, remote
     from ..shards import write_remote_shards, write_shards
+    from ..summary import Summary, command
 
+    started = time.perf_counter()
     if maxcount < 1 or max_size <= 0:
         raise SimmimError("--maxcount must be at least 1 and --max-size above 0")
     limits.check_processes("--workers", workers, minimum=1)
@@ -145,14 +151,18 @@ def make_shards(
     entry = info["splits"][split]
     classes = f", {info['num_classes']} classes" if "classes" in info else " (unlabelled)"
     skipped = f"; skipped {len(info['skipped'])} unreadable file(s)" if info["skipped"] else ""
-    typer.echo(f"wrote {entry['num_samples']} samples in {len(entry['filenames'])} shard(s) to {output}"
-               f"{classes}{skipped}")
     images = info.get("images") or {}
     if images.get("mean"):  # what the training commands normalise with (image_spec.py)
         names = f" ({', '.join(images['band_names'])})" if images.get("band_names") else ""
         mean, std = (", ".join(f"{v:.6g}" for v in images[key]) for key in ("mean", "std"))
         typer.echo(f"images: {images['channels']} channel(s) of {images['dtype']}{names}; per-channel mean {mean}, "
                    f"std {std} over {images['statistics']['images']} image(s)")
+    next_steps = [command("simmim", "pretrain", "--data", output)] + (  # labels or not, images to pretrain on
+        [command("simmim", "finetune", "--pretrained", "CHECKPOINT", "--data", output, "--val-data", "VAL")]
+        if "classes" in info else [])
+    typer.echo(Summary("make-shards", time.perf_counter() - started,
+                       f"wrote {entry['num_samples']} samples in {len(entry['filenames'])} shard(s) to {output}"
+                       f"{classes}{skipped}", next=next_steps).text())
 
 
 PRETRAIN_EPILOG = (
@@ -230,6 +240,9 @@ def pretrain(
     log_to: LogTo = None,
     save_every: SaveEvery = D.save_every,
     keep: Keep = D.keep,
+    keep_previews: Annotated[int, typer.Option(
+        help="Reconstruction previews (preview-<step>.png) kept: the first, the newest and evenly spread ones "
+             "between; 0 keeps every one.", rich_help_panel=RUN)] = D.keep_previews,
     max_steps: MaxSteps = D.max_steps,
     device: Device = D.device,
     gpus: Gpus = D.gpus,
@@ -293,7 +306,7 @@ def finetune(
     img_size: ClassifierImgSize = None,
     drop_path: DropPath = FT.drop_path,
     global_pool: Annotated[str | None, typer.Option(
-        help="Pooling of the classifier: avg | token [default: the model's own].", rich_help_panel=MODEL,
+        help="Pooling of the classifier: avg | token \\[default: the model's own].", rich_help_panel=MODEL,
         show_default=False)] = None,
     grad_checkpointing: GradCheckpointing = FT.grad_checkpointing,
     model_ema: Annotated[bool, typer.Option(help="Keep an exponential moving average of the weights; it is the "
@@ -304,7 +317,7 @@ def finetune(
     batch_size: BatchSize = FT.batch_size,
     base_lr: BaseLr = FT.base_lr,
     layer_decay: Annotated[float | None, typer.Option(
-        help="Layer-wise lr decay [default: 0.65 for ViT/BEiT, 0.9 for Swin as the official recipes; higher for "
+        help="Layer-wise lr decay \\[default: 0.65 for ViT/BEiT, 0.9 for Swin as the official recipes; higher for "
              "short runs, see the summary printed at start].",
         rich_help_panel=OPTIM, show_default=False)] = None,
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing.",
@@ -390,7 +403,7 @@ def linear_probe(
         rich_help_panel=DATA)] = LP.cache_features,
     cache_dir: Annotated[str | None, typer.Option(
         help="Folder of cached features, reused when encoder, layer, pooling and data match "
-             "[default: <output>/features].", rich_help_panel=DATA, show_default=False)] = None,
+             "\\[default: <output>/features].", rich_help_panel=DATA, show_default=False)] = None,
     pretrained: Annotated[str | None, typer.Option(
         help="Encoder checkpoint (simmim, official SimMIM or timm); without it a randomly initialised encoder is "
              "probed, the baseline to compare against.", rich_help_panel=MODEL, show_default=False)] = None,

@@ -32,7 +32,7 @@ from ..config import TrainConfig
 from ..data_sources import is_image_folder
 from ..engine import Trainer
 from ..errors import SimmimError
-from ..pipeline import default_workers, make_loader
+from ..pipeline import default_workers, make_loader, too_few_shards
 from ..redact import terminal
 from ..shards import write_shards
 from .check_data import time_data
@@ -415,17 +415,18 @@ def _report(command: str, config: TrainConfig, context: distributed.Context, tra
                "fits": r["fits"]}
         if "img_per_s" in r:
             row.update({k: r[k] for k in ("img_per_s", "compute_step_s", "loop_step_s", "data_wait")})
-            row["mfu"] = flops * r["img_per_s"] / peak_flops if flops and peak_flops else None
+            # the peak never below the rate achieved: a CPU's is timed, maybe while other jobs loaded it
+            row["mfu"] = (flops * r["img_per_s"] / max(peak_flops, flops * r["img_per_s"]) if flops and peak_flops
+                          else None)
         processes.append(row)
         if row["device_memory"] and row["peak_memory"] and row["peak_memory"] > 0.95 * row["device_memory"]:
             problems.append(f"rank {r['rank']} peaks at {preflight.size(row['peak_memory'])} of "
                             f"{preflight.size(row['device_memory'])}: little headroom; lower --batch-size or add "
                             "--grad-checkpointing")
     shards, consumers = data.get("shards"), data.get("consumers")
-    if shards and consumers and shards < consumers:
-        problems.append(f"{shards} shard(s) for {consumers} loader processes ({context.world_size} process(es) × "
-                        f"{max(config.workers, 1)} worker(s)): processes share shards and read past each other's "
-                        f"samples; write at least {consumers} shards (simmim make-shards --max-size)")
+    shortage = too_few_shards(shards, context.world_size, config.workers, data.get("samples")) if shards else None
+    if shortage and consumers:
+        problems.append(shortage)
     if data.get("unreadable_count"):
         problems.append(f"{data['unreadable_count']} unreadable sample(s) among those read (first: "
                         f"{data['unreadable'][0]}); training skips them; re-create the shards to drop them")

@@ -25,8 +25,10 @@ def prepare_finetune(config: FinetuneConfig) -> None:
     model = resolve_classifier(config, keep_pretrain_architecture=False)
     shards = training_shards(config.data, config.epoch_size, labels=True)
     summary = choose_finetune(config, shards.num_samples, encoder_depth(model))
+    report = "\n".join(filter(None, [mixture_summary(shards), summary]))
     if config.node_rank == 0:  # every node makes the same choices; node 0 reports them
-        print("\n".join(filter(None, [mixture_summary(shards), summary])), flush=True)
+        if report:
+            print(report, flush=True)
         spec = ImageSpec.from_dict(config.image_spec)
         if not spec.rgb8 and (config.auto_augment or config.color_jitter):
             print(f"note: RandAugment and colour jitter are for 8-bit RGB images; turned off for these "

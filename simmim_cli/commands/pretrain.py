@@ -68,8 +68,9 @@ def prepare_pretrain(config: PretrainConfig) -> None:
     patch_size = check_model(config)
     summary = choose_pretrain(config, shards.num_samples, patch_size)
     check_masks(config, patch_size)
-    if config.node_rank == 0:  # every node makes the same choices; node 0 reports them
-        print("\n".join(filter(None, [mixture_summary(shards), summary])), flush=True)  # after the checks
+    report = "\n".join(filter(None, [mixture_summary(shards), summary]))
+    if config.node_rank == 0 and report:  # every node makes the same choices; node 0 reports them
+        print(report, flush=True)  # after the checks, so that a mistake stays a one-line error
     if config.decode == "gpu":
         dali.ensure_indexes(shards)
 
