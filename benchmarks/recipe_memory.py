@@ -17,18 +17,18 @@ import warnings
 import torch
 
 from simmim_cli.config import PretrainConfig, from_dict, load_recipe
+from simmim_cli.image_spec import IMAGENET_RGB
 from simmim_cli.masking import MaskGenerator
 from simmim_cli.memory_plan import block_parameters, forecast, saved_activation_bytes
 from simmim_cli.models import build_simmim
 from simmim_cli.parallelize import transformer_blocks
-from simmim_cli.transforms import normalize
 
 GIB = 2**30
 
 
 def bf16_step(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """A SimMIM step of bf16 weights on bf16 inputs: what autocast computes in, near enough for a forecast."""
-    return model(normalize(batch["image"]).to(torch.bfloat16), batch["mask"])[0]
+    return model(IMAGENET_RGB.normalize(batch["image"]).to(torch.bfloat16), batch["mask"])[0]
 
 
 def recipe_forecast(recipe: str, gpus: int, per_node: int = 8) -> dict:

@@ -115,7 +115,8 @@ def test_the_file_is_plain_parquet_with_fixed_size_float32_vectors(digits, tmp_p
 def test_an_unlabelled_folder_is_embedded_without_labels(photo_folder, tmp_path):
     output = tmp_path / "photos.parquet"
     result = ok(embed(*MODEL, "--data", str(photo_folder), "--output", str(output)))
-    assert "wrote" in result.output and "embeddings of width 32" in result.output
+    assert "done: embed in" in result.output and "embeddings of width 32" in result.output
+    assert f"embeddings  {output}" in result.output and f"simmim search {output} --map map.png" in result.output
     table = read_embeddings(output)
     assert len(table) == len(list(photo_folder.iterdir())) and set(table.labels) == {None}
     assert table.metadata["classes"] is None and table.metadata["model"]["seed"] == 0

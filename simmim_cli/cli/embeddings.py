@@ -89,14 +89,22 @@ def embed(
 ) -> None:
     """One embedding per image (the encoder's pooled features, as knn uses them), written as Parquet: for
     neighbours, near-duplicates, outliers and a map (simmim search), or your own tools (pandas, FAISS)."""
-    from ..commands.embed import embed as run
+    import time
 
+    from ..commands.embed import embed as run
+    from ..summary import Summary, command
+
+    started = time.perf_counter()
     result = run(config_from_context(EmbedConfig, ctx))
     resumed = f", {result['resumed_shards']} shard(s) from the stopped run" if result["resumed_shards"] else ""
     speed = f" at {result['images_per_second']:.1f} images/s" if result["images_per_second"] else ""
     skipped = f"; {len(result['skipped'])} unreadable image(s) skipped" if result["skipped"] else ""
-    typer.echo(f"wrote {result['output']}: {result['rows']} embeddings of width {result['dim']} "
-               f"({result['embedded']} embedded now{speed}{resumed}){skipped}")
+    output = str(result["output"])
+    typer.echo(Summary("embed", time.perf_counter() - started,
+                       f"{result['rows']} embeddings of width {result['dim']} ({result['embedded']} embedded now"
+                       f"{speed}{resumed}){skipped}", [("embeddings", output)],
+                       [command("simmim", "search", output, "--map", "map.png"),
+                        command("simmim", "search", output, "--duplicates", "0.95")]).text())
 
 
 @app.command(epilog=(
