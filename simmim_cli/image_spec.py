@@ -206,11 +206,22 @@ def spec_for_data(record: dict | None, bands: Any = None, mean: Any = None, std:
     return ImageSpec(**common, mean=given_mean or data_mean, std=chosen_std, scale=1.0)
 
 
-def fix_image_spec(config: Any, record: dict | None) -> ImageSpec:
-    """A training command's spec from its data's record and ``--bands``/``--mean``/``--std``: stored in the config
+def fix_image_spec(config: Any, record: dict | None, trained: dict | None = None) -> ImageSpec:
+    """A command's spec from its data's record and ``--bands``/``--mean``/``--std``: stored in the config
     (``config.image_spec``, carried by config.yaml and every checkpoint), and the encoder's ``in_chans`` set to its
-    channels in ``--model-kwargs`` (the data decides it). ``--decode gpu`` takes 8-bit photos only."""
-    spec = spec_for_data(record, config.bands, config.mean, config.std)
+    channels in ``--model-kwargs`` (the data decides it). ``--decode gpu`` takes 8-bit photos only.
+
+    ``trained``: the spec an encoder was trained with (a checkpoint's). When none of the three options is given and
+    the data has the bands it was trained on, its bands and normalisation are kept: the encoder sees its inputs as
+    in pretraining, not rescaled by a small labelled set's own statistics."""
+    bands, mean, std = config.bands, config.mean, config.std
+    if trained and bands is None and mean is None and std is None:
+        encoder = ImageSpec.from_dict(trained)
+        data = record or PHOTO_RECORD
+        if encoder.scale == 1.0 and (int(data["channels"]), str(data["dtype"])) == (encoder.source_channels,
+                                                                                    encoder.dtype):
+            bands, mean, std = (list(encoder.bands) if encoder.bands is not None else None), encoder.mean, encoder.std
+    spec = spec_for_data(record, bands, mean, std)
     check_gpu_decode(spec, getattr(config, "decode", "cpu"))
     config.image_spec = spec.to_dict()
     if spec.channels != 3:

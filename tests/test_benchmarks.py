@@ -47,6 +47,7 @@ def test_every_name_a_benchmark_imports_exists(script, monkeypatch):
         sys.modules.pop(stem, None)  # a sibling imported here is not the next test's
 
 
+@pytest.mark.slow
 def test_the_gpu_script_runs_each_check_with_options_it_takes():
     """benchmarks/on_gpu.sh is run on a lent GPU machine for a few minutes: a renamed option found only there
     costs the lease. Every benchmark, test file and simmim command it names exists and takes the options it gives."""

@@ -84,6 +84,7 @@ def run_check(*arguments: str, env: dict | None = None, timeout: float = 180) ->
     return result, report
 
 
+@pytest.mark.slow
 def test_two_processes_report_bandwidth_and_each_process_and_touch_no_run_folder(digit_shards, tmp_path):
     run = tmp_path / "run"
     result, report = run_check("pretrain", "--data", str(digit_shards), "--output", str(run), "--nproc", "2",
@@ -107,6 +108,7 @@ def test_two_processes_report_bandwidth_and_each_process_and_touch_no_run_folder
     assert report["forecast"]["epoch_s"] > 0 and report["verdict"]["bound"] in ("compute", "input", "communication")
 
 
+@pytest.mark.slow
 def test_the_forecast_and_peak_memory_agree_with_a_real_pretrain(digit_shards, tmp_path):
     """Check, then train the same configuration: the forecast epoch time within 25% of the real epochs (after the
     first), the peak memory within 10% of the real process's peak. The machine is shared with other work, so a
@@ -136,6 +138,7 @@ def test_the_forecast_and_peak_memory_agree_with_a_real_pretrain(digit_shards, t
     pytest.fail("; ".join(failures))
 
 
+@pytest.mark.slow
 def test_a_starved_loader_is_input_bound_and_a_fed_model_compute_bound(digit_shards, heavy_shards):
     starved, report = run_check("pretrain", "--data", str(heavy_shards), "--workers", "1", "--epochs", "2",
                                 "--steps", "6", *tiny())
@@ -153,6 +156,7 @@ def test_a_starved_loader_is_input_bound_and_a_fed_model_compute_bound(digit_sha
     assert report["forecast"]["input_share"] < preflight.INPUT_BOUND_SHARE
 
 
+@pytest.mark.slow
 def test_find_batch_finds_a_batch_that_fits_where_the_next_doubling_does_not(digit_shards):
     common = ["--data", str(digit_shards), "--workers", "0", "--epochs", "2", "--steps", "1"]
     model = dict(embed_dim=64, num_heads=2, patch_size=4)  # 64 tokens: activations grow visibly with the batch

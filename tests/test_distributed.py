@@ -45,6 +45,7 @@ def train_rows(run: Path) -> list[dict]:
     return [row for line in (run / "metrics.jsonl").read_text().splitlines() if "loss" in (row := json.loads(line))]
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_train_with_uneven_shards(uneven_shards, tmp_path):
     run = tmp_path / "run"
     result = simmim("pretrain", "--data", str(uneven_shards), "--output", str(run), "--nproc", "2", "--workers", "2",
@@ -63,6 +64,7 @@ def test_two_cpu_processes_train_with_uneven_shards(uneven_shards, tmp_path):
     assert len(list(run.glob("preview-*.png"))) == 3
 
 
+@pytest.mark.slow
 def test_a_distributed_run_resumes_exactly_and_with_another_process_count(uneven_shards, tmp_path):
     port = free_port()
     common = ["pretrain", "--data", str(uneven_shards), "--nproc", "2", "--workers", "1", *tiny_args(port)]
@@ -166,6 +168,7 @@ def fail_on_rank_one(config: PretrainConfig) -> None:
     time.sleep(600)
 
 
+@pytest.mark.slow
 def test_a_failing_worker_stops_the_whole_job_quickly():
     config = slices_config(Path("unused"), nproc=2)
     start = time.perf_counter()
@@ -174,6 +177,7 @@ def test_a_failing_worker_stops_the_whole_job_quickly():
     assert time.perf_counter() - start < 45
 
 
+@pytest.mark.slow
 def test_a_worker_error_in_a_cli_run_names_the_rank_and_exits_non_zero(tmp_path):
     # shards that _info.json describes but that are not tar files: only the workers, reading them, find out
     shards = tmp_path / "shards"
@@ -230,6 +234,7 @@ def test_launching_is_needed_only_for_several_processes():
     assert distributed.needs_launch(PretrainConfig(data="x", nnodes=2, gpus=8))
 
 
+@pytest.mark.slow
 def test_two_nodes_join_one_job(uneven_shards, tmp_path):
     """Two `--nnodes 2` commands, as on two machines, here both on localhost with one CPU process each."""
     port, run = free_port(), tmp_path / "run"
@@ -247,6 +252,7 @@ def test_two_nodes_join_one_job(uneven_shards, tmp_path):
     assert checkpoints.load_checkpoint(run / "checkpoint-00000004.pth")["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_torchrun_starts_the_workers_and_they_join(uneven_shards, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
@@ -274,6 +280,7 @@ def test_explicit_process_counts_ignore_the_slurm_allocation(monkeypatch):
     assert distributed.launched_env(PretrainConfig(data="x"))["world_size"] == 8  # an srun task joins
 
 
+@pytest.mark.slow
 def test_nproc_in_a_slurm_shell_trains_two_processes_without_hanging(uneven_shards, tmp_path):
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "SLURM_NTASKS": "8", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
@@ -286,6 +293,7 @@ def test_nproc_in_a_slurm_shell_trains_two_processes_without_hanging(uneven_shar
     assert "process group: gloo, 2 ranks" in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_in_the_terminal_of_a_launched_job_saves_once_and_resumes(uneven_shards, tmp_path, sig):
     """The terminal sends SIGINT to every process of the foreground group (launcher and workers), and the
@@ -315,6 +323,7 @@ def test_ctrl_c_in_the_terminal_of_a_launched_job_saves_once_and_resumes(uneven_
     assert "resumed from" in finish.stdout and train_rows(run)[-1]["step"] == stopped_at + 2
 
 
+@pytest.mark.slow
 def test_an_encoder_with_an_unused_pooling_head_trains_under_ddp(uneven_shards, tmp_path):
     """A SigLIP-style ViT (attention-pooling head) has parameters SimMIM never uses; DDP must not wait for them."""
     run = tmp_path / "run"
@@ -328,6 +337,7 @@ def test_an_encoder_with_an_unused_pooling_head_trains_under_ddp(uneven_shards, 
     assert [row["step"] for row in train_rows(run)] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_rows_carry_data_wait_and_mfu(uneven_shards, tmp_path):
     run = tmp_path / "run"
     result = simmim("pretrain", "--data", str(uneven_shards), "--output", str(run), "--workers", "1",

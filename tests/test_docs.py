@@ -235,6 +235,7 @@ def test_run_markers_sit_on_console_blocks():
 
 
 RUNNABLE_PAGES = [page for page in PAGES if runnable_blocks(page)]
+SLOW_PAGES = {"embeddings.md", "getting-started.md", "mixing.md", "troubleshooting.md"}  # more than 5 s each here
 
 
 def make_photos(folder: Path) -> None:
@@ -249,7 +250,8 @@ def make_photos(folder: Path) -> None:
             Image.fromarray(image).save(folder / label / f"{index:02d}.jpg", quality=90)
 
 
-@pytest.mark.parametrize("page", RUNNABLE_PAGES, ids=lambda page: page.name)
+@pytest.mark.parametrize("page", [pytest.param(page, marks=pytest.mark.slow) if page.name in SLOW_PAGES else page
+                                  for page in RUNNABLE_PAGES], ids=lambda page: page.name)
 def test_runnable_examples_run(page, tmp_path):
     make_photos(tmp_path / "photos")
     for block in runnable_blocks(page):

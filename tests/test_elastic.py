@@ -274,6 +274,7 @@ def lrs(output: Path) -> list[tuple[int, float]]:
     return [(row["step"], row["lr"]) for row in rows if "lr" in row]
 
 
+@pytest.mark.slow
 def test_a_two_process_run_resumed_on_three_one_and_other_workers_trains_each_sample_once(shards, tmp_path,
                                                                                           monkeypatch):
     monkeypatch.setattr(limits, "usable_cores", lambda: 4)  # cluster shapes with more processes than cores here

@@ -96,6 +96,7 @@ def test_finetune_from_a_pretrain_checkpoint_evaluates_and_keeps_best_and_last(d
 
 
 
+@pytest.mark.slow
 def test_evaluate_reads_a_class_folder(digits, pretrained, tmp_path):
     run = tmp_path / "ft"
     assert runner.invoke(app, ["finetune", "--pretrained", str(pretrained), "--data", str(digits["train"]),

@@ -10,7 +10,7 @@ import pytest
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from simmim_cli.config import PretrainConfig
+from simmim_cli.config import FinetuneConfig, PretrainConfig
 from simmim_cli.errors import SimmimError
 from simmim_cli.image_spec import IMAGENET_RGB, ImageSpec, fix_image_spec, spec_for_data
 from simmim_cli.masking import MaskGenerator
@@ -83,6 +83,21 @@ def test_the_config_gets_the_spec_and_the_channels_and_gpu_decoding_is_refused()
     rgb = PretrainConfig(data="x", model_kwargs={"in_chans": 4})
     fix_image_spec(rgb, None)
     assert "in_chans" not in rgb.model_kwargs and ImageSpec.from_dict(rgb.image_spec) == IMAGENET_RGB
+
+
+def test_a_checkpoints_bands_and_normalisation_are_kept_for_other_data_of_its_kind():
+    pretrained = PretrainConfig(data="x", model_kwargs=dict(TINY), bands="nir,red,green")
+    fix_image_spec(pretrained, RECORD)
+    labelled = {**RECORD, "mean": [10.0, 20.0, 30.0, 40.0], "std": [1.0, 2.0, 3.0, 4.0]}  # a small set's own
+    kept = FinetuneConfig(data="y", model_kwargs=dict(TINY))
+    spec = fix_image_spec(kept, labelled, pretrained.image_spec)
+    assert spec == ImageSpec.from_dict(pretrained.image_spec) and spec.bands == (3, 2, 1)
+    assert spec.mean == (3000.0, 1200.0, 1100.0)  # what pretraining normalised with, not the set's (40, 30, 20)
+    own = FinetuneConfig(data="y", model_kwargs=dict(TINY), mean="0", std="1")  # an option given: the data's way
+    assert fix_image_spec(own, labelled, pretrained.image_spec).mean == (0.0,) * 4
+    other = {**labelled, "dtype": "float32"}  # other data than the encoder's: its own statistics, all its bands
+    assert fix_image_spec(FinetuneConfig(data="y"), other, pretrained.image_spec).mean == (10.0, 20.0, 30.0, 40.0)
+    assert fix_image_spec(FinetuneConfig(data="y"), None, pretrained.image_spec) == IMAGENET_RGB  # photos
 
 
 # ---------------------------------------------------------------------------------------------- augmentation

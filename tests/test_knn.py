@@ -73,6 +73,7 @@ def supervised_encoder(path: Path, count: int, epochs: int = 16) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_knn_of_a_trained_encoder_beats_a_random_one(tmp_path):
     # 1,000 digits as memory bank, 200 others to classify; the tiny ViT needs that many to generalise at all
     shards = write_digit_shards(tmp_path, {"train": range(1000), "val": range(1000, 1200)})
@@ -106,6 +107,7 @@ def test_knn_caches_features_like_linear_probe(digits, tmp_path):
     assert text.exit_code == 0 and "top-1" in text.output and "memory bank of 200" in text.output
 
 
+@pytest.mark.slow
 def test_knn_on_two_processes_gathers_features_into_one_cache_any_process_count_reads(digits, tmp_path):
     cache = tmp_path / "cache"
     args = ["knn", *MODEL, "--data", str(digits["train"]), "--val-data", str(digits["val"]), "--workers", "0",
@@ -130,6 +132,7 @@ def test_knn_on_two_processes_gathers_features_into_one_cache_any_process_count_
     assert not list(cache.rglob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_gathered_rows_keep_rank_order_with_uneven_and_empty_shares():
     import torch.multiprocessing as mp
 

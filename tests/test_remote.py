@@ -325,6 +325,7 @@ def final_weights(run: Path) -> dict[str, torch.Tensor]:
     return checkpoints.load_checkpoint(checkpoints.latest_checkpoint(run))["model"]
 
 
+@pytest.mark.slow
 def test_pretrain_stopped_mid_epoch_and_resumed_from_a_faulty_server_trains_as_from_local_disk(digits, tmp_path):
     common = ["pretrain", "--epochs", "2", "--workers", "2", "--precision", "fp32", "--model", VIT_NAME,
               "--model-kwargs", json.dumps(VIT_KWARGS), "--img-size", str(SIZE), "--mask-patch-size", "16",

@@ -388,6 +388,7 @@ def train_with_a_full_disk_on_rank_0(config: PretrainConfig, record: str) -> Non
         distributed.teardown()
 
 
+@pytest.mark.slow
 def test_every_rank_stops_when_rank_0_cannot_save(tmp_path):
     from simmim_cli import distributed
 
@@ -405,6 +406,7 @@ def test_every_rank_stops_when_rank_0_cannot_save(tmp_path):
     assert temporaries(tmp_path / "run") == []
 
 
+@pytest.mark.slow
 def test_a_file_size_limit_on_a_two_process_job_ends_in_one_line_and_resumes(shards, tmp_path):
     """As a user meets it: a file-size limit on the whole job (inherited by the launched workers), nothing patched:
     rank 0 cannot save, both ranks stop, one line names the checkpoint to resume from."""

@@ -54,6 +54,7 @@ def tensorboard_events(folder: Path):
     return events
 
 
+@pytest.mark.slow
 def test_pretrain_logs_to_all_three_trackers_and_resume_continues_their_runs(digits, tmp_path, tracker_env):
     from mlflow.tracking import MlflowClient
 

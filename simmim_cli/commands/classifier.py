@@ -47,7 +47,8 @@ def resolve_architecture(config, num_classes: int, keep_pretrain_architecture: b
         config.model_kwargs = {**kwargs, **config.model_kwargs}
         config.img_size = config.img_size or img_size
     config.img_size = config.img_size or 224
-    spec = fix_image_spec(config, images)  # after the checkpoint's kwargs: the data sets in_chans
+    # after the checkpoint's kwargs: the data sets in_chans; the encoder's bands and normalisation by default
+    spec = fix_image_spec(config, images, (weights.config or {}).get("image_spec") if weights is not None else None)
     if val_images is not None:
         spec.for_data(val_images, "--val-data")
     with warnings.catch_warnings():
