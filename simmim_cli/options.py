@@ -63,11 +63,11 @@ Decode = Annotated[str, typer.Option(
          "epoch's order differs from an uninterrupted run's.", rich_help_panel=DATA)]
 Bands = Annotated[str | None, typer.Option(
     help="Bands of multi-band images (TIFF, DICOM, .npy, 16-bit PNG) to train on, in this order: 0-based indices "
-         "or the band names in the shards' _info.json, comma-separated, e.g. 3,2,1,7 [default: all].",
+         "or the band names in the shards' _info.json, comma-separated, e.g. 3,2,1,7 \\[default: all].",
     rich_help_panel=DATA, show_default=False)]
 Mean = Annotated[str | None, typer.Option(
     help="Per-channel mean for the normalisation, in the data's units (0-255 for 8-bit images, raw counts or "
-         "Hounsfield units for others), comma-separated or one for all [default: ImageNet's for 8-bit RGB, the "
+         "Hounsfield units for others), comma-separated or one for all \\[default: ImageNet's for 8-bit RGB, the "
          "data's own from _info.json otherwise].", rich_help_panel=DATA, show_default=False)]
 Std = Annotated[str | None, typer.Option(
     help="Per-channel standard deviation for the normalisation, like --mean.", rich_help_panel=DATA,

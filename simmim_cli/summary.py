@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .redact import redact_values, terminal
 from .tracking import read_rows
 
 
@@ -33,11 +34,11 @@ class Summary:
         lines += [f"  {what:<{width}}  {path}" for what, path in self.files]
         if self.next:
             lines += ["next:", *(f"  {line}" for line in self.next)]
-        return "\n".join(lines)
+        return terminal("\n".join(lines))  # the next commands name the user's data: never its credentials
 
     def row(self) -> dict[str, Any]:
-        return {"command": self.command, "seconds": round(self.seconds, 1), **self.figures,
-                "files": {what: path for what, path in self.files}, "next": self.next}
+        return redact_values({"command": self.command, "seconds": round(self.seconds, 1), **self.figures,
+                              "files": {what: path for what, path in self.files}, "next": self.next})
 
 
 STARTED_ENV = "SIMMIM_STARTED"  # when the command started (epoch seconds), inherited by the processes it launches
@@ -139,9 +140,15 @@ def training_summary(config: Any, output: Path, seconds: float, step: int, total
                        command("simmim", "export", "--onnx", "--checkpoint", model, "--output", output / "model.onnx")]
     elif resume_point is not None:  # pretrain
         next_steps += [
-            command("simmim", "visualize-recon", config.data, "--checkpoint", resume_point, "--output",
+            command("simmim", "visualize-recon", first_source(config.data), "--checkpoint", resume_point, "--output",
                     output / "recon.png"),
             command("simmim", "finetune", "--pretrained", resume_point, "--data", getattr(config, "knn_data", None)
                     or "TRAIN_IMAGES", "--val-data", getattr(config, "knn_val_data", None) or "VAL_IMAGES"),
         ]
     return Summary(config.command, seconds, "; ".join(result), files, next_steps, figures)
+
+
+def first_source(data: Any) -> str:
+    """``--data`` as one location for a command line: a mixture's (a list of sources) first source."""
+    first = data[0] if isinstance(data, list) and data else data
+    return str(first.get("path") if isinstance(first, dict) else first)

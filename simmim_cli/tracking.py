@@ -111,9 +111,8 @@ class RunLog:
         self.resume_step = step
         if not (self.enabled and self.path.is_file()):
             return
-        rows = [line for line in self.path.read_text().splitlines()
-                if line and (row := json.loads(line)).get("step", 0) <= step and "summary" not in row]
-        storage.write_text(self.path, "".join(row + "\n" for row in rows))
+        rows = [row for row in read_rows(self.path) if row.get("step", 0) <= step]  # a line cut short: gone
+        storage.write_text(self.path, "".join(json.dumps(row) + "\n" for row in rows))
 
     def close(self) -> None:
         for tracker in self.trackers or []:

@@ -206,6 +206,8 @@ def test_every_help_shows_the_defaults_its_text_names():
     for name, command in commands:
         output = runner.invoke(app, [name, "--help"], env={"COLUMNS": "2000"}).output
         for param in command.params:
+            assert not re.search(r"(?<!\\)\[default:", getattr(param, "help", None) or ""), (
+                f"{name} --{param.name}: escape the bracket (\\\\[default: ...]) or Rich drops it")
             for default in re.findall(r"\\(\[default: [^]]*\])", getattr(param, "help", None) or ""):
                 assert default in output, (name, param.name)
     workers = runner.invoke(app, ["make-shards", "--help"], env={"COLUMNS": "200"}).output

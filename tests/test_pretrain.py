@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from simmim_cli import checkpoints, engine, errors, tasks
 from simmim_cli.cli import app
 from simmim_cli.commands.pretrain import pretrain
+from simmim_cli.commands.training import resolve_run_paths
 from simmim_cli.config import PretrainConfig
 from simmim_cli.errors import SimmimError
 
@@ -92,6 +93,10 @@ def test_an_existing_run_needs_resume_or_force(shards, tmp_path):
     assert result.exit_code == 2 and "--resume auto" in result.output and "--force" in result.output
     assert (tmp_path / "run" / "checkpoint-00000001.pth").read_bytes() == before
     assert runner.invoke(app, [*arguments, "--force"]).exit_code == 0
+    # starting over removes the old run's pictures with its checkpoints, before the new run writes its own
+    assert (tmp_path / "run" / "metrics.png").is_file()
+    resolve_run_paths(PretrainConfig(data=str(shards), output=str(tmp_path / "run"), force=True))
+    assert not list((tmp_path / "run").glob("*.p*g")) and not checkpoints.list_checkpoints(tmp_path / "run")
 
 
 def final_weights(run: Path) -> dict[str, torch.Tensor]:

@@ -154,6 +154,23 @@ def test_a_password_in_a_shard_url_appears_nowhere_a_run_writes_or_prints(served
 
 
 @pytest.mark.slow
+def test_check_reads_shards_as_the_loader_does_and_its_report_holds_no_password(served, tmp_path):
+    """`check`'s timed read goes through the loader's reader (the store's login, corrupt samples named with the
+    URL redacted), and neither what it prints nor check.json/check.txt holds the password."""
+    report = tmp_path / "report"
+    with ShardServer(served, login=("reader", PASSWORD)) as server:
+        host = server.url.removeprefix("http://")
+        result = runner.invoke(app, ["check", "--output", str(report), "pretrain",
+                                     "--data", f"http://reader:{PASSWORD}@{host}/train/", *TINY])
+    assert "Traceback" not in result.output, result.output
+    stored = json.loads((report / "check.json").read_text())
+    data = stored["data"]
+    assert data["images_read"] >= 8, data  # through the login: a reader without it read nothing
+    assert any(line.startswith(f"http://…@{host}/train/train-000099.tar:broken") for line in data["unreadable"])
+    assert PASSWORD not in result.output and files_holding(PASSWORD, report) == []
+
+
+@pytest.mark.slow
 def test_signed_urls_leave_no_signature_in_any_output_and_the_run_records_their_list_file(served, tmp_path,
                                                                                             monkeypatch):
     mlruns = tracker_env(monkeypatch, tmp_path)

@@ -12,8 +12,17 @@ from typer.testing import CliRunner
 
 from simmim_cli import flops
 from simmim_cli.cli import app
+from simmim_cli.config import PretrainConfig
 from simmim_cli.shards import write_shards
-from simmim_cli.summary import STARTED_ENV, Summary, command_clock, duration, seconds_since_start
+from simmim_cli.summary import (
+    STARTED_ENV,
+    Summary,
+    command,
+    command_clock,
+    duration,
+    seconds_since_start,
+    training_summary,
+)
 from simmim_cli.tracking import read_rows
 
 runner = CliRunner()
@@ -38,6 +47,17 @@ def test_duration_and_text():
                    ["simmim export --onnx"]).text()
     assert text.splitlines() == ["done: evaluate in 3 s; top-1 90%", "  metrics  r/m.json", "  picture  r/c.png",
                                  "next:", "  simmim export --onnx"]
+
+
+def test_a_summary_names_the_data_without_its_credentials(tmp_path):
+    secret = "https://ann:hunter2@store.example/train/{000..009}.tar?X-Amz-Signature=abc123"
+    done = Summary("knn", 1.0, "", next=[command("simmim", "finetune", "--data", secret)])
+    assert "hunter2" not in done.text() and "abc123" not in done.text() and "store.example" in done.text()
+    assert "hunter2" not in json.dumps(done.row()) and "abc123" not in json.dumps(done.row())
+    (tmp_path / "checkpoint-00000006.pth").write_bytes(b"")
+    mixture = PretrainConfig(data=[{"path": "a/", "proportion": 0.3}, {"path": "b/"}], output=str(tmp_path))
+    pretrained = training_summary(mixture, tmp_path, 5.0, 6, 6)
+    assert any(line.startswith("simmim visualize-recon a/ --checkpoint") for line in pretrained.next)
 
 
 def test_the_time_counts_from_the_command_start(monkeypatch):

@@ -167,3 +167,15 @@ def test_a_mixtures_counts_per_source_reach_trackers_as_one_scalar_each(tmp_path
     log.close()
     assert seen == [{"loss": 0.5, "source_samples/ours": 700.0, "source_samples/general": 300.0}]
     assert json.loads((tmp_path / "metrics.jsonl").read_text())["source_samples"] == {"ours": 700, "general": 300}
+
+
+def test_a_resume_drops_rows_after_the_checkpoint_and_a_line_cut_short_by_the_crash(tmp_path):
+    """A crash can leave half a line at the end of metrics.jsonl; the resumed run drops it with the rows logged
+    after its checkpoint and the old summary, instead of failing on it."""
+    (tmp_path / "metrics.jsonl").write_text('{"step": 10, "loss": 0.9}\n{"step": 20, "loss": 0.8}\n'
+                                            '{"summary": {"step": 20}, "step": 20}\n{"step": 30, "loss": 0.7}\n'
+                                            '{"step": 40, "lo')
+    metrics = tracking.RunLog(tmp_path, enabled=True)
+    metrics.truncate_after(20)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [{"step": 10, "loss": 0.9}, {"step": 20, "loss": 0.8}]

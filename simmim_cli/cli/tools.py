@@ -137,7 +137,7 @@ def visualize_recon(
     limit: Annotated[int, typer.Option(help="At most this many images in the panel.")] = 16,
     show_bands: Annotated[str | None, typer.Option(
         help="The model's channels shown as red, green and blue (or one, in grey), 0-based indices or band names, "
-             "each stretched from its 2nd to its 98th percentile [default: 8-bit RGB as it is; other data: the "
+             "each stretched from its 2nd to its 98th percentile \\[default: 8-bit RGB as it is; other data: the "
              "first three channels, or the first in grey].", show_default=False)] = None,
     per_band: Annotated[bool, typer.Option(
         "--per-band", help="Also write one panel per channel, in grey: OUTPUT-band0.png, OUTPUT-band1.png, ...")

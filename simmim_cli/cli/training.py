@@ -109,7 +109,7 @@ def make_shards(
              "number.", show_default=False)] = None,
     stats_images: Annotated[int | None, typer.Option(
         help="Measure the per-channel mean and std of images that are not 8-bit photos (TIFF, DICOM, .npy, 16-bit "
-             "PNG) over this many of them, drawn with --seed, instead of over all [default: all].",
+             "PNG) over this many of them, drawn with --seed, instead of over all \\[default: all].",
         show_default=False)] = None,
     io_retries: IoRetries = D.io_retries,
     max_sample_mb: MaxSampleMb = D.max_sample_mb,

@@ -33,13 +33,13 @@ from ..data_sources import is_image_folder
 from ..engine import Trainer
 from ..errors import SimmimError
 from ..pipeline import default_workers, make_loader, too_few_shards
-from ..redact import terminal
+from ..redact import redact_values, terminal
 from ..shards import write_shards
 from .check_data import time_data
 from .finetune import build_finetune, prepare_finetune
 from .pretrain import build_pretrain, prepare_pretrain
 from .probe import build_linear_probe, prepare_linear_probe
-from .training import foreign_files
+from .training import check_resume_exists, foreign_files
 
 COMMANDS = {
     "pretrain": (prepare_pretrain, build_pretrain),
@@ -90,6 +90,7 @@ def check(command: str, config: TrainConfig, options: CheckOptions) -> int:
     report["problems"] = run_problems + report["problems"]
     report["seconds"] = round(time.perf_counter() - started, 1)
     report["verdict"]["ok"] = report["verdict"]["ok"] and not run_problems
+    report = redact_values(report)  # locations and messages of the data, shown and stored without credentials
     text = preflight.render(report)
     print(json.dumps(report, indent=2) if options.json else terminal(text), flush=True)  # sample names escaped
     if report_folder is not None:
@@ -114,9 +115,7 @@ def _report_folder(output: str | None, config: TrainConfig) -> Path | None:
 
 def _run_folder_problems(config: TrainConfig) -> list[str]:
     """What the real command would refuse about its run folder, found by reading it only."""
-    if config.resume and config.resume != "auto" and not (Path(config.resume).is_file()
-                                                          or checkpoints.is_sharded_checkpoint(config.resume)):
-        raise SimmimError(f"--resume {config.resume}: no such checkpoint; use --resume auto to take the newest")
+    check_resume_exists(config)
     if not config.output or config.resume or config.force:
         return []
     output = Path(config.output)

@@ -63,21 +63,17 @@ def time_data(dataset: Any) -> dict[str, Any]:
 
 
 def _time_read(dataset: Any, shard_urls: list[str], budget: float) -> dict[str, Any]:
-    """Decode + augment of samples from a spread of ``shard_urls`` for at most ``budget`` seconds."""
-    import webdataset as wds
+    """Decode + augment of samples from a spread of ``shard_urls`` for at most ``budget`` seconds, read as the
+    loader reads them (remote stores, the per-sample limits, corrupt shards named without credentials)."""
+    from ..remote import shard_samples
 
     unreadable: list[str] = []
-
-    def on_error(error: Exception) -> bool:
-        unreadable.append(f"{type(error).__name__}: {error}")
-        return True
-
     step = max(1, len(shard_urls) // 8)
     urls = shard_urls[::step][:8]
     sizes: set[tuple[int, int]] = set()
     images, seconds = 0, 0.0
     deadline = time.perf_counter() + budget
-    for sample in wds.tariterators.tarfile_samples(iter([{"url": u} for u in urls]), handler=on_error):
+    for sample in shard_samples(urls, unreadable):
         if images >= DATA_READ_IMAGES or time.perf_counter() > deadline:
             break
         started = time.perf_counter()
@@ -91,7 +87,8 @@ def _time_read(dataset: Any, shard_urls: list[str], budget: float) -> dict[str, 
             unreadable.append(str(error))
             continue
         except (OSError, ValueError, KeyError, SyntaxError, RuntimeError, Image.DecompressionBombError) as error:
-            unreadable.append(f"{sample.get('__url__')}:{sample.get('__key__')}: {type(error).__name__}: {error}")
+            unreadable.append(redact(f"{sample.get('__url__')}:{sample.get('__key__')}: {type(error).__name__}: "
+                                     f"{error}"))
             continue
         seconds += time.perf_counter() - started
         images += 1

@@ -35,8 +35,7 @@ def resolve_run_paths(config: TrainConfig, runs_root: Path = Path("runs")) -> No
             config.resume = str(found)
             config.output = config.output or str(found.parent)
     elif config.resume:
-        if not (Path(config.resume).is_file() or checkpoints.is_sharded_checkpoint(config.resume)):
-            raise SimmimError(f"--resume {config.resume}: no such checkpoint; use --resume auto to take the newest")
+        check_resume_exists(config)
         config.output = config.output or str(Path(config.resume).parent)
     if config.resume:
         check_resumed_param_groups(config)
@@ -60,8 +59,15 @@ def resolve_run_paths(config: TrainConfig, runs_root: Path = Path("runs")) -> No
                               f"{', ...' if len(foreign) > 3 else ''}); give a new or empty folder, or pass --force to "
                               "write the run into it (its config.yaml and metrics.jsonl would be replaced)")
         with storage.writing(output):
-            for path in previous + list(output.glob("preview-*.png")):
+            for path in previous + list(output.glob("preview-*.png")) + list(output.glob("metrics.png")):
                 checkpoints.remove_checkpoint(path)
+
+
+def check_resume_exists(config: TrainConfig) -> None:
+    """A ``--resume`` path (not ``auto``) names a checkpoint file or a sharded checkpoint folder."""
+    if config.resume and config.resume != "auto" and not (Path(config.resume).is_file()
+                                                          or checkpoints.is_sharded_checkpoint(config.resume)):
+        raise SimmimError(f"--resume {config.resume}: no such checkpoint; use --resume auto to take the newest")
 
 
 def foreign_files(folder: Path) -> list[str]:
