@@ -15,7 +15,7 @@ from test_distributed import SlicedBatches
 from test_elastic import LENGTHS, ledger_batches, lrs, run
 from typer.testing import CliRunner
 
-from simmim_cli import checkpoints, distributed, epoch_order, parallelize
+from simmim_cli import checkpoints, distributed, epoch_order, limits, parallelize
 from simmim_cli.cli import app
 from simmim_cli.config import PretrainConfig
 from simmim_cli.engine import Trainer
@@ -116,8 +116,9 @@ def test_sharded_and_replicated_training_agree_with_accumulation_and_clipping(tm
 
 
 @pytest.mark.slow
-def test_hsdp_over_two_simulated_nodes_trains_as_the_replicas_do(tmp_path):
+def test_hsdp_over_two_simulated_nodes_trains_as_the_replicas_do(tmp_path, monkeypatch):
     """4 processes as 2 nodes of 2: sharded within a node, replicated across nodes (a 2-D mesh)."""
+    monkeypatch.setattr(limits, "usable_cores", lambda: 4)  # as a machine with the cores for them (CI has 2)
     distributed.launch(train_fixed, fixed_config(tmp_path / "ddp", 2, shard=False), "vit")
     distributed.launch(train_fixed, fixed_config(tmp_path / "hsdp", 4, shard=True), "vit", 2)
     assert_same_training(tmp_path / "ddp", tmp_path / "hsdp", "vit")
@@ -186,10 +187,12 @@ def numbered(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_a_sharded_run_stopped_mid_epoch_resumes_exactly_on_three_and_on_one_process(numbered, tmp_path):
+def test_a_sharded_run_stopped_mid_epoch_resumes_exactly_on_three_and_on_one_process(numbered, tmp_path,
+                                                                                    monkeypatch):
     """test_elastic's ledger, sharded: 31 samples, 6 a step. A 2-process sharded run stops 2 steps into epoch 1;
     its checkpoint folder resumes on 3 processes and on 1 (accumulating 2 batches a step): every sample of the
     epoch once, the same schedule, and the weights of the uninterrupted run."""
+    monkeypatch.setattr(limits, "usable_cores", lambda: 4)  # as a machine with the cores for them (CI has 2)
     run(numbered, tmp_path / "straight", tmp_path / "ledger-straight", nproc=2, workers=0, shard_model=True,
         base_lr=0.2)
     straight = ledger_batches(tmp_path / "ledger-straight")
@@ -455,8 +458,12 @@ def test_a_killed_sharded_job_saves_its_shards_and_resumes_on_three_processes(nu
     assert latest.suffix == ".dcp" and latest.name in err and "Traceback" not in err
     stopped_at = checkpoints.load_checkpoint(latest)["step"]
     assert stopped_at >= 3 and not list(run_folder.glob(".*.tmp"))
-    finish = simmim(*args, "--epochs", "4000", "--nproc", "3", "--master-port", str(free_port()), "--resume", "auto",
-                    "--max-steps", str(stopped_at + 2))
+    # the command line of a machine with the cores for 3 processes (CI has 2; --nproc is bounded by the cores)
+    with_cores = ("import runpy, sys; from simmim_cli import limits; limits.usable_cores = lambda: 4; "
+                  "sys.argv[0] = 'simmim'; runpy.run_module('simmim_cli', run_name='__main__')")
+    finish = subprocess.run([sys.executable, "-c", with_cores, *args, "--epochs", "4000", "--nproc", "3",
+                             "--master-port", str(free_port()), "--resume", "auto", "--max-steps", str(stopped_at + 2)],
+                            capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
     assert finish.returncode == 0, finish.stderr
     assert "was written by 2 process(es), this run has 3" in finish.stdout
     assert train_rows(run_folder)[-1]["step"] == stopped_at + 2
