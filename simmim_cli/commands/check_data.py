@@ -12,7 +12,6 @@ from PIL import Image
 
 from ..errors import SimmimError
 from ..pipeline import sample_image_bytes, sample_label, seeded_rng
-from ..redact import redact
 
 DATA_READ_SECONDS = 3.0  # the timed read of the shards stops after this long (or DATA_READ_IMAGES images)
 DATA_READ_IMAGES = 256
@@ -32,7 +31,7 @@ def time_data(dataset: Any) -> dict[str, Any]:
     if mix is not None:
         starts = mix.shard_starts()
         figures["sources"] = [
-            {"name": source.name, "path": redact(spec.path), "share": spec.share(), "samples": source.samples,
+            {"name": source.name, "path": spec.path, "share": spec.share(), "samples": source.samples,
              "shards": source.shards, "per_epoch": source.per_epoch,
              "epoch_share": source.per_epoch / mix.epoch_samples}
             for source, spec in zip(mix.sources, shards.specs, strict=True)]
@@ -64,7 +63,7 @@ def time_data(dataset: Any) -> dict[str, Any]:
 
 def _time_read(dataset: Any, shard_urls: list[str], budget: float) -> dict[str, Any]:
     """Decode + augment of samples from a spread of ``shard_urls`` for at most ``budget`` seconds, read as the
-    loader reads them (remote stores, the per-sample limits, corrupt shards named without credentials)."""
+    loader reads them (remote stores, the per-sample limits; ``check`` redacts the whole report)."""
     from ..remote import shard_samples
 
     unreadable: list[str] = []
@@ -87,8 +86,7 @@ def _time_read(dataset: Any, shard_urls: list[str], budget: float) -> dict[str, 
             unreadable.append(str(error))
             continue
         except (OSError, ValueError, KeyError, SyntaxError, RuntimeError, Image.DecompressionBombError) as error:
-            unreadable.append(redact(f"{sample.get('__url__')}:{sample.get('__key__')}: {type(error).__name__}: "
-                                     f"{error}"))
+            unreadable.append(f"{sample.get('__url__')}:{sample.get('__key__')}: {type(error).__name__}: {error}")
             continue
         seconds += time.perf_counter() - started
         images += 1
