@@ -18,9 +18,6 @@ held-out images against all 1,437 labelled training images, the fine-tuning marg
 (tree − ref), their mean and a 95% confidence interval (Student's t):
 
     python benchmarks/pretrained_vs_scratch.py --against 775f5f8 --seeds 0 1 2 [--measures knn finetune probe]
-
-``--class-sorted`` pretrains on the training images written in class order, 64 a shard (about one class a shard):
-the layout on which an epoch order that mixes too few shards into a batch learns worse.
 """
 
 from __future__ import annotations
@@ -83,15 +80,12 @@ def val_top1(run: Path) -> float:
 
 
 def digit_shards(root: Path, labelled: int, seed: int = 0) -> dict[str, Path]:
-    """The digit folders as shards under ``root/shards`` (made once; reused when already there), and ``sorted``:
-    the same 1,437 training images written in class order, 64 a shard (about one class a shard, as a tool that
-    does not shuffle writes them), to pretrain on with ``--class-sorted``."""
-    shards = {name: root / "shards" / name for name in ("unlabelled", "labelled", "val", "bank", "sorted")}
+    """The digit folders as shards under ``root/shards`` (made once; reused when already there)."""
+    shards = {name: root / "shards" / name for name in ("unlabelled", "labelled", "val", "bank")}
     if not all((path / "_info.json").is_file() for path in shards.values()):
         folders = digit_folders(root / "images", labelled, seed)
         for name, folder in folders.items():
             write_shards(folder, shards[name], maxcount=256, split="train", force=True)
-        write_shards(folders["bank"], shards["sorted"], maxcount=64, split="train", force=True, shuffle=False)
     return shards
 
 
@@ -173,7 +167,7 @@ def against(args: argparse.Namespace) -> None:
             figures = {}
             for label, tree in sides:
                 started = time.time()
-                checkpoint = pretrain_in(tree, shards[args.pretrain_data], root / f"pretrain-{label}-{seed}",
+                checkpoint = pretrain_in(tree, shards["unlabelled"], root / f"pretrain-{label}-{seed}",
                                          args.pretrain_epochs, seed)
                 figures[label] = score(checkpoint, shards, root, seed, args.measures, args.finetune_epochs,
                                        args.probe_epochs)
@@ -187,7 +181,6 @@ def against(args: argparse.Namespace) -> None:
             print(json.dumps({"seed": seed, **figures}), flush=True)
         keys = [key for key in rows[0]["tree"] if key != "seconds"]
         summary = {"against": args.against, "seeds": args.seeds, "pretrain_epochs": args.pretrain_epochs,
-                   "pretrain_data": args.pretrain_data,
                    "precision": "fp32", "model": f"{MODEL} {MODEL_KWARGS}",
                    **{f"{key}_tree_minus_ref": paired([row["tree"][key] - row["ref"][key] for row in rows])
                       for key in keys}}
@@ -222,9 +215,6 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="with --against: paired seeds")
     parser.add_argument("--measures", nargs="+", default=["knn", "finetune", "probe"],
                         choices=["knn", "finetune", "probe"], help="with --against: what to score")
-    parser.add_argument("--class-sorted", dest="pretrain_data", action="store_const", const="sorted",
-                        default="unlabelled", help="pretrain on shards written in class order, about one class a "
-                        "shard (what the epoch order must mix back into every batch)")
     args = parser.parse_args()
     if args.against:
         against(args)
@@ -234,7 +224,7 @@ def main() -> None:
         root = Path(args.workdir or tmp)
         shards = digit_shards(root, args.labelled, args.seed)
         common = {**MODEL_ARGS, "workers": 1, "seed": args.seed}
-        config = PretrainConfig(data=str(shards[args.pretrain_data]), output=str(root / "pretrain"),
+        config = PretrainConfig(data=str(shards["unlabelled"]), output=str(root / "pretrain"),
                                 epochs=args.pretrain_epochs, **PRETRAIN, **common)
         config.validate()
         if latest_checkpoint(root / "pretrain") is None:

@@ -535,12 +535,19 @@ class Trainer:
 
     def _restore_data_position(self, checkpoint: dict[str, Any]) -> bool:
         """Takes the checkpoint's position in its epoch's sample order where it fits this run (the same epoch,
-        the same number of slots: the same global batch); returns whether the rest of the epoch is exact."""
+        the same number of slots: the same global batch, the same blocks); returns whether the rest of the epoch is
+        exact."""
         data = checkpoint.get("data")
         if getattr(self.dataset, "resume_position", None) is None:
             return False
         here = self._data_position()
         if data is None or here is None or (data["epoch"], data["slots"]) != (here["epoch"], here["slots"]):
+            return False
+        written_block = data.get("block", 1024)  # the block of checkpoints from before it was recorded
+        if here.get("block") is not None and written_block != here["block"]:
+            self.reporter.print(f"note: the checkpoint's epoch order was cut into blocks of {written_block:,} samples, "
+                                f"this version's into {here['block']:,}: the rest of the interrupted epoch is dealt "
+                                "out anew by step count (some of its samples are seen twice or not at all)")
             return False
         self.resume_consumed = [tuple(r) for r in data["consumed"]]
         return True

@@ -158,12 +158,14 @@ class ShardStream(IterableDataset):
 
     def resume_position(self, epoch: int, batches_done: int) -> dict[str, Any] | None:
         """Where in ``epoch``'s order a run is once each rank has trained on its first ``batches_done`` batches:
-        ``{"epoch", "slots", "consumed": [[start, stop], ...]}``, slots of the epoch order trained on, the same
-        on every rank. None where the order depends on the consumers (shard lengths unknown)."""
+        ``{"epoch", "slots", "block", "consumed": [[start, stop], ...]}``, slots of the epoch order (cut into
+        blocks of ``block`` samples) trained on, the same on every rank. None where the order depends on the
+        consumers (shard lengths unknown)."""
         if not self.ordered:
             return None
         consumed = self._dealing(epoch).consumed_after(batches_done) if batches_done else []
-        return {"epoch": epoch, "slots": self._dealing_shape()["extent"], "consumed": [list(r) for r in consumed]}
+        return {"epoch": epoch, "slots": self._dealing_shape()["extent"], "block": self.block_size,
+                "consumed": [list(r) for r in consumed]}
 
     def source_samples(self, epoch: int, batches_done: int) -> dict[str, int] | None:
         """Of a mixture: the samples of each source in the slots of ``epoch`` trained on once each rank has made

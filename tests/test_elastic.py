@@ -274,6 +274,24 @@ def lrs(output: Path) -> list[tuple[int, float]]:
     return [(row["step"], row["lr"]) for row in rows if "lr" in row]
 
 
+def test_a_checkpoint_of_an_order_cut_into_other_blocks_resumes_its_epoch_by_step_count_with_a_note(
+        shards, tmp_path, capsys):
+    """A checkpoint written before the epoch order's block was recorded in it (blocks of 1,024) names slots of
+    another order: the resumed run deals the rest of the epoch anew by step count and says so."""
+    run(shards, tmp_path / "run", tmp_path / "ledger-stopped", nproc=0, workers=0, max_steps=8)
+    path = tmp_path / "run" / "checkpoint-00000008.pth"
+    saved = checkpoints.load_checkpoint(path)
+    assert saved["data"]["block"] == epoch_order.BLOCK != 1024
+    del saved["data"]["block"]
+    torch.save(saved, path)
+    capsys.readouterr()
+    run(shards, tmp_path / "run", tmp_path / "ledger-resumed", nproc=0, workers=0, resume=str(path))
+    printed = " ".join(capsys.readouterr().out.split())
+    assert f"cut into blocks of 1,024 samples, this version's into {epoch_order.BLOCK:,}" in printed
+    assert sum(len(rank) for rank in ledger_batches(tmp_path / "ledger-resumed")) == 4 * 2  # 4 steps of 2 batches
+    assert checkpoints.latest_checkpoint(tmp_path / "run").name == "checkpoint-00000012.pth"
+
+
 @pytest.mark.slow
 def test_a_two_process_run_resumed_on_three_one_and_other_workers_trains_each_sample_once(shards, tmp_path,
                                                                                           monkeypatch):
